@@ -1,0 +1,191 @@
+"""Wires the pool, the stores, the services and the gRPC server; starts and stops them in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from prefd.v1 import preferences_pb2, preferences_pb2_grpc
+from server.auth import AuthInterceptor, TokenVerifier
+from server.builtin import Catalog, load_catalog
+from server.embedded import EmbeddedPostgres
+from server.model import CallInfo
+from server.services.preferences import PreferencesService
+from server.settings import Settings
+from server.store.db import create_pool, migrate
+from server.store.reads import PreferenceReader
+from server.store.writes import PreferenceWriter, install_definitions
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,)
+
+# Clients may ping every 10 s even without calls in flight; fewer pings never earn a GOAWAY.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+async def prepare_database(settings: Settings, embedded: EmbeddedPostgres | None) -> str:
+    """The DSN to use: DATABASE_URL, else the embedded server's (started now)."""
+    if settings.database_url:
+        return settings.database_url
+    assert embedded is not None
+    return await embedded.start()
+
+
+async def migrate_database(dsn: str) -> list[str]:
+    """Apply pending migrations on one dedicated connection."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+class HealthMonitor:
+    """Keeps grpc.health.v1 SERVING only while PostgreSQL answers."""
+
+    def __init__(self, pool: asyncpg.Pool, servicer: health.aio.HealthServicer, settings: Settings) -> None:
+        self._pool = pool
+        self._servicer = servicer
+        self._interval = settings.health_interval_s
+        self._timeout = settings.health_timeout_s
+        self.database_ok = False
+
+    async def check_once(self) -> bool:
+        """Probe PostgreSQL once and publish the result."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+            ok = True
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            ok = False
+        if ok != self.database_ok:
+            log.warning("database %s", "reachable" if ok else "unreachable")
+        self.database_ok = ok
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self._servicer.set(name, status)
+        return ok
+
+    async def run(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self._interval)
+
+
+class App:
+    """One prefd server process: `async with App(settings) as app:` serves on app.port."""
+
+    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+        self.settings = settings
+        self.catalog = catalog or load_catalog(settings.definitions_file)
+        self.port = 0
+        self.dsn = ""
+        self._embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
+        self._pool: asyncpg.Pool | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> App:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop(self.settings.grace_period_s)
+
+    async def start(self) -> None:
+        settings = self.settings
+        verifier = TokenVerifier(settings)
+        self.dsn = await prepare_database(settings, self._embedded)
+        applied = await migrate_database(self.dsn)
+        if applied:
+            log.info("migrations applied: %s", ", ".join(applied))
+        self._pool = await create_pool(
+            self.dsn, settings.db_pool_min, settings.db_pool_max, settings.db_statement_timeout_ms
+        )
+        added = await install_definitions(self._pool, self.catalog.definitions, CallInfo(actor="prefd:catalog"))
+        if added:
+            log.info("installed %d shipped definitions", len(added))
+        reader = PreferenceReader(self._pool)
+        writer = PreferenceWriter(self._pool, self.catalog.rules)
+        installation = await reader.installation_id()
+
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(verifier)],
+            options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0)],
+        )
+        preferences_pb2_grpc.add_PreferencesServiceServicer_to_server(
+            PreferencesService(reader, writer, installation), server
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {settings.host}:{settings.port}")
+        monitor = HealthMonitor(self._pool, self._health, settings)
+        await monitor.check_once()
+        self._monitor_task = asyncio.create_task(monitor.run(), name="prefd-health")
+        await server.start()
+        self._server = server
+        log.info("prefd serving on port %d", self.port)
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuse new calls, let in-flight ones finish within `grace` seconds, then release everything."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
+            self._monitor_task = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._embedded is not None:
+            await self._embedded.stop()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "App not started"
+        return self._pool
+
+
+async def serve_until_signalled(settings: Settings, on_ready: Any = None) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with App(settings) as app:
+        if on_ready is not None:
+            on_ready(app)
+        await stop.wait()
+        log.info("signal received; draining for up to %.1f s", settings.grace_period_s)

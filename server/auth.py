@@ -1,0 +1,237 @@
+"""Authentication (JWT bearer) and the role -> permission rules every handler checks."""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+
+from server.errors import PermissionDenied, PrefdError, Unauthenticated, to_status
+from server.model import CallInfo, Scope, ScopeKind, Subject
+from server.settings import Settings
+
+# Services that never need a token.
+PUBLIC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                   "/grpc.reflection.v1.ServerReflection/")
+
+
+class Role(enum.StrEnum):
+    """What a token may do."""
+
+    USER = "user"
+    SERVICE = "service"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The verified caller of one RPC."""
+
+    subject: str
+    org: str
+    roles: frozenset[Role]
+
+    @property
+    def is_admin(self) -> bool:
+        return Role.ADMIN in self.roles
+
+    def require_admin(self, action: str) -> None:
+        """PERMISSION_DENIED unless the caller is an admin."""
+        if not self.is_admin:
+            raise PermissionDenied(f"{action} needs the admin role", action=action)
+
+    def require_read(self, subject: Subject) -> None:
+        """A user reads only its own subject (its own org); service and admin read any."""
+        if self.roles & {Role.SERVICE, Role.ADMIN}:
+            return
+        if Role.USER in self.roles and subject.user_id == self.subject and subject.org_id in ("", self.org):
+            return
+        raise PermissionDenied(f"{self.subject} may not read subject {subject.user_id}", action="read")
+
+    def require_read_scope(self, scope: Scope) -> None:
+        """A user reads only its own USER scope; service and admin read any scope."""
+        if self.roles & {Role.SERVICE, Role.ADMIN}:
+            return
+        if Role.USER in self.roles and scope == Scope(ScopeKind.USER, self.subject):
+            return
+        raise PermissionDenied(f"{self.subject} may not read {scope}", action="read")
+
+    def require_write(self, scope: Scope) -> None:
+        """A user writes only its own USER scope; admin writes any; service writes nothing."""
+        if self.is_admin:
+            return
+        if Role.USER in self.roles and scope == Scope(ScopeKind.USER, self.subject):
+            return
+        raise PermissionDenied(f"{self.subject} may not write {scope}", action="write")
+
+
+_current_call: contextvars.ContextVar[tuple[Principal, CallInfo]] = contextvars.ContextVar("prefd_call")
+
+
+def current_principal() -> Principal:
+    """The verified caller of the RPC being handled."""
+    return _current_call.get()[0]
+
+
+def current_call() -> CallInfo:
+    """Actor, peer, user agent and request id of the RPC being handled."""
+    return _current_call.get()[1]
+
+
+def load_or_create_secret(settings: Settings) -> str:
+    """The HS256 signing secret: from settings, else the data directory's (created on first use)."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = settings.data_dir / "jwt_secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_urlsafe(48))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip()
+
+
+class TokenVerifier:
+    """Checks bearer tokens: HS256 with a secret, or RS256/ES256 with a public key."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.jwt_public_key:
+            key = settings.jwt_public_key
+            if not key.lstrip().startswith("-----BEGIN"):
+                key = Path(key).read_text()
+            self._key: str = key
+            self._algorithms = [settings.jwt_algorithm] if settings.jwt_algorithm != "HS256" else ["RS256", "ES256"]
+        else:
+            self._key = load_or_create_secret(settings)
+            self._algorithms = ["HS256"]
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+
+    def verify(self, token: str) -> Principal:
+        """The principal a token names; Unauthenticated if it is invalid or expired."""
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                options={"require": ["sub", "exp"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("token expired") from exc
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"invalid token: {exc}") from exc
+        raw_roles = claims.get("roles", [])
+        if isinstance(raw_roles, str):
+            raw_roles = [raw_roles]
+        roles = frozenset(Role(r) for r in raw_roles if r in Role._value2member_map_)
+        if not roles:
+            raise Unauthenticated("token grants no known role (user, service, admin)")
+        return Principal(subject=str(claims["sub"]), org=str(claims.get("org", "")), roles=roles)
+
+
+def mint_token(
+    secret_or_private_key: str,
+    subject: str,
+    roles: list[str],
+    org: str = "",
+    ttl_s: int = 3600,
+    algorithm: str = "HS256",
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
+    """A signed token for `subject` with `roles`, valid for ttl_s seconds."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": subject, "roles": roles, "iat": now, "exp": now + ttl_s}
+    if org:
+        claims["org"] = org
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret_or_private_key, algorithm=algorithm)
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _call_info(principal: Principal, context: grpc.aio.ServicerContext[Any, Any], md: dict[str, str]) -> CallInfo:
+    return CallInfo(
+        actor=principal.subject,
+        peer=context.peer() or "",
+        user_agent=md.get("user-agent", "")[:256],
+        request_id=md.get("x-request-id", "")[:128] or uuid.uuid4().hex,
+    )
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Verifies the bearer token, binds the caller for the handler, and maps domain errors to status."""
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._verifier = verifier
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(PUBLIC_SERVICES):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Principal, CallInfo]:
+        md = _metadata(context)
+        header = md.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        principal = self._verifier.verify(token.strip())
+        call = _call_info(principal, context, md)
+        context.set_trailing_metadata((("x-request-id", call.request_id),))
+        return principal, call
+
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                _current_call.set(self._authenticate(context))
+                return await behavior(request, context)
+            except PrefdError as error:
+                await context.abort_with_status(to_status(error))
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                _current_call.set(self._authenticate(context))
+                async for response in behavior(request, context):
+                    yield response
+            except PrefdError as error:
+                await context.abort_with_status(to_status(error))
+
+        return wrapped

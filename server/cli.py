@@ -1,0 +1,143 @@
+"""The prefd command: serve, migrate, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from server.settings import Settings
+
+DEV_TOKEN_TTL_S = 7 * 24 * 3600
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    if getattr(args, "data_dir", None) is not None:
+        overrides["data_dir"] = args.data_dir
+    if getattr(args, "host", None) is not None:
+        overrides["host"] = args.host
+    return Settings(**overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _print_quickstart(settings: Settings, port: int) -> None:
+    """The admin token and a grpcurl line that works as printed (when prefd owns the secret)."""
+    from server.auth import load_or_create_secret, mint_token
+
+    if settings.jwt_public_key or not settings.print_token:
+        print(f"prefd serving on port {port}", flush=True)
+        return
+    token = mint_token(load_or_create_secret(settings), "ops", ["admin"], ttl_s=DEV_TOKEN_TTL_S)
+    print(f"prefd serving on port {port}", flush=True)
+    print("# an admin token, valid 7 days; paste this line into your shell:")
+    print(f"export PREFD_TOKEN={token}")
+    print("# then, for example:")
+    print(
+        'grpcurl -plaintext -H "authorization: Bearer $PREFD_TOKEN" '
+        "-d '{\"subject\": {\"user_id\": \"alice\", \"org_id\": \"acme\"}, \"categories\": [\"display\"]}' "
+        f"localhost:{port} prefd.v1.PreferencesService/GetEffectivePreferences",
+        flush=True,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve_until_signalled
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    asyncio.run(serve_until_signalled(settings, on_ready=lambda app: _print_quickstart(settings, app.port)))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from server.app import migrate_database, prepare_database
+    from server.embedded import EmbeddedPostgres
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+
+    async def run() -> list[str]:
+        embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
+        try:
+            return await migrate_database(await prepare_database(settings, embedded))
+        finally:
+            if embedded is not None:
+                await embedded.stop()
+
+    applied = asyncio.run(run())
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from server.auth import Role, load_or_create_secret, mint_token
+
+    settings = _settings(args)
+    for role in args.role:
+        if role not in Role._value2member_map_:
+            print(f"unknown role {role!r}; use user, service or admin", file=sys.stderr)
+            return 2
+    if args.private_key:
+        key = Path(args.private_key).read_text()
+        algorithm = args.algorithm
+    else:
+        key = load_or_create_secret(settings)
+        algorithm = "HS256"
+    print(
+        mint_token(
+            key,
+            args.sub,
+            args.role,
+            org=args.org,
+            ttl_s=args.ttl,
+            algorithm=algorithm,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefd", description="prefd: preferences and configuration over gRPC")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--port", type=int, help="port to listen on (PREFD_PORT, default 50051)")
+    serve.add_argument("--host", help="address to bind (PREFD_HOST, default [::])")
+    serve.add_argument("--data-dir", type=Path, help="embedded database and secrets (PREFD_DATA_DIR, default ./.prefd)")
+    serve.set_defaults(func=cmd_serve)
+
+    mig = sub.add_parser("migrate", help="apply pending database migrations and exit")
+    mig.add_argument("--data-dir", type=Path, help="as for serve")
+    mig.set_defaults(func=cmd_migrate)
+
+    tok = sub.add_parser("token", help="mint a bearer token from the configured signing secret")
+    tok.add_argument("--role", action="append", required=True, help="user, service or admin (repeatable)")
+    tok.add_argument("--sub", required=True, help="the token subject (user id or service name)")
+    tok.add_argument("--org", default="", help="the subject's org id")
+    tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    tok.add_argument("--data-dir", type=Path, help="where the signing secret lives (as for serve)")
+    tok.add_argument("--private-key", help="PEM private key file, to sign RS256/ES256 instead of HS256")
+    tok.add_argument("--algorithm", default="RS256", choices=["RS256", "ES256"], help="with --private-key")
+    tok.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

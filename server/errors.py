@@ -1,0 +1,144 @@
+"""Domain errors and their one mapping to gRPC status codes with google.rpc details."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.model import FieldViolation
+
+ERROR_DOMAIN = "prefd.dev"
+
+
+class PrefdError(Exception):
+    """Base of every error a client may see; subclasses fix the code and reason."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+    def details(self) -> list[any_pb2.Any]:
+        """Extra google.rpc detail messages besides ErrorInfo."""
+        return []
+
+
+class ValidationFailed(PrefdError):
+    """The request is malformed; carries one violation per offending field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Sequence[FieldViolation], message: str = "") -> None:
+        self.violations = list(violations)
+        summary = "; ".join(f"{v.field}: {v.description}" for v in self.violations[:5])
+        super().__init__(message or f"invalid request: {summary}")
+
+    def details(self) -> list[any_pb2.Any]:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in self.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        return [packed]
+
+
+def invalid(field: str, description: str) -> ValidationFailed:
+    """A ValidationFailed with a single field violation."""
+    return ValidationFailed([FieldViolation(field, description)])
+
+
+class Unauthenticated(PrefdError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(PrefdError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class DefinitionNotFound(PrefdError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "DEFINITION_NOT_FOUND"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"definition {key!r} does not exist", key=key)
+
+
+class DefinitionExists(PrefdError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "DEFINITION_EXISTS"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"definition {key!r} already exists", key=key)
+
+
+class DefinitionInUse(PrefdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "DEFINITION_IN_USE"
+
+
+class VersionConflict(PrefdError):
+    """A compare-and-set found another version than the caller expected."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "VERSION_CONFLICT"
+
+    def __init__(self, subject: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"{subject}: expected version {expected}, found {actual}",
+            subject=subject,
+            expected_version=str(expected),
+            actual_version=str(actual),
+        )
+        self.subject = subject
+
+    def details(self) -> list[any_pb2.Any]:
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type="VERSION", subject=self.subject, description=self.message
+                )
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(failure)
+        return [packed]
+
+
+class DatabaseUnavailable(PrefdError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "DATABASE_UNAVAILABLE"
+
+
+class ConcurrentModification(PrefdError):
+    code = grpc.StatusCode.ABORTED
+    reason = "CONCURRENT_MODIFICATION"
+
+
+class DatabaseError(PrefdError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "DATABASE_ERROR"
+
+
+def to_status(error: PrefdError) -> grpc.Status:
+    """The grpc.Status (code, message, google.rpc.Status details) for a domain error."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata))
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code.name),
+        message=error.message,
+        details=[*error.details(), info],
+    )
+    return rpc_status.to_status(status)

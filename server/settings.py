@@ -1,0 +1,41 @@
+"""Settings, read once from the environment at the edge and passed down frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob prefd has; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFD_", frozen=True, extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "PREFD_DATABASE_URL")
+    )
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "PREFD_REDIS_URL"))
+    host: str = "[::]"
+    port: int = Field(default=50051, ge=0, le=65535)
+    data_dir: Path = Path(".prefd")
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    grace_period_s: float = Field(default=10.0, ge=0)
+    db_pool_min: int = Field(default=2, ge=1)
+    db_pool_max: int = Field(default=10, ge=1)
+    db_statement_timeout_ms: int = Field(default=15000, ge=0)
+    health_interval_s: float = Field(default=0.5, gt=0)
+    health_timeout_s: float = Field(default=1.0, gt=0)
+    definitions_file: Path | None = None
+    log_level: str = "INFO"
+    print_token: bool = True
+
+    @property
+    def embedded(self) -> bool:
+        """True when prefd runs its own PostgreSQL in the data directory."""
+        return self.database_url is None

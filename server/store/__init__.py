@@ -1,0 +1,1 @@
+"""SQL over asyncpg: the only place prefd talks to PostgreSQL."""

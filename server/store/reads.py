@@ -1,0 +1,67 @@
+"""Consistent snapshot reads: effective values and stored overrides, each with its feed cursor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+from server.cursor import FeedCursor
+from server.errors import DefinitionNotFound
+from server.model import Definition, ResolvedValue, Scope, StoredValue, Subject
+from server.resolve import key_selected, resolve
+from server.store import definitions as definition_sql
+from server.store import preferences as preference_sql
+from server.store.db import translated_errors
+
+
+class PreferenceReader:
+    """Reads that each run in one REPEATABLE READ transaction together with the feed horizon."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def effective(
+        self, subjects: Sequence[Subject], key_prefixes: Sequence[str] = (), categories: Sequence[str] = ()
+    ) -> tuple[list[list[ResolvedValue]], FeedCursor]:
+        """Each subject's effective values (in request order) and the cursor they are consistent with."""
+        async with translated_errors(), self._pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                cursor = await preference_sql.horizon(conn)
+                definitions = [
+                    d for d in await definition_sql.all_definitions(conn) if key_selected(d, key_prefixes, categories)
+                ]
+                stored = await preference_sql.overrides(conn, preference_sql.subject_scopes(subjects))
+        results = [
+            resolve(definitions, [(layer, scope, stored[scope]) for layer, scope in subject.layers()])
+            for subject in subjects
+        ]
+        return results, cursor
+
+    async def overrides_page(
+        self, scope: Scope, after: str | None, limit: int
+    ) -> tuple[list[StoredValue], FeedCursor]:
+        """A page of the overrides stored at a scope, with its cursor."""
+        async with translated_errors(), self._pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                cursor = await preference_sql.horizon(conn)
+                values = await preference_sql.page(conn, scope, after, limit)
+        return values, cursor
+
+    async def definition(self, key: str) -> Definition:
+        """One definition; NOT_FOUND if it does not exist."""
+        async with translated_errors(), self._pool.acquire() as conn:
+            found = await definition_sql.get(conn, key)
+        if found is None:
+            raise DefinitionNotFound(key)
+        return found
+
+    async def definitions_page(self, category: str, after: str | None, limit: int) -> list[Definition]:
+        """A page of definitions ordered by key."""
+        async with translated_errors(), self._pool.acquire() as conn:
+            return await definition_sql.page(conn, category, after, limit)
+
+    async def installation_id(self) -> str:
+        """The id that binds cursors to this database."""
+        async with translated_errors(), self._pool.acquire() as conn:
+            return await preference_sql.installation_id(conn)

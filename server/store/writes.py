@@ -1,0 +1,221 @@
+"""Transactions that change definitions and overrides: validate, compare-and-set, write with change rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+from server.errors import DefinitionExists, DefinitionInUse, DefinitionNotFound, ValidationFailed, VersionConflict
+from server.model import (
+    CallInfo,
+    CrossFieldRule,
+    Definition,
+    FieldViolation,
+    KeyChange,
+    KeyWrite,
+    Layer,
+    ResolvedValue,
+    Scope,
+    ScopeKind,
+    Subject,
+    WriteResult,
+)
+from server.resolve import resolve
+from server.store import definitions as definition_sql
+from server.store import preferences as preference_sql
+from server.store.db import translated_errors
+from server.validation import coerce, rule_violations, value_problems
+
+
+class _Rollback(Exception):
+    """Raised inside a transaction to end a dry run without writing."""
+
+
+def layers_for_scope(scope: Scope, org_id: str) -> list[tuple[Layer, Scope]]:
+    """The layers a value written at `scope` is resolved through (it and its parents)."""
+    if scope.kind is ScopeKind.GLOBAL:
+        return Subject("-").layers()[:1]
+    if scope.kind is ScopeKind.ORG:
+        return Subject("-", scope.id).layers()[:2]
+    return Subject(scope.id, org_id).layers()
+
+
+class PreferenceWriter:
+    """Every write to definitions and overrides, each in one transaction with its change rows."""
+
+    def __init__(self, pool: asyncpg.Pool, rules: Sequence[CrossFieldRule]) -> None:
+        self._pool = pool
+        self._rules = tuple(rules)
+
+    async def write(
+        self,
+        scope: Scope,
+        writes: Sequence[KeyWrite],
+        call: CallInfo,
+        *,
+        reason: str = "",
+        dry_run: bool = False,
+        org_id: str = "",
+        field: str = "writes",
+    ) -> WriteResult:
+        """Set (value) or remove (None) keys at one scope, all or nothing."""
+        async with translated_errors(), self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    result = await self._write_locked(conn, scope, writes, call, reason, dry_run, org_id, field)
+                    if dry_run:
+                        raise _Rollback
+            except _Rollback:
+                pass
+        return result
+
+    async def _write_locked(
+        self,
+        conn: asyncpg.Connection,
+        scope: Scope,
+        writes: Sequence[KeyWrite],
+        call: CallInfo,
+        reason: str,
+        dry_run: bool,
+        org_id: str,
+        field: str,
+    ) -> WriteResult:
+        keys = [w.key for w in writes]
+        # Definitions first (shared row locks, key order), then the scope: the order
+        # DeleteDefinition and UpdateDefinition also take, so writers never deadlock.
+        definitions = await definition_sql.lock_shared(conn, keys)
+        violations = []
+        for i, w in enumerate(writes):
+            definition = definitions.get(w.key)
+            if definition is None:
+                violations.append(FieldViolation(f"{field}[{i}].key", f"unknown key {w.key!r}"))
+            elif scope.kind not in definition.scopes:
+                allowed = ", ".join(s.value for s in ScopeKind if s in definition.scopes)
+                violations.append(
+                    FieldViolation(f"{field}[{i}].key", f"{w.key} cannot be overridden at {scope.kind.value} (allowed: {allowed})")
+                )
+            elif w.value is not None:
+                violations += [FieldViolation(f"{field}[{i}].value", f"{w.key} {p}") for p in value_problems(definition, w.value)]
+        if violations:
+            raise ValidationFailed(violations)
+
+        await preference_sql.lock_scope(conn, scope)
+        current = await preference_sql.current_versions(conn, scope, keys)
+        changes = []
+        for w in writes:
+            old_value, old_version = current.get(w.key, (None, 0))
+            if w.expected_version is not None and w.expected_version != old_version:
+                raise VersionConflict(w.key, w.expected_version, old_version)
+            new_value = None if w.value is None else coerce(definitions[w.key], w.value)
+            if new_value == old_value and type(new_value) is type(old_value):
+                continue
+            changes.append(KeyChange(w.key, old_value, new_value, old_version, old_version + 1))
+
+        effective = await self._effective_after(conn, scope, org_id, definitions, changes, call.actor)
+        broken = rule_violations(self._rules, {r.key: r.value for r in effective}, [c.key for c in changes])
+        if broken:
+            index = {w.key: i for i, w in enumerate(writes)}
+            raise ValidationFailed(
+                [FieldViolation(f"{field}[{index[key]}].value", rule.message) for rule, key in broken]
+            )
+        if not dry_run:
+            await preference_sql.apply_changes(conn, scope, changes, call, reason)
+        written = set(keys)
+        return WriteResult(changes, [r for r in effective if r.key in written], dry_run)
+
+    async def _effective_after(
+        self,
+        conn: asyncpg.Connection,
+        scope: Scope,
+        org_id: str,
+        definitions: dict[str, Definition],
+        changes: Sequence[KeyChange],
+        actor: str,
+    ) -> list[ResolvedValue]:
+        """Effective values at `scope` of the written keys and every rule key, as if the changes applied."""
+        rule_keys = {k for rule in self._rules for k in rule.non_decreasing} - definitions.keys()
+        wanted = {**definitions, **await definition_sql.get_many(conn, sorted(rule_keys))}
+        layers = layers_for_scope(scope, org_id)
+        stored = await preference_sql.overrides(conn, [s for _, s in layers])
+        mine = dict(stored[scope])
+        for change in changes:
+            if change.new_value is None:
+                mine.pop(change.key, None)
+            else:
+                mine[change.key] = preference_sql.pending_value(scope, change, actor)
+        stored[scope] = mine
+        return resolve(sorted(wanted.values(), key=lambda d: d.key), [(layer, s, stored[s]) for layer, s in layers])
+
+    async def reset(self, scope: Scope, category: str, call: CallInfo, reason: str) -> WriteResult:
+        """Remove every override at a scope, or those of one category."""
+        async with translated_errors(), self._pool.acquire() as conn:
+            live = await preference_sql.page(conn, scope, None, 1_000_000)
+            keys = [v.key for v in live]
+            if category:
+                in_category = await definition_sql.get_many(conn, keys)
+                keys = [k for k in keys if k in in_category and in_category[k].category == category]
+        if not keys:
+            return WriteResult([])
+        return await self.write(scope, [KeyWrite(k, None) for k in keys], call, reason=reason, field="keys")
+
+    async def create_definition(self, definition: Definition, call: CallInfo) -> Definition:
+        """Store a new definition; ALREADY_EXISTS if the key is taken."""
+        async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
+            stored = await definition_sql.insert(conn, definition, call, "")
+        if stored is None:
+            raise DefinitionExists(definition.key)
+        return stored
+
+    async def update_definition(
+        self, definition: Definition, expected_version: int | None, call: CallInfo
+    ) -> Definition:
+        """Replace a definition if every stored override still satisfies it."""
+        async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
+            old = await definition_sql.get(conn, definition.key, for_update=True)
+            if old is None:
+                raise DefinitionNotFound(definition.key)
+            if expected_version is not None and expected_version != old.version:
+                raise VersionConflict(definition.key, expected_version, old.version)
+            misfits = []
+            for stored in await preference_sql.values_of_key(conn, definition.key):
+                if stored.scope.kind not in definition.scopes:
+                    misfits.append(f"{stored.scope}: scope no longer allowed")
+                else:
+                    misfits += [f"{stored.scope}: value {p}" for p in value_problems(definition, stored.value)]
+            if misfits:
+                raise DefinitionInUse(
+                    f"stored overrides of {definition.key} break the new definition: " + "; ".join(misfits[:10]),
+                    key=definition.key,
+                )
+            return await definition_sql.update(conn, old, definition, call)
+
+    async def delete_definition(self, key: str, force: bool, call: CallInfo, reason: str) -> int:
+        """Delete a definition; with force, first remove its overrides (recorded). Returns how many."""
+        async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
+            old = await definition_sql.get(conn, key, for_update=True)
+            if old is None:
+                raise DefinitionNotFound(key)
+            scopes = sorted(await preference_sql.scopes_with_key(conn, key), key=str)
+            if scopes and not force:
+                raise DefinitionInUse(
+                    f"{len(scopes)} override(s) of {key} exist; remove them or delete with force", key=key
+                )
+            for scope in scopes:
+                await preference_sql.lock_scope(conn, scope)
+                value, version = (await preference_sql.current_versions(conn, scope, [key]))[key]
+                change = KeyChange(key, value, None, version, version + 1)
+                await preference_sql.apply_changes(conn, scope, [change], call, reason)
+            await definition_sql.delete(conn, old, call, reason)
+            return len(scopes)
+
+
+
+async def install_definitions(pool: asyncpg.Pool, definitions: Sequence[Definition], call: CallInfo) -> list[str]:
+    """Insert the shipped definitions that do not exist yet (never overwriting an admin's edits)."""
+    async with translated_errors(), pool.acquire() as conn, conn.transaction():
+        added = []
+        for definition in definitions:
+            if await definition_sql.insert(conn, definition, call, "shipped definition") is not None:
+                added.append(definition.key)
+        return added
