@@ -22,7 +22,7 @@ Connection = asyncpg.Connection
 Pool = asyncpg.Pool
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
     await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -33,7 +33,7 @@ async def create_pool(dsn: str, min_size: int, max_size: int, statement_timeout_
         dsn,
         min_size=min_size,
         max_size=max_size,
-        init=_init_connection,
+        init=init_connection,
         server_settings={"statement_timeout": str(statement_timeout_ms), "application_name": "prefd"},
         command_timeout=max(statement_timeout_ms / 1000 + 5, 10) if statement_timeout_ms else None,
     )
