@@ -1,0 +1,98 @@
+"""Helpers that run prefd as a real process, and a TCP proxy that can cut a server off its database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.asynccontextmanager
+async def prefd_process(env: dict[str, str], *args: str, timeout: float = 60) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
+    """`prefd serve` in a child process; yields (process, port, stdout lines so far)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "serve", *args,
+        env={**os.environ, **env}, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    lines: list[str] = []
+    port = 0
+    try:
+        async with asyncio.timeout(timeout):
+            assert proc.stdout is not None
+            while not port:
+                raw = await proc.stdout.readline()
+                if not raw:
+                    raise AssertionError("prefd exited early:\n" + "".join(lines))
+                line = raw.decode()
+                lines.append(line)
+                if match := re.match(r"prefd serving on port (\d+)", line):
+                    port = int(match.group(1))
+            # Everything printed right after the port line belongs to the quick start.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    while raw := await proc.stdout.readline():
+                        lines.append(raw.decode())
+                        if lines[-1].startswith("grpcurl "):
+                            break
+        yield proc, port, lines
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+class PgProxy:
+    """Forwards TCP connections to PostgreSQL; stop() cuts every connection and refuses new ones."""
+
+    def __init__(self, server_url: str) -> None:
+        parsed = urlparse(server_url)
+        socket_dir = parse_qs(parsed.query).get("host", [None])[0]
+        self._target_unix = f"{socket_dir}/.s.PGSQL.{parsed.port or 5432}" if socket_dir else None
+        self._target = (parsed.hostname or "127.0.0.1", parsed.port or 5432)
+        self._user = parsed.username or "postgres"
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self._user}@127.0.0.1:{self.port}/{database}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._target_unix:
+            up_reader, up_writer = await asyncio.open_unix_connection(self._target_unix)
+        else:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))

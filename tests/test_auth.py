@@ -1,0 +1,117 @@
+"""The authentication and permission matrix."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from prefd.v1 import common_pb2, preferences_pb2
+from tests.conftest import SECRET, token, unique
+from tests.helpers import GLOBAL, org, set_request, user
+
+
+def bearer(value: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {value}"),)
+
+
+def effective(user_id: str, org_id: str = "") -> preferences_pb2.GetEffectivePreferencesRequest:
+    return preferences_pb2.GetEffectivePreferencesRequest(
+        subject=common_pb2.Subject(user_id=user_id, org_id=org_id), key_prefixes=["display.theme"]
+    )
+
+
+async def expect(code: grpc.StatusCode, call) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == code, err.value.details()
+
+
+async def test_tokens_must_be_present_valid_and_current(stub):  # type: ignore[no-untyped-def]
+    request = effective("alice")
+    await expect(grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(request))
+    await expect(grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(request, metadata=bearer("")))
+    await expect(grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(request, metadata=bearer("not.a.jwt")))
+    forged = token("admin", secret="some-other-secret-" + "y" * 32)
+    await expect(grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(request, metadata=bearer(forged)))
+    expired = token("admin", ttl_s=-120)
+    await expect(grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(request, metadata=bearer(expired)))
+    no_role = token("janitor")
+    await expect(grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(request, metadata=bearer(no_role)))
+    basic = (("authorization", f"Basic {token('admin')}"),)
+    await expect(grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(request, metadata=basic))
+    ok = await stub.GetEffectivePreferences(request, metadata=bearer(token("admin", secret=SECRET)))
+    assert ok.values[0].key == "display.theme"
+
+
+async def test_user_reads_and_writes_only_itself(stub, db):  # type: ignore[no-untyped-def]
+    alice, bob, acme = unique("alice"), unique("bob"), unique("acme")
+    as_alice = bearer(token("user", alice, org=acme))
+    mine = await stub.GetEffectivePreferences(effective(alice), metadata=as_alice)
+    assert mine.values
+    await stub.GetEffectivePreferences(effective(alice, acme), metadata=as_alice)
+    await expect(grpc.StatusCode.PERMISSION_DENIED, stub.GetEffectivePreferences(effective(bob), metadata=as_alice))
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stub.GetEffectivePreferences(effective(alice, unique("other")), metadata=as_alice),
+    )
+    reply = await stub.SetPreferences(set_request(user(alice), {"display.theme": "dark"}), metadata=as_alice)
+    assert len(reply.changes) == 1
+    for scope in (user(bob), org(acme), GLOBAL):
+        await expect(
+            grpc.StatusCode.PERMISSION_DENIED,
+            stub.SetPreferences(set_request(scope, {"display.theme": "dark"}), metadata=as_alice),
+        )
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stub.ListPreferences(preferences_pb2.ListPreferencesRequest(scope=user(bob)), metadata=as_alice),
+    )
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stub.BatchGetEffectivePreferences(
+            preferences_pb2.BatchGetEffectivePreferencesRequest(
+                subjects=[common_pb2.Subject(user_id=alice), common_pb2.Subject(user_id=bob)]
+            ),
+            metadata=as_alice,
+        ),
+    )
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stub.CreateDefinition(preferences_pb2.CreateDefinitionRequest(), metadata=as_alice),
+    )
+    assert await db.fetchval("SELECT count(*) FROM changes WHERE scope_id IN ($1, $2)", bob, acme) == 0
+
+
+async def test_service_reads_any_subject_and_writes_nothing(stub, db):  # type: ignore[no-untyped-def]
+    as_service = bearer(token("service", "trading-engine"))
+    uid = unique("u")
+    reply = await stub.GetEffectivePreferences(effective(uid, unique("o")), metadata=as_service)
+    assert reply.values
+    for scope in (user(uid), org(unique("o")), GLOBAL):
+        await expect(
+            grpc.StatusCode.PERMISSION_DENIED,
+            stub.SetPreferences(set_request(scope, {"display.theme": "dark"}), metadata=as_service),
+        )
+    await expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stub.ResetPreferences(preferences_pb2.ResetPreferencesRequest(scope=user(uid)), metadata=as_service),
+    )
+    assert await db.fetchval("SELECT count(*) FROM changes WHERE scope_id = $1", uid) == 0
+
+
+async def test_admin_writes_global_and_org(stub):  # type: ignore[no-untyped-def]
+    as_admin = bearer(token("admin"))
+    oid = unique("o")
+    reply = await stub.SetPreferences(set_request(org(oid), {"display.theme": "dark"}), metadata=as_admin)
+    assert reply.changes[0].new_version == 1
+
+
+async def test_request_id_is_recorded_and_returned(stub, db):  # type: ignore[no-untyped-def]
+    uid = unique("u")
+    call = stub.SetPreferences(
+        set_request(user(uid), {"display.theme": "dark"}),
+        metadata=(*bearer(token("admin")), ("x-request-id", "req-42")),
+    )
+    await call
+    trailers = dict(await call.trailing_metadata())
+    assert trailers["x-request-id"] == "req-42"
+    assert await db.fetchval("SELECT request_id FROM changes WHERE scope_id = $1", uid) == "req-42"

@@ -1,0 +1,162 @@
+"""The server as operators see it: reflection, grpc.health.v1, database outages, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import time
+from urllib.parse import urlparse
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from server.app import App
+from tests.conftest import SECRET, auth, make_settings, unique
+from tests.helpers import set_request, user
+from tests.processes import PgProxy, prefd_process
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_reflection_lists_and_describes_the_service(app: App) -> None:
+    # The reflection client is synchronous; run it off the loop that serves the calls.
+    await asyncio.to_thread(_check_reflection, app.port)
+
+
+def _check_reflection(port: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"prefd.v1.PreferencesService", "grpc.health.v1.Health"} <= services
+        from google.protobuf.descriptor_pool import DescriptorPool
+
+        pool = DescriptorPool(database)
+        service = pool.FindServiceByName("prefd.v1.PreferencesService")
+        assert {m.name for m in service.methods} == {
+            "CreateDefinition", "UpdateDefinition", "GetDefinition", "ListDefinitions", "DeleteDefinition",
+            "SetPreferences", "DeletePreferences", "ResetPreferences", "ListPreferences",
+            "GetEffectivePreferences", "BatchGetEffectivePreferences",
+        }
+
+
+async def test_health_needs_no_token_and_reports_serving(channel) -> None:  # type: ignore[no-untyped-def]
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "prefd.v1.PreferencesService"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == SERVING
+
+
+async def next_status(stream, want: int, deadline_s: float) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until the Watch stream reports `want`."""
+    start = time.monotonic()
+    async with asyncio.timeout(deadline_s):
+        async for reply in stream:
+            if reply.status == want:
+                return time.monotonic() - start
+    raise AssertionError("stream ended")
+
+
+async def test_health_follows_postgresql_reachability(server_url, fresh_database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    database = urlparse(await fresh_database()).path.lstrip("/")
+    proxy = PgProxy(server_url)
+    await proxy.start()
+    async with App(make_settings(proxy.url(database), tmp_path)) as app:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+            stream = health.Watch(health_pb2.HealthCheckRequest(service="prefd.v1.PreferencesService"))
+            assert await next_status(stream, SERVING, 5) < 1
+            await proxy.stop()
+            assert await next_status(stream, NOT_SERVING, 5) < 2
+            assert (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetEffectivePreferences(
+                    preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id="u1")),
+                    metadata=auth(),
+                    timeout=10,
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            await proxy.start()
+            assert await next_status(stream, SERVING, 5) < 2
+            reply = await stub.GetEffectivePreferences(
+                preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id="u1")),
+                metadata=auth(),
+            )
+            assert reply.values
+            stream.cancel()
+    await proxy.stop()
+
+
+async def test_sigterm_lets_in_flight_calls_finish(fresh_database) -> None:  # type: ignore[no-untyped-def]
+    url = await fresh_database()
+    env = {"DATABASE_URL": url, "PREFD_JWT_SECRET": SECRET, "PREFD_PORT": "0", "PREFD_HOST": "127.0.0.1",
+           "PREFD_GRACE_PERIOD_S": "20"}
+    uid = unique("u")
+    async with prefd_process(env) as (proc, port, _lines):
+        blocker = await asyncpg.connect(url)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+                health = health_pb2_grpc.HealthStub(channel)
+                # Hold the scope's write lock so the write below stays in flight.
+                tx = blocker.transaction()
+                await tx.start()
+                await blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"prefd:USER:{uid}")
+                in_flight = asyncio.ensure_future(
+                    stub.SetPreferences(set_request(user(uid), {"display.theme": "dark"}), metadata=auth(), timeout=30)
+                )
+                async with asyncio.timeout(10):
+                    while not await blocker.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    ):
+                        await asyncio.sleep(0.02)  # polling the lock table, bounded by the deadline
+                stream = health.Watch(health_pb2.HealthCheckRequest())
+                await next_status(stream, SERVING, 5)
+                proc.send_signal(signal.SIGTERM)
+                await next_status(stream, NOT_SERVING, 5)
+                await tx.commit()
+                reply = await in_flight
+                assert reply.changes[0].new_version == 1
+        finally:
+            await blocker.close()
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+    check = await asyncpg.connect(url)
+    try:
+        assert await check.fetchval("SELECT count(*) FROM changes WHERE scope_id = $1", uid) == 1
+    finally:
+        await check.close()
+
+
+async def test_embedded_mode_prints_a_working_token_and_grpcurl_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = {"DATABASE_URL": "", "PREFD_PORT": "0", "PREFD_HOST": "127.0.0.1", "PREFD_DATA_DIR": str(tmp_path / "d")}
+    env_without_db = {k: v for k, v in env.items() if v}
+    os.environ.pop("PREFD_JWT_SECRET", None)
+    saved = os.environ.pop("DATABASE_URL", None)
+    try:
+        async with prefd_process(env_without_db, timeout=120) as (proc, port, lines):
+            export = next(line for line in lines if line.startswith("export PREFD_TOKEN="))
+            grpcurl_line = next(line for line in lines if line.startswith("grpcurl "))
+            assert f"localhost:{port}" in grpcurl_line
+            script = f"{export.strip()}\n{grpcurl_line.strip()}\n"
+            result = await asyncio.create_subprocess_exec(
+                "bash", "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PATH": f"{os.path.dirname(os.sys.executable)}:{os.environ['PATH']}"},
+            )
+            out, err = await result.communicate()
+            assert result.returncode == 0, err.decode() + shlex.quote(script)
+            assert '"display.theme"' in out.decode() or '"theme"' in out.decode()
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                assert await proc.wait() == 0
+        assert (tmp_path / "d" / "jwt_secret").stat().st_mode & 0o077 == 0
+    finally:
+        if saved is not None:
+            os.environ["DATABASE_URL"] = saved

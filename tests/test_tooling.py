@@ -1,0 +1,36 @@
+"""Repository tooling: generated code is fresh, the CLI mints tokens the server accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from server.app import App
+from tests.processes import ROOT
+
+
+def test_generated_code_is_fresh() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/generate.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, "run `python scripts/generate.py`:\n" + result.stderr
+
+
+async def test_cli_token_is_accepted(app: App, channel) -> None:  # type: ignore[no-untyped-def]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server", "token", "--role", "user", "--sub", "carol", "--org", "acme",
+        env={"PREFD_JWT_SECRET": app.settings.jwt_secret or "", "PATH": "/usr/bin:/bin"},
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+    reply = await stub.GetEffectivePreferences(
+        preferences_pb2.GetEffectivePreferencesRequest(
+            subject=common_pb2.Subject(user_id="carol"), key_prefixes=["locale."]
+        ),
+        metadata=(("authorization", f"Bearer {out.decode().strip()}"),),
+    )
+    assert [v.key for v in reply.values] == ["locale.language", "locale.timezone"]
