@@ -47,7 +47,7 @@ def _print_quickstart(settings: Settings, port: int) -> None:
     print("# then, for example:")
     print(
         'grpcurl -plaintext -H "authorization: Bearer $PREFD_TOKEN" '
-        "-d '{\"subject\": {\"user_id\": \"alice\", \"org_id\": \"acme\"}, \"categories\": [\"display\"]}' "
+        '-d \'{"subject": {"user_id": "alice", "org_id": "acme"}, "categories": ["display"]}\' '
         f"localhost:{port} prefd.v1.PreferencesService/GetEffectivePreferences",
         flush=True,
     )

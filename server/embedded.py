@@ -19,10 +19,10 @@ class EmbeddedPostgres:
 
     async def start(self) -> str:
         """Start the server if needed and return its connection URI."""
-        import pgserver  # imported lazily: only embedded runs need it
+        from pgserver import get_server  # imported lazily: only embedded runs need it
 
         self._pgdata.parent.mkdir(parents=True, exist_ok=True)
-        self._server = await asyncio.to_thread(pgserver.get_server, self._pgdata, cleanup_mode="stop")
+        self._server = await asyncio.to_thread(get_server, self._pgdata, cleanup_mode="stop")
         uri: str = self._server.get_uri()
         log.info("embedded PostgreSQL ready", extra={"pgdata": str(self._pgdata)})
         return uri

@@ -141,4 +141,5 @@ def to_status(error: PrefdError) -> grpc.Status:
         message=error.message,
         details=[*error.details(), info],
     )
-    return rpc_status.to_status(status)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted

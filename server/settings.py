@@ -13,9 +13,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PREFD_", frozen=True, extra="ignore")
 
-    database_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("DATABASE_URL", "PREFD_DATABASE_URL")
-    )
+    database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL", "PREFD_DATABASE_URL"))
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "PREFD_REDIS_URL"))
     host: str = "[::]"
     port: int = Field(default=50051, ge=0, le=65535)

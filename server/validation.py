@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -61,9 +62,7 @@ def _is_int(value: JsonValue) -> bool:
 
 
 def _is_number(value: JsonValue) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and not (
-        isinstance(value, float) and not math.isfinite(value)
-    )
+    return (_is_int(value) or isinstance(value, float)) and not (isinstance(value, float) and not math.isfinite(value))
 
 
 def value_problems(definition: Definition, value: JsonValue) -> list[str]:
@@ -153,7 +152,9 @@ def definition_violations(definition: Definition, field: str = "definition") -> 
     if problem:
         out.append(FieldViolation(f"{field}.key", problem))
     if not CATEGORY_PATTERN.match(definition.category):
-        out.append(FieldViolation(f"{field}.category", "must be 1-64 characters of [A-Za-z0-9_], starting with a letter"))
+        out.append(
+            FieldViolation(f"{field}.category", "must be 1-64 characters of [A-Za-z0-9_], starting with a letter")
+        )
     if len(definition.description) > 1024:
         out.append(FieldViolation(f"{field}.description", "must be at most 1024 characters"))
     if not definition.scopes:
@@ -206,7 +207,7 @@ def rule_violations(
         values = [effective[k] for k in keys]
         if any(not _is_number(v) for v in values):
             continue
-        if any(a > b for a, b in zip(values, values[1:], strict=False)):
+        if any(a > b for a, b in itertools.pairwise(values)):
             blame = next(k for k in rule.non_decreasing if k in touched_set)
             broken.append((rule, blame))
     return broken

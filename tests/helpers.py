@@ -51,7 +51,9 @@ def user(user_id: str) -> common_pb2.Scope:
     return common_pb2.Scope(kind=common_pb2.SCOPE_KIND_USER, id=user_id)
 
 
-def set_request(scope: common_pb2.Scope, values: dict[str, Any], **kwargs: Any) -> preferences_pb2.SetPreferencesRequest:
+def set_request(
+    scope: common_pb2.Scope, values: dict[str, Any], **kwargs: Any
+) -> preferences_pb2.SetPreferencesRequest:
     return preferences_pb2.SetPreferencesRequest(
         scope=scope,
         writes=[preferences_pb2.PreferenceWrite(key=k, value=tv(v)) for k, v in values.items()],

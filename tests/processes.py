@@ -15,17 +15,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.asynccontextmanager
-async def prefd_process(env: dict[str, str], *args: str, timeout: float = 60) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
+async def prefd_process(
+    env: dict[str, str], *args: str, startup_s: float = 60
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
     """`prefd serve` in a child process; yields (process, port, stdout lines so far)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", "serve", *args,
-        env={**os.environ, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        *args,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     lines: list[str] = []
     port = 0
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(startup_s):
             assert proc.stdout is not None
             while not port:
                 raw = await proc.stdout.readline()

@@ -32,7 +32,9 @@ CASES = {
     "string over 4 KiB": (write("locale.timezone", tv("x" * 4097)), "writes[0].value"),
     "json over 64 KiB": (write("notifications.trading.event_rules", BIG_JSON), "writes[0].value"),
     "no value": (
-        preferences_pb2.SetPreferencesRequest(scope=user(UID), writes=[preferences_pb2.PreferenceWrite(key="ui.theme")]),
+        preferences_pb2.SetPreferencesRequest(
+            scope=user(UID), writes=[preferences_pb2.PreferenceWrite(key="ui.theme")]
+        ),
         "writes[0].value",
     ),
     "more than 500 keys": (
@@ -83,9 +85,7 @@ async def test_bad_writes_are_invalid_argument_and_write_nothing(stub, db, case)
         ("GetEffectivePreferences", preferences_pb2.GetEffectivePreferencesRequest(), "subject.user_id"),
         (
             "GetEffectivePreferences",
-            preferences_pb2.GetEffectivePreferencesRequest(
-                subject=common_pb2.Subject(user_id="u1", org_id="bad org")
-            ),
+            preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id="u1", org_id="bad org")),
             "subject.org_id",
         ),
         (
@@ -103,14 +103,20 @@ async def test_bad_writes_are_invalid_argument_and_write_nothing(stub, db, case)
             ),
             "subjects[1].user_id",
         ),
-        ("ListPreferences", preferences_pb2.ListPreferencesRequest(scope=user("u1"), page_token="garbage!"),
-         "page_token"),
+        (
+            "ListPreferences",
+            preferences_pb2.ListPreferencesRequest(scope=user("u1"), page_token="garbage!"),
+            "page_token",
+        ),
         ("ListPreferences", preferences_pb2.ListPreferencesRequest(scope=user("u1"), page_size=-1), "page_size"),
         ("ListDefinitions", preferences_pb2.ListDefinitionsRequest(page_token="bm90IGpzb24"), "page_token"),
         ("GetDefinition", preferences_pb2.GetDefinitionRequest(key=""), "key"),
         ("DeletePreferences", preferences_pb2.DeletePreferencesRequest(scope=user("u1")), "keys"),
-        ("DeletePreferences", preferences_pb2.DeletePreferencesRequest(scope=user("u1"), keys=["nope.key"]),
-         "keys[0].key"),
+        (
+            "DeletePreferences",
+            preferences_pb2.DeletePreferencesRequest(scope=user("u1"), keys=["nope.key"]),
+            "keys[0].key",
+        ),
         ("ResetPreferences", preferences_pb2.ResetPreferencesRequest(scope=common_pb2.Scope()), "scope.kind"),
     ],
 )

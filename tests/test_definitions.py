@@ -34,8 +34,18 @@ async def test_shipped_definitions_are_loaded_from_the_data_file(stub):  # type:
     shipped = {d.key for d in catalog.definitions}
     assert shipped <= {d.key for d in listed}
     categories = {d.category for d in catalog.definitions}
-    assert {"display", "locale", "behavior", "ui", "notifications", "trading", "risk_management",
-            "strategy", "market_data", "performance"} <= categories
+    assert {
+        "display",
+        "locale",
+        "behavior",
+        "ui",
+        "notifications",
+        "trading",
+        "risk_management",
+        "strategy",
+        "market_data",
+        "performance",
+    } <= categories
     rows = await stub.GetDefinition(preferences_pb2.GetDefinitionRequest(key="ui.rowsPerPage"), metadata=ADMIN)
     assert sorted(py(v) for v in rows.definition.allowed_values) == [10, 25, 50, 100]
     theme = await stub.GetDefinition(preferences_pb2.GetDefinitionRequest(key="ui.theme"), metadata=ADMIN)
@@ -89,7 +99,10 @@ async def test_create_get_update_delete(stub, db):  # type: ignore[no-untyped-de
         metadata=ADMIN,
     )
     assert (updated.definition.description, updated.definition.max_value, updated.definition.version) == (
-        "new words", 20, 2)
+        "new words",
+        20,
+        2,
+    )
     assert updated.definition.min_value == 0 and py(updated.definition.default_value) == 5
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.UpdateDefinition(
@@ -101,8 +114,10 @@ async def test_create_get_update_delete(stub, db):  # type: ignore[no-untyped-de
             metadata=ADMIN,
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    kinds = [r["version"] for r in await db.fetch(
-        "SELECT version FROM changes WHERE kind = 'definition' AND key = $1 ORDER BY id", key)]
+    kinds = [
+        r["version"]
+        for r in await db.fetch("SELECT version FROM changes WHERE kind = 'definition' AND key = $1 ORDER BY id", key)
+    ]
     assert kinds == [1, 2]
 
     await stub.DeleteDefinition(preferences_pb2.DeleteDefinitionRequest(key=key), metadata=ADMIN)
@@ -157,21 +172,52 @@ async def test_delete_refused_while_values_exist_unless_forced(stub, db):  # typ
 @pytest.mark.parametrize(
     ("definition", "field"),
     [
-        (preferences_pb2.Definition(key="Bad Key", category="c", type=common_pb2.VALUE_TYPE_BOOL,
-                                    default_value=tv(True)), "definition.key"),
-        (preferences_pb2.Definition(key="x" * 129, category="c", type=common_pb2.VALUE_TYPE_BOOL,
-                                    default_value=tv(True)), "definition.key"),
+        (
+            preferences_pb2.Definition(
+                key="Bad Key", category="c", type=common_pb2.VALUE_TYPE_BOOL, default_value=tv(True)
+            ),
+            "definition.key",
+        ),
+        (
+            preferences_pb2.Definition(
+                key="x" * 129, category="c", type=common_pb2.VALUE_TYPE_BOOL, default_value=tv(True)
+            ),
+            "definition.key",
+        ),
         (preferences_pb2.Definition(key="ok.key", category="c", default_value=tv(True)), "definition.type"),
-        (preferences_pb2.Definition(key="ok.key", category="c", type=common_pb2.VALUE_TYPE_ENUM,
-                                    default_value=tv("a")), "definition.allowed_values"),
-        (preferences_pb2.Definition(key="ok.key", category="c", type=common_pb2.VALUE_TYPE_INT,
-                                    default_value=tv(50), max_value=10), "definition.default_value"),
-        (preferences_pb2.Definition(key="ok.key", category="c", type=common_pb2.VALUE_TYPE_INT,
-                                    default_value=tv("five")), "definition.default_value"),
-        (preferences_pb2.Definition(key="ok.key", category="c", type=common_pb2.VALUE_TYPE_INT,
-                                    default_value=tv(1), min_value=5, max_value=1), "definition.max_value"),
-        (preferences_pb2.Definition(key="ok.key", category="", type=common_pb2.VALUE_TYPE_INT,
-                                    default_value=tv(1)), "definition.category"),
+        (
+            preferences_pb2.Definition(
+                key="ok.key", category="c", type=common_pb2.VALUE_TYPE_ENUM, default_value=tv("a")
+            ),
+            "definition.allowed_values",
+        ),
+        (
+            preferences_pb2.Definition(
+                key="ok.key", category="c", type=common_pb2.VALUE_TYPE_INT, default_value=tv(50), max_value=10
+            ),
+            "definition.default_value",
+        ),
+        (
+            preferences_pb2.Definition(
+                key="ok.key", category="c", type=common_pb2.VALUE_TYPE_INT, default_value=tv("five")
+            ),
+            "definition.default_value",
+        ),
+        (
+            preferences_pb2.Definition(
+                key="ok.key",
+                category="c",
+                type=common_pb2.VALUE_TYPE_INT,
+                default_value=tv(1),
+                min_value=5,
+                max_value=1,
+            ),
+            "definition.max_value",
+        ),
+        (
+            preferences_pb2.Definition(key="ok.key", category="", type=common_pb2.VALUE_TYPE_INT, default_value=tv(1)),
+            "definition.category",
+        ),
     ],
 )
 async def test_malformed_definitions_are_rejected(stub, db, definition, field):  # type: ignore[no-untyped-def]

@@ -80,7 +80,10 @@ async def test_scope_not_allowed_for_a_key_is_rejected(stub, db):  # type: ignor
     await stub.CreateDefinition(
         preferences_pb2.CreateDefinitionRequest(
             definition=preferences_pb2.Definition(
-                key=key, category="tests", type=common_pb2.VALUE_TYPE_INT, default_value=tv(1),
+                key=key,
+                category="tests",
+                type=common_pb2.VALUE_TYPE_INT,
+                default_value=tv(1),
                 overridable_scopes=[common_pb2.SCOPE_KIND_GLOBAL, common_pb2.SCOPE_KIND_ORG],
             )
         ),
@@ -150,8 +153,11 @@ async def test_batch_reads_many_subjects_in_one_snapshot(stub):  # type: ignore[
 # --- pure resolution properties -------------------------------------------------------------
 
 _when = datetime(2026, 1, 1, tzinfo=UTC)
-_scopes = [(Layer.GLOBAL, Scope(ScopeKind.GLOBAL)), (Layer.ORG, Scope(ScopeKind.ORG, "o")),
-           (Layer.USER, Scope(ScopeKind.USER, "u"))]
+_scopes = [
+    (Layer.GLOBAL, Scope(ScopeKind.GLOBAL)),
+    (Layer.ORG, Scope(ScopeKind.ORG, "o")),
+    (Layer.USER, Scope(ScopeKind.USER, "u")),
+]
 
 
 @given(
@@ -196,4 +202,3 @@ def test_nest_and_flatten_round_trip(flat):  # type: ignore[no-untyped-def]
     keys = sorted(flat)
     clean = {k: v for k, v in flat.items() if not any(o.startswith(k + ".") for o in keys)}
     assert flatten(nest(clean)) == clean
-

@@ -29,9 +29,7 @@ async def test_failure_inside_the_write_transaction_leaves_neither_table_changed
         assert "injected" not in err.value.details()
     finally:
         await db.execute(f"DROP TRIGGER fail_{uid} ON changes; DROP FUNCTION fail_{uid}();")
-    values = await db.fetch(
-        "SELECT key, value, version FROM preference_values WHERE scope_id = $1 ORDER BY key", uid
-    )
+    values = await db.fetch("SELECT key, value, version FROM preference_values WHERE scope_id = $1 ORDER BY key", uid)
     assert [(r["key"], r["value"], r["version"]) for r in values] == [("display.theme", "dark", 1)]
     assert await db.fetchval("SELECT count(*) FROM changes WHERE scope_id = $1", uid) == 1
 
@@ -47,8 +45,9 @@ async def test_every_stored_version_has_exactly_its_change_rows(stub, db):  # ty
                              AND c.new_value IS NOT DISTINCT FROM v.value)"""
     )
     assert orphans == 0
-    versions = [r["version"] for r in await db.fetch(
-        "SELECT version FROM changes WHERE scope_id = $1 ORDER BY id", uid)]
+    versions = [
+        r["version"] for r in await db.fetch("SELECT version FROM changes WHERE scope_id = $1 ORDER BY id", uid)
+    ]
     assert versions == [1, 2, 3]
 
 

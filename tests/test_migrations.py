@@ -27,9 +27,14 @@ async def test_concurrent_migrate_processes_do_not_race(fresh_database) -> None:
     url = await fresh_database()
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server", "migrate",
-            env={**os.environ, "DATABASE_URL": url}, cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            "server",
+            "migrate",
+            env={**os.environ, "DATABASE_URL": url},
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         for _ in range(4)
     ]

@@ -26,7 +26,10 @@ async def test_set_returns_changes_and_effective_values(stub, db):  # type: igno
         "display.theme": ("dark", 0, 1),
         "display.items_per_page": (50, 0, 1),
     }
-    assert {e.key: py(e.value) for e in reply.effective_values} == {"display.theme": "dark", "display.items_per_page": 50}
+    assert {e.key: py(e.value) for e in reply.effective_values} == {
+        "display.theme": "dark",
+        "display.items_per_page": 50,
+    }
     assert all(e.provenance.layer == common_pb2.LAYER_USER for e in reply.effective_values)
     rows = await db.fetch(
         "SELECT key, old_value, new_value, version, actor, reason, request_id, peer, user_agent, xid "
@@ -129,7 +132,9 @@ async def test_cross_field_rules_use_effective_values_of_the_scope(stub, db):  #
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "autoApproval >= flagging >= minimumAcceptable" in field_violations(err.value)["writes[0].value"]
     # ...while the same write for a user without that org is fine.
-    ok = await stub.SetPreferences(set_request(user(unique("u")), {"ui.qualityThresholds.flagging": 5.0}), metadata=ADMIN)
+    ok = await stub.SetPreferences(
+        set_request(user(unique("u")), {"ui.qualityThresholds.flagging": 5.0}), metadata=ADMIN
+    )
     assert len(ok.changes) == 1
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.SetPreferences(
@@ -180,8 +185,13 @@ async def test_reset_whole_scope_or_one_category(stub, db):  # type: ignore[no-u
 async def test_list_preferences_pages_with_tokens_bound_to_the_query(stub):  # type: ignore[no-untyped-def]
     uid = unique("u")
     keys = ["behavior.auto_save", "display.theme", "display.items_per_page", "locale.language", "locale.timezone"]
-    values = {"behavior.auto_save": False, "display.theme": "dark", "display.items_per_page": 10,
-              "locale.language": "fr", "locale.timezone": "Europe/Paris"}
+    values = {
+        "behavior.auto_save": False,
+        "display.theme": "dark",
+        "display.items_per_page": 10,
+        "locale.language": "fr",
+        "locale.timezone": "Europe/Paris",
+    }
     await stub.SetPreferences(set_request(user(uid), values), metadata=ADMIN)
     seen, token = [], ""
     while True:
@@ -199,7 +209,9 @@ async def test_list_preferences_pages_with_tokens_bound_to_the_query(stub):  # t
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ListPreferences(
-            preferences_pb2.ListPreferencesRequest(scope=user(unique("u")), page_size=2, page_token=first.next_page_token),
+            preferences_pb2.ListPreferencesRequest(
+                scope=user(unique("u")), page_size=2, page_token=first.next_page_token
+            ),
             metadata=ADMIN,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

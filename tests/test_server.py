@@ -40,9 +40,17 @@ def _check_reflection(port: int) -> None:
         pool = DescriptorPool(database)
         service = pool.FindServiceByName("prefd.v1.PreferencesService")
         assert {m.name for m in service.methods} == {
-            "CreateDefinition", "UpdateDefinition", "GetDefinition", "ListDefinitions", "DeleteDefinition",
-            "SetPreferences", "DeletePreferences", "ResetPreferences", "ListPreferences",
-            "GetEffectivePreferences", "BatchGetEffectivePreferences",
+            "CreateDefinition",
+            "UpdateDefinition",
+            "GetDefinition",
+            "ListDefinitions",
+            "DeleteDefinition",
+            "SetPreferences",
+            "DeletePreferences",
+            "ResetPreferences",
+            "ListPreferences",
+            "GetEffectivePreferences",
+            "BatchGetEffectivePreferences",
         }
 
 
@@ -96,8 +104,13 @@ async def test_health_follows_postgresql_reachability(server_url, fresh_database
 
 async def test_sigterm_lets_in_flight_calls_finish(fresh_database) -> None:  # type: ignore[no-untyped-def]
     url = await fresh_database()
-    env = {"DATABASE_URL": url, "PREFD_JWT_SECRET": SECRET, "PREFD_PORT": "0", "PREFD_HOST": "127.0.0.1",
-           "PREFD_GRACE_PERIOD_S": "20"}
+    env = {
+        "DATABASE_URL": url,
+        "PREFD_JWT_SECRET": SECRET,
+        "PREFD_PORT": "0",
+        "PREFD_HOST": "127.0.0.1",
+        "PREFD_GRACE_PERIOD_S": "20",
+    }
     uid = unique("u")
     async with prefd_process(env) as (proc, port, _lines):
         blocker = await asyncpg.connect(url)
@@ -112,8 +125,9 @@ async def test_sigterm_lets_in_flight_calls_finish(fresh_database) -> None:  # t
                 in_flight = asyncio.ensure_future(
                     stub.SetPreferences(set_request(user(uid), {"display.theme": "dark"}), metadata=auth(), timeout=30)
                 )
+                # The server exposes no "call is waiting" event; poll the lock table under a deadline.
                 async with asyncio.timeout(10):
-                    while not await blocker.fetchval(
+                    while not await blocker.fetchval(  # noqa: ASYNC110
                         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
                     ):
                         await asyncio.sleep(0.02)  # polling the lock table, bounded by the deadline
@@ -141,13 +155,17 @@ async def test_embedded_mode_prints_a_working_token_and_grpcurl_line(tmp_path) -
     os.environ.pop("PREFD_JWT_SECRET", None)
     saved = os.environ.pop("DATABASE_URL", None)
     try:
-        async with prefd_process(env_without_db, timeout=120) as (proc, port, lines):
+        async with prefd_process(env_without_db, startup_s=120) as (proc, port, lines):
             export = next(line for line in lines if line.startswith("export PREFD_TOKEN="))
             grpcurl_line = next(line for line in lines if line.startswith("grpcurl "))
             assert f"localhost:{port}" in grpcurl_line
             script = f"{export.strip()}\n{grpcurl_line.strip()}\n"
             result = await asyncio.create_subprocess_exec(
-                "bash", "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                "bash",
+                "-c",
+                script,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PATH": f"{os.path.dirname(os.sys.executable)}:{os.environ['PATH']}"},
             )
             out, err = await result.communicate()

@@ -20,9 +20,19 @@ def test_generated_code_is_fresh() -> None:
 
 async def test_cli_token_is_accepted(app: App, channel) -> None:  # type: ignore[no-untyped-def]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", "token", "--role", "user", "--sub", "carol", "--org", "acme",
+        sys.executable,
+        "-m",
+        "server",
+        "token",
+        "--role",
+        "user",
+        "--sub",
+        "carol",
+        "--org",
+        "acme",
         env={"PREFD_JWT_SECRET": app.settings.jwt_secret or "", "PATH": "/usr/bin:/bin"},
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await proc.communicate()
     assert proc.returncode == 0

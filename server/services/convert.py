@@ -16,7 +16,6 @@ from server.model import (
     FieldViolation,
     JsonValue,
     KeyChange,
-    Layer,
     ResolvedValue,
     Scope,
     ScopeKind,
@@ -218,5 +217,3 @@ def definition_to_pb(definition: Definition) -> preferences_pb2.Definition:
         update_time=timestamp(definition.updated_at),
         updated_by=definition.updated_by,
     )
-
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -28,7 +28,7 @@ from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter
 from server.validation import definition_violations, key_problem
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 # Definition fields an update_mask may name.
 MUTABLE_DEFINITION_FIELDS = (
@@ -117,9 +117,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         paths = list(request.update_mask.paths) or list(MUTABLE_DEFINITION_FIELDS)
         unknown = [p for p in paths if p not in MUTABLE_DEFINITION_FIELDS]
         if unknown:
-            raise ValidationFailed(
-                [FieldViolation("update_mask.paths", f"{p!r} cannot be updated") for p in unknown]
-            )
+            raise ValidationFailed([FieldViolation("update_mask.paths", f"{p!r} cannot be updated") for p in unknown])
         merged = convert.definition_to_pb(await self._reader.definition(request.definition.key))
         mask = field_mask_pb2.FieldMask(paths=paths)
         mask.MergeMessage(request.definition, merged, replace_message_field=True, replace_repeated_field=True)
@@ -209,8 +207,12 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         _check_key_list(list(request.keys), "keys")
         org_id = principal.org if scope.kind is ScopeKind.USER else ""
         result = await self._writer.write(
-            scope, [KeyWrite(k, None) for k in request.keys], current_call(), reason=request.reason,
-            org_id=org_id, field="keys",
+            scope,
+            [KeyWrite(k, None) for k in request.keys],
+            current_call(),
+            reason=request.reason,
+            org_id=org_id,
+            field="keys",
         )
         return preferences_pb2.DeletePreferencesResponse(changes=_changes(result))
 

@@ -69,9 +69,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                 continue
             async with conn.transaction():
                 await conn.execute(sql)
-                await conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
-                )
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             log.info("applied migration", extra={"migration": name})
             applied.append(name)
         return applied
@@ -86,9 +84,14 @@ async def translated_errors() -> AsyncIterator[None]:
         yield
     except PrefdError:
         raise
-    except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError,
-            asyncpg.exceptions.InterfaceError, TimeoutError) as exc:
+    except (
+        OSError,
+        asyncpg.exceptions.ConnectionDoesNotExistError,
+        asyncpg.exceptions.CannotConnectNowError,
+        asyncpg.exceptions.TooManyConnectionsError,
+        asyncpg.exceptions.InterfaceError,
+        TimeoutError,
+    ) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
     except asyncpg.exceptions.SerializationError as exc:
         raise ConcurrentModification("concurrent update; retry") from exc

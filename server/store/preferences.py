@@ -106,9 +106,7 @@ async def scopes_with_key(conn: asyncpg.Connection, key: str) -> list[Scope]:
 
 async def values_of_key(conn: asyncpg.Connection, key: str) -> list[StoredValue]:
     """Every live override of `key`, at every scope."""
-    rows = await conn.fetch(
-        f"SELECT {_VALUE_COLUMNS} FROM preference_values WHERE key = $1 AND value IS NOT NULL", key
-    )
+    rows = await conn.fetch(f"SELECT {_VALUE_COLUMNS} FROM preference_values WHERE key = $1 AND value IS NOT NULL", key)
     return [_stored(row) for row in rows]
 
 

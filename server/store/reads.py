@@ -38,9 +38,7 @@ class PreferenceReader:
         ]
         return results, cursor
 
-    async def overrides_page(
-        self, scope: Scope, after: str | None, limit: int
-    ) -> tuple[list[StoredValue], FeedCursor]:
+    async def overrides_page(self, scope: Scope, after: str | None, limit: int) -> tuple[list[StoredValue], FeedCursor]:
         """A page of the overrides stored at a scope, with its cursor."""
         async with translated_errors(), self._pool.acquire() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):

@@ -93,10 +93,14 @@ class PreferenceWriter:
             elif scope.kind not in definition.scopes:
                 allowed = ", ".join(s.value for s in ScopeKind if s in definition.scopes)
                 violations.append(
-                    FieldViolation(f"{field}[{i}].key", f"{w.key} cannot be overridden at {scope.kind.value} (allowed: {allowed})")
+                    FieldViolation(
+                        f"{field}[{i}].key", f"{w.key} cannot be overridden at {scope.kind.value} (allowed: {allowed})"
+                    )
                 )
             elif w.value is not None:
-                violations += [FieldViolation(f"{field}[{i}].value", f"{w.key} {p}") for p in value_problems(definition, w.value)]
+                violations += [
+                    FieldViolation(f"{field}[{i}].value", f"{w.key} {p}") for p in value_problems(definition, w.value)
+                ]
         if violations:
             raise ValidationFailed(violations)
 
@@ -208,7 +212,6 @@ class PreferenceWriter:
                 await preference_sql.apply_changes(conn, scope, [change], call, reason)
             await definition_sql.delete(conn, old, call, reason)
             return len(scopes)
-
 
 
 async def install_definitions(pool: asyncpg.Pool, definitions: Sequence[Definition], call: CallInfo) -> list[str]:
