@@ -1,4 +1,4 @@
-"""The prefd command: serve, migrate, token."""
+"""The prefd command: serve, migrate, token, healthcheck."""
 
 from __future__ import annotations
 
@@ -111,6 +111,25 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when grpc.health.v1 reports SERVING for `args.service` (used by the Docker HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = args.port if args.port is not None else Settings().port
+    try:
+        with grpc.insecure_channel(f"{args.host}:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as error:
+        print(f"unhealthy: {error.code().name}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefd", description="prefd: preferences and configuration over gRPC")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--private-key", help="PEM private key file, to sign RS256/ES256 instead of HS256")
     tok.add_argument("--algorithm", default="RS256", choices=["RS256", "ES256"], help="with --private-key")
     tok.set_defaults(func=cmd_token)
+
+    hc = sub.add_parser("healthcheck", help="exit 0 if the local server reports SERVING")
+    hc.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    hc.add_argument("--port", type=int, help="server port (PREFD_PORT, default 50051)")
+    hc.add_argument("--service", default="", help="service name to check (default: the whole server)")
+    hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+    hc.set_defaults(func=cmd_healthcheck)
     return parser
 
 

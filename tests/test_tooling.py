@@ -44,3 +44,32 @@ async def test_cli_token_is_accepted(app: App, channel) -> None:  # type: ignore
         metadata=(("authorization", f"Bearer {out.decode().strip()}"),),
     )
     assert [v.key for v in reply.values] == ["locale.language", "locale.timezone"]
+
+
+async def test_healthcheck_command_reports_serving(app: App) -> None:
+    ok = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "healthcheck",
+        "--port",
+        str(app.port),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await ok.communicate()
+    assert (ok.returncode, out.decode().strip()) == (0, "SERVING")
+    down = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "healthcheck",
+        "--port",
+        "1",
+        "--timeout",
+        "1",
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await down.communicate()
+    assert down.returncode == 1 and "unhealthy" in err.decode()

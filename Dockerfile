@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# Build wheels for the client and the server in one stage; install them into a slim,
+# non-root runtime image that checks its own health through grpc.health.v1.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY clients/python clients/python
+COPY pyproject.toml README.md ./
+COPY server server
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ./clients/python .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/prefd prefd
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER prefd
+WORKDIR /var/lib/prefd
+ENV PREFD_DATA_DIR=/var/lib/prefd PREFD_PORT=50051 PREFD_HOST=0.0.0.0
+EXPOSE 50051
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["prefd", "healthcheck"]
+ENTRYPOINT ["prefd"]
+CMD ["serve"]
