@@ -115,3 +115,35 @@ async def test_request_id_is_recorded_and_returned(stub, db):  # type: ignore[no
     trailers = dict(await call.trailing_metadata())
     assert trailers["x-request-id"] == "req-42"
     assert await db.fetchval("SELECT request_id FROM changes WHERE scope_id = $1", uid) == "req-42"
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+async def test_public_key_tokens(database_url, tmp_path, algorithm) -> None:  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from prefd.v1 import preferences_pb2_grpc
+    from server.app import App
+    from server.auth import mint_token
+    from tests.conftest import make_settings
+
+    key = rsa.generate_private_key(65537, 2048) if algorithm == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public_pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    settings = make_settings(database_url, tmp_path).model_copy(
+        update={"jwt_secret": None, "jwt_public_key": public_pem, "jwt_algorithm": algorithm}
+    )
+    async with App(settings) as app, grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+        signed = mint_token(private_pem, "svc", ["service"], algorithm=algorithm)
+        reply = await stub.GetEffectivePreferences(effective("anyone"), metadata=bearer(signed))
+        assert reply.values
+        await expect(
+            grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(effective("anyone"), metadata=bearer(token()))
+        )

@@ -1,0 +1,29 @@
+"""The README's grpcurl examples work as printed (against the test server's port)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from server.app import App
+from tests.conftest import token
+from tests.processes import ROOT
+
+
+async def test_readme_grpcurl_examples_succeed(app: App) -> None:
+    lines = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("grpcurl ")]
+    assert len(lines) >= 6
+    env = {
+        **os.environ,
+        "PREFD_TOKEN": token("admin"),
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+    }
+    for line in lines:
+        command = line.replace("localhost:50051", f"127.0.0.1:{app.port}")
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-c", command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, f"{line}\n{err.decode()}"
+        assert out.strip(), line
