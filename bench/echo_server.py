@@ -1,0 +1,75 @@
+"""The baseline for bench/effective_read.py: a trivial grpc.aio server with no auth and no database.
+
+It serves the same method path as prefd, ``/prefd.v1.PreferencesService/GetEffectivePreferences``,
+through a generic handler that does no protobuf work at all: every call gets the same prebuilt,
+already serialized response (``--response-file``, e.g. one real GetEffectivePreferencesResponse
+captured from prefd), or, without a file, its own request bytes echoed back. What is left is the
+cost of grpc.aio itself: HTTP/2, framing, one asyncio handler per call.
+
+The server is a plain ``grpc.aio.server()`` (default options, no interceptors). It prints
+``echo serving on port N`` once it accepts calls and stops on SIGTERM or SIGINT.
+
+    python bench/echo_server.py [--host 127.0.0.1] [--port 0] [--response-file resp.bin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+
+SERVICE = "prefd.v1.PreferencesService"
+METHOD = "GetEffectivePreferences"
+
+
+def build_handler(payload: bytes | None) -> grpc.GenericRpcHandler:
+    """A generic handler for SERVICE/METHOD answering `payload`, or echoing the request when None."""
+
+    async def respond(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        return request if payload is None else payload
+
+    # No request_deserializer / response_serializer: the handler sees and returns raw bytes.
+    return grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(respond)})
+
+
+async def serve(host: str, port: int, payload: bytes | None, grace_s: float) -> None:
+    """Serve until SIGTERM or SIGINT, then stop within `grace_s` seconds."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((build_handler(payload),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    print(f"echo serving on port {bound}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default)")
+    parser.add_argument(
+        "--response-file",
+        type=Path,
+        help="serialized response message returned to every call; without it each request is echoed",
+    )
+    parser.add_argument("--grace", type=float, default=1.0, help="seconds to drain calls on shutdown (default 1)")
+    args = parser.parse_args(argv)
+    payload = args.response_file.read_bytes() if args.response_file else None
+    asyncio.run(serve(args.host, args.port, payload, args.grace))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
