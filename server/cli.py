@@ -31,6 +31,8 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # pgserver narrates every command it runs at INFO; keep its warnings only.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
 def _print_quickstart(settings: Settings, port: int) -> None:
