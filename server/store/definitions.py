@@ -171,10 +171,14 @@ async def record_definition_change(
     )
 
 
-async def lock_shared(conn: asyncpg.Connection, keys: Sequence[str]) -> dict[str, Definition]:
-    """The definitions of `keys` that exist, share-locked in key order until the transaction ends."""
-    rows = await conn.fetch(
-        f"SELECT {_COLUMNS} FROM definitions WHERE key = ANY($1::text[]) ORDER BY key FOR SHARE",
+async def lock_keys_shared(conn: asyncpg.Connection, keys: Sequence[str]) -> None:
+    """Share-lock definition keys (in key order) until the transaction ends; no xid is assigned."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock_shared(hashtextextended('prefd:def:' || k, 0)) FROM unnest($1::text[]) AS k",
         sorted(set(keys)),
     )
-    return {row["key"]: _definition(row) for row in rows}
+
+
+async def lock_key_exclusive(conn: asyncpg.Connection, key: str) -> None:
+    """Lock one definition key against writers of its values until the transaction ends."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('prefd:def:' || $1, 0))", key)

@@ -82,9 +82,13 @@ class PreferenceWriter:
         field: str,
     ) -> WriteResult:
         keys = [w.key for w in writes]
-        # Definitions first (shared row locks, key order), then the scope: the order
-        # DeleteDefinition and UpdateDefinition also take, so writers never deadlock.
-        definitions = await definition_sql.lock_shared(conn, keys)
+        # Locks before the first write: definition keys (shared, key order), then the scope,
+        # the order DeleteDefinition and UpdateDefinition take too, so writers never deadlock.
+        # Advisory locks assign no xid, so the transaction's xid is assigned only once it holds
+        # the scope: per-key versions then grow in the change feed's (xid, id) order.
+        await definition_sql.lock_keys_shared(conn, keys)
+        await preference_sql.lock_scope(conn, scope)
+        definitions = await definition_sql.get_many(conn, keys)
         violations = []
         for i, w in enumerate(writes):
             definition = definitions.get(w.key)
@@ -104,7 +108,6 @@ class PreferenceWriter:
         if violations:
             raise ValidationFailed(violations)
 
-        await preference_sql.lock_scope(conn, scope)
         current = await preference_sql.current_versions(conn, scope, keys)
         changes = []
         for w in writes:
@@ -176,6 +179,7 @@ class PreferenceWriter:
     ) -> Definition:
         """Replace a definition if every stored override still satisfies it."""
         async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
+            await definition_sql.lock_key_exclusive(conn, definition.key)
             old = await definition_sql.get(conn, definition.key, for_update=True)
             if old is None:
                 raise DefinitionNotFound(definition.key)
@@ -197,6 +201,7 @@ class PreferenceWriter:
     async def delete_definition(self, key: str, force: bool, call: CallInfo, reason: str) -> int:
         """Delete a definition; with force, first remove its overrides (recorded). Returns how many."""
         async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
+            await definition_sql.lock_key_exclusive(conn, key)
             old = await definition_sql.get(conn, key, for_update=True)
             if old is None:
                 raise DefinitionNotFound(key)
