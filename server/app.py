@@ -16,8 +16,10 @@ from grpc_reflection.v1alpha import reflection
 from prefd.v1 import preferences_pb2, preferences_pb2_grpc
 from server.auth import AuthInterceptor, TokenVerifier
 from server.builtin import Catalog, load_catalog
+from server.cache import EffectiveCache, RedisLayers
 from server.embedded import EmbeddedPostgres
-from server.model import CallInfo
+from server.feed import FeedReader, WakeupNotifier
+from server.model import CallInfo, Scope
 from server.services.preferences import PreferencesService
 from server.settings import Settings
 from server.store.db import create_pool, migrate
@@ -88,6 +90,28 @@ class HealthMonitor:
             await asyncio.sleep(self._interval)
 
 
+class CommitFanout:
+    """After a local commit: drop this process's stale cache entries and wake every feed reader."""
+
+    def __init__(self, cache: EffectiveCache, feed: FeedReader, notifier: WakeupNotifier | None) -> None:
+        self._cache = cache
+        self._feed = feed
+        self._notifier = notifier
+
+    def scope_committed(self, scope: Scope, xid: int) -> None:
+        self._cache.on_local_commit(scope, xid)
+        self._wake()
+
+    def definitions_committed(self, xid: int) -> None:
+        self._cache.on_local_definition_commit(xid)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._feed.wake()
+        if self._notifier is not None:
+            self._notifier.notify()
+
+
 class App:
     """One prefd server process: `async with App(settings) as app:` serves on app.port."""
 
@@ -101,6 +125,9 @@ class App:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._monitor_task: asyncio.Task[None] | None = None
+        self.feed: FeedReader | None = None
+        self.cache: EffectiveCache | None = None
+        self._notifier: WakeupNotifier | None = None
 
     async def __aenter__(self) -> App:
         try:
@@ -129,15 +156,26 @@ class App:
         if added:
             log.info("installed %d shipped definitions", len(added))
         reader = PreferenceReader(self._pool)
-        writer = PreferenceWriter(self._pool, self.catalog.rules)
         installation = await reader.installation_id()
+        redis = RedisLayers(settings.redis_url, installation, settings.redis_ttl_s) if settings.redis_url else None
+        if redis is not None:
+            await redis.ping()
+        self.cache = EffectiveCache(self._pool, redis)
+        self.feed = FeedReader(self._pool, self.dsn, settings.feed_poll_interval_s, settings.watch_queue_capacity)
+        self.feed.add_listener(self.cache.on_changes)
+        await self.feed.start()
+        if settings.feed_notify:
+            self._notifier = WakeupNotifier(self._pool)
+            self._notifier.start()
+        writer = PreferenceWriter(self._pool, self.catalog.rules, CommitFanout(self.cache, self.feed, self._notifier))
 
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(verifier)],
-            options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0)],
+            options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
         )
         preferences_pb2_grpc.add_PreferencesServiceServicer_to_server(
-            PreferencesService(reader, writer, installation), server
+            PreferencesService(reader, writer, self.cache, self.feed, installation, settings.watch_progress_interval_s),
+            server,
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -157,11 +195,21 @@ class App:
 
     async def stop(self, grace: float | None) -> None:
         """Refuse new calls, let in-flight ones finish within `grace` seconds, then release everything."""
+        if self.feed is not None:
+            # Watch streams end now with UNAVAILABLE and their cursor; unary calls drain below.
+            await self.feed.stop("server stopping; resume from your cursor")
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._notifier is not None:
+            await self._notifier.stop()
+            self._notifier = None
+        if self.cache is not None:
+            await self.cache.close()
+            self.cache = None
+        self.feed = None
         if self._monitor_task is not None:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)

@@ -179,6 +179,18 @@ def _call_info(principal: Principal, context: grpc.aio.ServicerContext[Any, Any]
     )
 
 
+def _bytes_passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A serializer that sends prebuilt response bodies (bytes) as they are."""
+
+    def serialize(message: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        assert serializer is not None
+        return serializer(message)
+
+    return serialize
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Verifies the bearer token, binds the caller for the handler, and maps domain errors to status."""
 
@@ -193,17 +205,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(PUBLIC_SERVICES):
             return handler
+        serializer = _bytes_passthrough(handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer,
             )
         return handler
 

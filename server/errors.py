@@ -127,6 +127,20 @@ class ConcurrentModification(PrefdError):
     reason = "CONCURRENT_MODIFICATION"
 
 
+class WatchOverflow(PrefdError):
+    """A watcher fell so far behind that its queue filled; it resumes from its cursor."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "WATCH_TOO_SLOW"
+
+
+class ServerStopping(PrefdError):
+    """The server is shutting down; the client resumes from its cursor (on any replica)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SERVER_STOPPING"
+
+
 class DatabaseError(PrefdError):
     code = grpc.StatusCode.INTERNAL
     reason = "DATABASE_ERROR"

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(default=15000, ge=0)
     health_interval_s: float = Field(default=0.5, gt=0)
     health_timeout_s: float = Field(default=1.0, gt=0)
+    feed_poll_interval_s: float = Field(default=0.1, gt=0)
+    feed_notify: bool = True
+    watch_progress_interval_s: float = Field(default=5.0, gt=0)
+    watch_queue_capacity: int = Field(default=10_000, ge=1)
+    redis_ttl_s: int = Field(default=60, ge=1)
+    workers: int = Field(default=1, ge=1)
     definitions_file: Path | None = None
     log_level: str = "INFO"
     print_token: bool = True

@@ -51,6 +51,7 @@ def _check_reflection(port: int) -> None:
             "ListPreferences",
             "GetEffectivePreferences",
             "BatchGetEffectivePreferences",
+            "WatchPreferences",
         }
 
 

@@ -24,6 +24,7 @@ from server.model import (
     ValueType,
 )
 from server.resolve import nest
+from server.store.feed import ChangeEvent
 from server.validation import id_problem
 
 _VALUE_TYPES = {
@@ -216,4 +217,26 @@ def definition_to_pb(definition: Definition) -> preferences_pb2.Definition:
         create_time=timestamp(definition.created_at),
         update_time=timestamp(definition.updated_at),
         updated_by=definition.updated_by,
+    )
+
+
+def change_event_to_pb(event: ChangeEvent, cursor: common_pb2.Cursor) -> preferences_pb2.ChangeEvent:
+    """A feed row as a ChangeEvent (definition rows carry the default as old and new value)."""
+    old, new = event.old_value, event.new_value
+    if event.kind == "definition":
+        kind = preferences_pb2.CHANGE_KIND_DEFINITION
+        old = old.get("default") if isinstance(old, dict) else None
+        new = new.get("default") if isinstance(new, dict) else None
+    else:
+        kind = preferences_pb2.CHANGE_KIND_PREFERENCE
+    return preferences_pb2.ChangeEvent(
+        kind=kind,
+        scope=scope_to_pb(event.scope),
+        key=event.key,
+        old_value=optional_value_to_pb(old),
+        new_value=optional_value_to_pb(new),
+        version=event.version,
+        actor=event.actor,
+        change_time=timestamp(event.created_at),
+        cursor=cursor,
     )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import field_mask_pb2
 
-from prefd.v1 import preferences_pb2, preferences_pb2_grpc
+from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from server.auth import current_call, current_principal
+from server.cache import EffectiveCache
+from server.cursor import FeedCursor
+from server.feed import FeedReader
 from server.errors import ValidationFailed, invalid
 from server.model import (
     MAX_BATCH_SUBJECTS,
@@ -27,6 +30,7 @@ from server.services import convert
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter
 from server.validation import definition_violations, key_problem
+from server.watch import Compacted, Progress, Started, WatchItem, WatchTarget, watch
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -93,10 +97,21 @@ def _check_key_list(keys: Sequence[str], field: str) -> None:
 class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     """Definitions, stored overrides and effective values."""
 
-    def __init__(self, reader: PreferenceReader, writer: PreferenceWriter, installation: str) -> None:
+    def __init__(
+        self,
+        reader: PreferenceReader,
+        writer: PreferenceWriter,
+        cache: EffectiveCache,
+        feed: FeedReader,
+        installation: str,
+        progress_interval_s: float,
+    ) -> None:
         self._reader = reader
         self._writer = writer
+        self._cache = cache
+        self._feed = feed
         self._installation = installation
+        self._progress_interval_s = progress_interval_s
 
     async def CreateDefinition(
         self, request: preferences_pb2.CreateDefinitionRequest, context: Context
@@ -245,18 +260,27 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
 
     async def GetEffectivePreferences(
         self, request: preferences_pb2.GetEffectivePreferencesRequest, context: Context
-    ) -> preferences_pb2.GetEffectivePreferencesResponse:
+    ) -> bytes:
         principal = current_principal()
         default_org = principal.org if principal.subject == request.subject.user_id else ""
         subject = convert.subject_from_pb(request.subject, "subject", default_org)
         principal.require_read(subject)
         _check_filters(request.key_prefixes, request.categories)
-        (values,), cursor = await self._reader.effective([subject], request.key_prefixes, request.categories)
-        return preferences_pb2.GetEffectivePreferencesResponse(
-            values=convert.effective_to_pb(values),
-            nested=convert.nested_to_pb(values),
-            cursor=convert.cursor_to_pb(cursor, self._installation),
-        )
+        # Hot path: a prebuilt body per (subject, filter), followed by the current cursor. The
+        # feed position is safe for cached data: the cache drops anything a passed change touched.
+        key = (subject.user_id, subject.org_id, tuple(request.key_prefixes), tuple(request.categories))
+        body = self._cache.response(key)
+        if body is None:
+            since = self._cache.tick
+            (values,) = await self._cache.resolve([subject], request.key_prefixes, request.categories)
+            body = preferences_pb2.GetEffectivePreferencesResponse(
+                values=convert.effective_to_pb(values), nested=convert.nested_to_pb(values)
+            ).SerializeToString()
+            self._cache.store_response(key, [scope for _, scope in subject.layers()], since, body)
+        cursor = preferences_pb2.GetEffectivePreferencesResponse(
+            cursor=convert.cursor_to_pb(self._feed.position, self._installation)
+        ).SerializeToString()
+        return body + cursor
 
     async def BatchGetEffectivePreferences(
         self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, context: Context
@@ -270,7 +294,8 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         for subject in subjects:
             principal.require_read(subject)
         _check_filters(request.key_prefixes, request.categories)
-        results, cursor = await self._reader.effective(subjects, request.key_prefixes, request.categories)
+        cursor = self._feed.position
+        results = await self._cache.resolve(subjects, request.key_prefixes, request.categories)
         return preferences_pb2.BatchGetEffectivePreferencesResponse(
             results=[
                 preferences_pb2.SubjectPreferences(
@@ -286,3 +311,55 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
 
 def _changes(result: WriteResult) -> list[Any]:
     return [convert.change_to_pb(c) for c in result.changes]
+
+    async def WatchPreferences(
+        self, request: preferences_pb2.WatchPreferencesRequest, context: Context
+    ) -> AsyncIterator[preferences_pb2.WatchPreferencesResponse]:
+        principal = current_principal()
+        _check_filters(request.key_prefixes, ())
+        if request.HasField("subject"):
+            default_org = principal.org if principal.subject == request.subject.user_id else ""
+            subject = convert.subject_from_pb(request.subject, "subject", default_org)
+            principal.require_read(subject)
+            target = WatchTarget.for_subject(subject, request.key_prefixes)
+        elif request.HasField("scope"):
+            scope = convert.scope_from_pb(request.scope)
+            principal.require_read_scope(scope)
+            target = WatchTarget.for_scope(scope, request.key_prefixes)
+        else:
+            raise invalid("target", "set subject or scope")
+        start = None
+        if request.HasField("start_cursor"):
+            try:
+                start = FeedCursor.decode(request.start_cursor.token, self._installation)
+            except ValueError as exc:
+                raise invalid("start_cursor", str(exc)) from exc
+        async for item in watch(
+            self._feed, self._reader.pool, target, start, self._progress_interval_s, self._installation
+        ):
+            yield await self._watch_message(item, target)
+
+    async def _watch_message(self, item: WatchItem, target: WatchTarget) -> preferences_pb2.WatchPreferencesResponse:
+        cursor = self._encode
+        if isinstance(item, Started):
+            return preferences_pb2.WatchPreferencesResponse(
+                started=preferences_pb2.WatchStarted(cursor=cursor(item.cursor))
+            )
+        if isinstance(item, Progress):
+            return preferences_pb2.WatchPreferencesResponse(
+                progress=preferences_pb2.WatchProgress(cursor=cursor(item.cursor))
+            )
+        if isinstance(item, Compacted):
+            return preferences_pb2.WatchPreferencesResponse(
+                compacted=preferences_pb2.WatchCompacted(oldest_cursor=cursor(item.oldest))
+            )
+        event = item.event
+        change = convert.change_event_to_pb(event, cursor(event.position))
+        if target.subject is not None:
+            resolved = await self._cache.resolve_key(target.subject, event.key)
+            if resolved is not None:
+                change.effective.CopyFrom(convert.effective_to_pb([resolved])[0])
+        return preferences_pb2.WatchPreferencesResponse(change=change)
+
+    def _encode(self, cursor: FeedCursor) -> common_pb2.Cursor:
+        return convert.cursor_to_pb(cursor, self._installation)

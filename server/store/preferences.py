@@ -133,12 +133,15 @@ async def apply_changes(
         versions,
         call.actor,
     )
-    await conn.execute(
-        """INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version,
-               actor, peer, user_agent, reason, request_id)
-           SELECT 'preference', $1, $2, k, o, n, ver, $7, $8, $9, $10, $11
-           FROM unnest($3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[]) WITH ORDINALITY AS t(k, o, n, ver, i)
-           ORDER BY i""",
+    xid: int = await conn.fetchval(
+        """WITH inserted AS (
+               INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version,
+                   actor, peer, user_agent, reason, request_id)
+               SELECT 'preference', $1, $2, k, o, n, ver, $7, $8, $9, $10, $11
+               FROM unnest($3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[]) WITH ORDINALITY AS t(k, o, n, ver, i)
+               ORDER BY i
+               RETURNING xid)
+           SELECT xid::text::bigint FROM inserted LIMIT 1""",
         scope.kind.value,
         scope.id,
         keys,
@@ -151,6 +154,7 @@ async def apply_changes(
         reason,
         call.request_id,
     )
+    return xid
 
 
 def pending_value(scope: Scope, change: KeyChange, actor: str) -> StoredValue:

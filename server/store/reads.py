@@ -21,6 +21,10 @@ class PreferenceReader:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
     async def effective(
         self, subjects: Sequence[Subject], key_prefixes: Sequence[str] = (), categories: Sequence[str] = ()
     ) -> tuple[list[list[ResolvedValue]], FeedCursor]:

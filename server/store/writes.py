@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import asyncpg
 
@@ -23,6 +24,7 @@ from server.model import (
 )
 from server.resolve import resolve
 from server.store import definitions as definition_sql
+from server.store import feed as feed_sql
 from server.store import preferences as preference_sql
 from server.store.db import translated_errors
 from server.validation import coerce, rule_violations, value_problems
@@ -41,12 +43,21 @@ def layers_for_scope(scope: Scope, org_id: str) -> list[tuple[Layer, Scope]]:
     return Subject(scope.id, org_id).layers()
 
 
+class CommitHooks(Protocol):
+    """Told after a write transaction commits (caches, the local feed reader, other processes)."""
+
+    def scope_committed(self, scope: Scope, xid: int) -> None: ...
+
+    def definitions_committed(self, xid: int) -> None: ...
+
+
 class PreferenceWriter:
     """Every write to definitions and overrides, each in one transaction with its change rows."""
 
-    def __init__(self, pool: asyncpg.Pool, rules: Sequence[CrossFieldRule]) -> None:
+    def __init__(self, pool: asyncpg.Pool, rules: Sequence[CrossFieldRule], hooks: CommitHooks | None = None) -> None:
         self._pool = pool
         self._rules = tuple(rules)
+        self._hooks = hooks
 
     async def write(
         self,
@@ -63,11 +74,13 @@ class PreferenceWriter:
         async with translated_errors(), self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    result = await self._write_locked(conn, scope, writes, call, reason, dry_run, org_id, field)
+                    result, xid = await self._write_locked(conn, scope, writes, call, reason, dry_run, org_id, field)
                     if dry_run:
                         raise _Rollback
             except _Rollback:
                 pass
+        if xid is not None and not dry_run and self._hooks is not None:
+            self._hooks.scope_committed(scope, xid)
         return result
 
     async def _write_locked(
@@ -80,7 +93,7 @@ class PreferenceWriter:
         dry_run: bool,
         org_id: str,
         field: str,
-    ) -> WriteResult:
+    ) -> tuple[WriteResult, int | None]:
         keys = [w.key for w in writes]
         # Locks before the first write: definition keys (shared, key order), then the scope,
         # the order DeleteDefinition and UpdateDefinition take too, so writers never deadlock.
@@ -126,10 +139,9 @@ class PreferenceWriter:
             raise ValidationFailed(
                 [FieldViolation(f"{field}[{index[key]}].value", rule.message) for rule, key in broken]
             )
-        if not dry_run:
-            await preference_sql.apply_changes(conn, scope, changes, call, reason)
+        xid = None if dry_run else await preference_sql.apply_changes(conn, scope, changes, call, reason)
         written = set(keys)
-        return WriteResult(changes, [r for r in effective if r.key in written], dry_run)
+        return WriteResult(changes, [r for r in effective if r.key in written], dry_run), xid
 
     async def _effective_after(
         self,
@@ -170,8 +182,10 @@ class PreferenceWriter:
         """Store a new definition; ALREADY_EXISTS if the key is taken."""
         async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
             stored = await definition_sql.insert(conn, definition, call, "")
+            xid = await feed_sql.current_xid(conn)
         if stored is None:
             raise DefinitionExists(definition.key)
+        self._definitions_committed(xid)
         return stored
 
     async def update_definition(
@@ -196,7 +210,14 @@ class PreferenceWriter:
                     f"stored overrides of {definition.key} break the new definition: " + "; ".join(misfits[:10]),
                     key=definition.key,
                 )
-            return await definition_sql.update(conn, old, definition, call)
+            stored = await definition_sql.update(conn, old, definition, call)
+            xid = await feed_sql.current_xid(conn)
+        self._definitions_committed(xid)
+        return stored
+
+    def _definitions_committed(self, xid: int) -> None:
+        if self._hooks is not None:
+            self._hooks.definitions_committed(xid)
 
     async def delete_definition(self, key: str, force: bool, call: CallInfo, reason: str) -> int:
         """Delete a definition; with force, first remove its overrides (recorded). Returns how many."""
@@ -216,7 +237,12 @@ class PreferenceWriter:
                 change = KeyChange(key, value, None, version, version + 1)
                 await preference_sql.apply_changes(conn, scope, [change], call, reason)
             await definition_sql.delete(conn, old, call, reason)
-            return len(scopes)
+            xid = await feed_sql.current_xid(conn)
+        if self._hooks is not None:
+            for scope in scopes:
+                self._hooks.scope_committed(scope, xid)
+        self._definitions_committed(xid)
+        return len(scopes)
 
 
 async def install_definitions(pool: asyncpg.Pool, definitions: Sequence[Definition], call: CallInfo) -> list[str]:

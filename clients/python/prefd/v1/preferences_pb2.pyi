@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from prefd.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -21,6 +22,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_KIND_UNSPECIFIED: _ChangeKind.ValueType  # 0
+    """Not set."""
+    CHANGE_KIND_PREFERENCE: _ChangeKind.ValueType  # 1
+    """A stored override was set or removed."""
+    CHANGE_KIND_DEFINITION: _ChangeKind.ValueType  # 2
+    """A definition was created, updated or deleted (its default may have changed)."""
+
+class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper):
+    """ChangeKind says what a change event changed."""
+
+CHANGE_KIND_UNSPECIFIED: ChangeKind.ValueType  # 0
+"""Not set."""
+CHANGE_KIND_PREFERENCE: ChangeKind.ValueType  # 1
+"""A stored override was set or removed."""
+CHANGE_KIND_DEFINITION: ChangeKind.ValueType  # 2
+"""A definition was created, updated or deleted (its default may have changed)."""
+Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
 
 @_typing.final
 class Definition(_message.Message):
@@ -970,3 +995,237 @@ class BatchGetEffectivePreferencesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchGetEffectivePreferencesResponse: _TypeAlias = BatchGetEffectivePreferencesResponse  # noqa: Y015
+
+@_typing.final
+class WatchPreferencesRequest(_message.Message):
+    """Request for WatchPreferences."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    KEY_PREFIXES_FIELD_NUMBER: _builtins.int
+    START_CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subject(self) -> _common_pb2.Subject:
+        """Changes in the subject's GLOBAL, ORG and USER scopes (and definition changes), each with
+        the subject's new effective value.
+        """
+
+    @_builtins.property
+    def scope(self) -> _common_pb2.Scope:
+        """Changes stored at exactly this scope."""
+
+    @_builtins.property
+    def key_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only keys starting with one of these (each at most 128 characters); all when empty."""
+
+    @_builtins.property
+    def start_cursor(self) -> _common_pb2.Cursor:
+        """Deliver changes after this position (a cursor from any read or event); unset: from now."""
+
+    def __init__(
+        self,
+        *,
+        subject: _common_pb2.Subject | None = ...,
+        scope: _common_pb2.Scope | None = ...,
+        key_prefixes: _abc.Iterable[_builtins.str] | None = ...,
+        start_cursor: _common_pb2.Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "start_cursor", b"start_cursor", "subject", b"subject", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_prefixes", b"key_prefixes", "scope", b"scope", "start_cursor", b"start_cursor", "subject", b"subject", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["subject", "scope"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___WatchPreferencesRequest: _TypeAlias = WatchPreferencesRequest  # noqa: Y015
+
+@_typing.final
+class WatchStarted(_message.Message):
+    """WatchStarted confirms a watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursor(self) -> _common_pb2.Cursor:
+        """Events follow from this position."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _common_pb2.Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStarted: _TypeAlias = WatchStarted  # noqa: Y015
+
+@_typing.final
+class ChangeEvent(_message.Message):
+    """ChangeEvent is one change, in feed order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    OLD_VALUE_FIELD_NUMBER: _builtins.int
+    NEW_VALUE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_FIELD_NUMBER: _builtins.int
+    kind: Global___ChangeKind.ValueType
+    """What changed."""
+    key: _builtins.str
+    """The key."""
+    version: _builtins.int
+    """The per-key version at the scope (the definition's version for definition changes)."""
+    actor: _builtins.str
+    """Who made the change."""
+    @_builtins.property
+    def scope(self) -> _common_pb2.Scope:
+        """Where the override is stored (GLOBAL for definition changes)."""
+
+    @_builtins.property
+    def old_value(self) -> _common_pb2.TypedValue:
+        """The override (or, for definitions, the default) before; unset when there was none."""
+
+    @_builtins.property
+    def new_value(self) -> _common_pb2.TypedValue:
+        """The override (or default) after; unset when it was removed (or the definition deleted)."""
+
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the writing transaction ran."""
+
+    @_builtins.property
+    def cursor(self) -> _common_pb2.Cursor:
+        """The feed position of this event; resume after it with start_cursor."""
+
+    @_builtins.property
+    def effective(self) -> Global___EffectiveValue:
+        """Subject watches: the subject's effective value of the key now, with provenance
+        (unset when the key is no longer defined).
+        """
+
+    def __init__(
+        self,
+        *,
+        kind: Global___ChangeKind.ValueType = ...,
+        scope: _common_pb2.Scope | None = ...,
+        key: _builtins.str = ...,
+        old_value: _common_pb2.TypedValue | None = ...,
+        new_value: _common_pb2.TypedValue | None = ...,
+        version: _builtins.int = ...,
+        actor: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+        cursor: _common_pb2.Cursor | None = ...,
+        effective: Global___EffectiveValue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "cursor", b"cursor", "effective", b"effective", "new_value", b"new_value", "old_value", b"old_value", "scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_time", b"change_time", "cursor", b"cursor", "effective", b"effective", "key", b"key", "kind", b"kind", "new_value", b"new_value", "old_value", b"old_value", "scope", b"scope", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeEvent: _TypeAlias = ChangeEvent  # noqa: Y015
+
+@_typing.final
+class WatchProgress(_message.Message):
+    """WatchProgress is a bookmark sent while the stream is idle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursor(self) -> _common_pb2.Cursor:
+        """Every change up to here has been delivered."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _common_pb2.Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProgress: _TypeAlias = WatchProgress  # noqa: Y015
+
+@_typing.final
+class WatchCompacted(_message.Message):
+    """WatchCompacted says the start cursor is older than the retained change history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDEST_CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def oldest_cursor(self) -> _common_pb2.Cursor:
+        """The oldest cursor a watch can start from; re-read a snapshot and watch from its cursor."""
+
+    def __init__(
+        self,
+        *,
+        oldest_cursor: _common_pb2.Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_cursor", b"oldest_cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_cursor", b"oldest_cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCompacted: _TypeAlias = WatchCompacted  # noqa: Y015
+
+@_typing.final
+class WatchPreferencesResponse(_message.Message):
+    """Response for WatchPreferences: one of the messages above."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    COMPACTED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def started(self) -> Global___WatchStarted:
+        """First message of every stream."""
+
+    @_builtins.property
+    def change(self) -> Global___ChangeEvent:
+        """A change."""
+
+    @_builtins.property
+    def progress(self) -> Global___WatchProgress:
+        """An idle bookmark."""
+
+    @_builtins.property
+    def compacted(self) -> Global___WatchCompacted:
+        """The start cursor is too old; the stream ends after this."""
+
+    def __init__(
+        self,
+        *,
+        started: Global___WatchStarted | None = ...,
+        change: Global___ChangeEvent | None = ...,
+        progress: Global___WatchProgress | None = ...,
+        compacted: Global___WatchCompacted | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "compacted", b"compacted", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "compacted", b"compacted", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["started", "change", "progress", "compacted"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___WatchPreferencesResponse: _TypeAlias = WatchPreferencesResponse  # noqa: Y015

@@ -95,6 +95,11 @@ class PreferencesServiceStub:
                 request_serializer=prefd_dot_v1_dot_preferences__pb2.BatchGetEffectivePreferencesRequest.SerializeToString,
                 response_deserializer=prefd_dot_v1_dot_preferences__pb2.BatchGetEffectivePreferencesResponse.FromString,
                 _registered_method=True)
+        self.WatchPreferences = channel.unary_stream(
+                '/prefd.v1.PreferencesService/WatchPreferences',
+                request_serializer=prefd_dot_v1_dot_preferences__pb2.WatchPreferencesRequest.SerializeToString,
+                response_deserializer=prefd_dot_v1_dot_preferences__pb2.WatchPreferencesResponse.FromString,
+                _registered_method=True)
 
 
 class PreferencesServiceServicer:
@@ -193,6 +198,19 @@ class PreferencesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchPreferences(self, request, context):
+        """Streams every change to a subject's scopes (GLOBAL, its ORG, its USER) or to one scope, in
+        feed order, from start_cursor (or from now). The first message is `started`; idle streams get
+        `progress` bookmarks; a start_cursor older than retention gets `compacted` and the stream ends.
+        INVALID_ARGUMENT for a malformed or foreign cursor, an unknown scope kind or a key prefix over
+        128 characters; PERMISSION_DENIED for another user's subject. On server shutdown the stream
+        ends with UNAVAILABLE: resume from the last cursor received. ABORTED if the watcher falls too far
+        behind (resume likewise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PreferencesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +268,11 @@ def add_PreferencesServiceServicer_to_server(servicer, server):
                     servicer.BatchGetEffectivePreferences,
                     request_deserializer=prefd_dot_v1_dot_preferences__pb2.BatchGetEffectivePreferencesRequest.FromString,
                     response_serializer=prefd_dot_v1_dot_preferences__pb2.BatchGetEffectivePreferencesResponse.SerializeToString,
+            ),
+            'WatchPreferences': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPreferences,
+                    request_deserializer=prefd_dot_v1_dot_preferences__pb2.WatchPreferencesRequest.FromString,
+                    response_serializer=prefd_dot_v1_dot_preferences__pb2.WatchPreferencesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -555,6 +578,33 @@ class PreferencesService:
             '/prefd.v1.PreferencesService/BatchGetEffectivePreferences',
             prefd_dot_v1_dot_preferences__pb2.BatchGetEffectivePreferencesRequest.SerializeToString,
             prefd_dot_v1_dot_preferences__pb2.BatchGetEffectivePreferencesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchPreferences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/prefd.v1.PreferencesService/WatchPreferences',
+            prefd_dot_v1_dot_preferences__pb2.WatchPreferencesRequest.SerializeToString,
+            prefd_dot_v1_dot_preferences__pb2.WatchPreferencesResponse.FromString,
             options,
             channel_credentials,
             insecure,

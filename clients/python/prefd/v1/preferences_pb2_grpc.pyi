@@ -79,6 +79,15 @@ class PreferencesServiceStub:
     """
     BatchGetEffectivePreferences: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.BatchGetEffectivePreferencesRequest, _preferences_pb2.BatchGetEffectivePreferencesResponse]
     """GetEffectivePreferences for up to 1,000 subjects in one consistent read."""
+    WatchPreferences: _grpc.UnaryStreamMultiCallable[_preferences_pb2.WatchPreferencesRequest, _preferences_pb2.WatchPreferencesResponse]
+    """Streams every change to a subject's scopes (GLOBAL, its ORG, its USER) or to one scope, in
+    feed order, from start_cursor (or from now). The first message is `started`; idle streams get
+    `progress` bookmarks; a start_cursor older than retention gets `compacted` and the stream ends.
+    INVALID_ARGUMENT for a malformed or foreign cursor, an unknown scope kind or a key prefix over
+    128 characters; PERMISSION_DENIED for another user's subject. On server shutdown the stream
+    ends with UNAVAILABLE: resume from the last cursor received. ABORTED if the watcher falls too far
+    behind (resume likewise).
+    """
 
 @_typing.type_check_only
 class PreferencesServiceAsyncStub(PreferencesServiceStub):
@@ -131,6 +140,15 @@ class PreferencesServiceAsyncStub(PreferencesServiceStub):
     """
     BatchGetEffectivePreferences: _aio.UnaryUnaryMultiCallable[_preferences_pb2.BatchGetEffectivePreferencesRequest, _preferences_pb2.BatchGetEffectivePreferencesResponse]  # type: ignore[assignment]
     """GetEffectivePreferences for up to 1,000 subjects in one consistent read."""
+    WatchPreferences: _aio.UnaryStreamMultiCallable[_preferences_pb2.WatchPreferencesRequest, _preferences_pb2.WatchPreferencesResponse]  # type: ignore[assignment]
+    """Streams every change to a subject's scopes (GLOBAL, its ORG, its USER) or to one scope, in
+    feed order, from start_cursor (or from now). The first message is `started`; idle streams get
+    `progress` bookmarks; a start_cursor older than retention gets `compacted` and the stream ends.
+    INVALID_ARGUMENT for a malformed or foreign cursor, an unknown scope kind or a key prefix over
+    128 characters; PERMISSION_DENIED for another user's subject. On server shutdown the stream
+    ends with UNAVAILABLE: resume from the last cursor received. ABORTED if the watcher falls too far
+    behind (resume likewise).
+    """
 
 class PreferencesServiceServicer(metaclass=_abc_1.ABCMeta):
     """PreferencesService owns preference definitions, the overrides stored at each
@@ -246,5 +264,20 @@ class PreferencesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_preferences_pb2.BatchGetEffectivePreferencesResponse, _abc.Awaitable[_preferences_pb2.BatchGetEffectivePreferencesResponse]]:
         """GetEffectivePreferences for up to 1,000 subjects in one consistent read."""
+
+    @_abc_1.abstractmethod
+    def WatchPreferences(
+        self,
+        request: _preferences_pb2.WatchPreferencesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_preferences_pb2.WatchPreferencesResponse], _abc.AsyncIterator[_preferences_pb2.WatchPreferencesResponse]]:
+        """Streams every change to a subject's scopes (GLOBAL, its ORG, its USER) or to one scope, in
+        feed order, from start_cursor (or from now). The first message is `started`; idle streams get
+        `progress` bookmarks; a start_cursor older than retention gets `compacted` and the stream ends.
+        INVALID_ARGUMENT for a malformed or foreign cursor, an unknown scope kind or a key prefix over
+        128 characters; PERMISSION_DENIED for another user's subject. On server shutdown the stream
+        ends with UNAVAILABLE: resume from the last cursor received. ABORTED if the watcher falls too far
+        behind (resume likewise).
+        """
 
 def add_PreferencesServiceServicer_to_server(servicer: PreferencesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,350 @@
+"""Caching of effective configuration: L1 in-process over L2 Redis over PostgreSQL.
+
+L1 holds the definitions, each scope's override layer and prebuilt response bodies; L2 holds
+scope layers shared by replicas. Every cached layer remembers the snapshot horizon (xmin) it
+was read at; the local feed reader (and local commits) record each scope's newest change xid,
+and a layer read before that change is never cached or served. Losing Redis loses nothing:
+PostgreSQL stays the source of truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from server.model import Definition, ResolvedValue, Scope, ScopeKind, StoredValue, Subject
+from server.resolve import key_selected, resolve
+from server.store import definitions as definition_sql
+from server.store import feed as feed_sql
+from server.store import preferences as preference_sql
+from server.store.db import translated_errors
+from server.store.feed import ChangeEvent
+
+log = logging.getLogger(__name__)
+
+# How long a processed change keeps vetoing layers read before it (longer than any read takes).
+CHANGE_MEMORY_S = 120.0
+MAX_RESPONSES = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class CachedLayer:
+    """The live overrides of one scope as of a snapshot whose horizon was `xmin`."""
+
+    overrides: dict[str, StoredValue]
+    xmin: int
+
+
+class CacheStats:
+    """Hit and miss counts per layer (l1, l2, response)."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {"response": 0, "l1": 0, "l2": 0}
+        self.misses: dict[str, int] = {"response": 0, "l1": 0, "l2": 0}
+
+
+class RedisLayers:
+    """L2: scope layers in Redis as JSON with a TTL; a failing Redis is skipped for a while, not fatal."""
+
+    def __init__(self, url: str, namespace: str, ttl_s: int = 60, retry_after_s: float = 1.0) -> None:
+        self._client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._prefix = f"prefd:{namespace}:layer:"
+        self._ttl_s = ttl_s
+        self._retry_after_s = retry_after_s
+        self._down_until = 0.0
+        self.errors = 0
+        self.last_error = ""
+
+    @property
+    def available(self) -> bool:
+        """False while Redis is considered down (after a failure, until the retry time)."""
+        return time.monotonic() >= self._down_until
+
+    def _key(self, scope: Scope) -> str:
+        return f"{self._prefix}{scope.kind.value}:{scope.id}"
+
+    def _failed(self, exc: Exception) -> None:
+        if self.available:
+            log.warning("redis unavailable, serving from PostgreSQL and memory: %s", exc)
+        self.errors += 1
+        self.last_error = str(exc)
+        self._down_until = time.monotonic() + self._retry_after_s
+
+    def _recovered(self) -> None:
+        if self.last_error:
+            log.info("redis available again")
+            self.last_error = ""
+
+    async def ping(self) -> bool:
+        """Probe Redis (also while marked down) and update availability."""
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return False
+        self._down_until = 0.0
+        self._recovered()
+        return True
+
+    async def get_many(self, scopes: Sequence[Scope]) -> dict[Scope, CachedLayer]:
+        if not self.available or not scopes:
+            return {}
+        try:
+            raw = await self._client.mget([self._key(s) for s in scopes])
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return {}
+        self._recovered()
+        found = {}
+        for scope, blob in zip(scopes, raw, strict=True):
+            if blob is not None:
+                found[scope] = _decode_layer(scope, blob)
+        return found
+
+    async def set_many(self, layers: dict[Scope, CachedLayer]) -> None:
+        if not self.available or not layers:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for scope, layer in layers.items():
+                    pipe.set(self._key(scope), _encode_layer(layer), ex=self._ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def delete(self, scopes: Iterable[Scope]) -> None:
+        keys = [self._key(s) for s in scopes]
+        if not keys or not self.available:
+            return
+        try:
+            await self._client.delete(*keys)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _encode_layer(layer: CachedLayer) -> bytes:
+    return json.dumps(
+        {
+            "xmin": layer.xmin,
+            "values": {
+                k: [v.value, v.version, v.updated_at.isoformat(), v.updated_by] for k, v in layer.overrides.items()
+            },
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def _decode_layer(scope: Scope, blob: bytes) -> CachedLayer:
+    doc = json.loads(blob)
+    overrides = {
+        key: StoredValue(scope, key, value, version, datetime.fromisoformat(at), by)
+        for key, (value, version, at, by) in doc["values"].items()
+    }
+    return CachedLayer(overrides, doc["xmin"])
+
+
+class EffectiveCache:
+    """Resolves subjects from cached definitions and layers; keeps prebuilt response bodies."""
+
+    def __init__(self, pool: asyncpg.Pool, redis: RedisLayers | None) -> None:
+        self._pool = pool
+        self.redis = redis
+        self.stats = CacheStats()
+        self._definitions: list[Definition] | None = None
+        self._definitions_changed_xid = 0
+        self._layers: dict[Scope, CachedLayer] = {}
+        self._changed: dict[Scope, tuple[int, int, float]] = {}  # scope -> (xid, tick, monotonic)
+        self._definitions_tick = 0
+        self._tick = 0
+        self._responses: dict[Hashable, bytes] = {}
+        self._responses_by_scope: dict[Scope, set[Hashable]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- invalidation ------------------------------------------------------------------
+
+    def on_changes(self, events: Sequence[ChangeEvent]) -> None:
+        """Feed listener: forget everything the changes make stale."""
+        scopes = set()
+        for event in events:
+            if event.kind == "definition":
+                self._forget_definitions(event.xid)
+            elif event.kind == "preference":
+                scopes.add(event.scope)
+                self._forget_scope(event.scope, event.xid)
+        if scopes and self.redis is not None:
+            self._spawn(self.redis.delete(scopes))
+        self._prune()
+
+    def on_local_commit(self, scope: Scope, xid: int, redis_delete: bool = True) -> None:
+        """A write of this process committed: its own reads see it at once."""
+        self._forget_scope(scope, xid)
+        if redis_delete and self.redis is not None:
+            self._spawn(self.redis.delete([scope]))
+
+    def on_local_definition_commit(self, xid: int) -> None:
+        self._forget_definitions(xid)
+
+    def _forget_scope(self, scope: Scope, xid: int) -> None:
+        self._tick += 1
+        previous = self._changed.get(scope)
+        self._changed[scope] = (max(xid, previous[0] if previous else 0), self._tick, time.monotonic())
+        self._layers.pop(scope, None)
+        if scope.kind is ScopeKind.GLOBAL:
+            self._responses.clear()
+            self._responses_by_scope.clear()
+        else:
+            for key in self._responses_by_scope.pop(scope, ()):
+                self._responses.pop(key, None)
+
+    def _forget_definitions(self, xid: int) -> None:
+        self._tick += 1
+        self._definitions = None
+        self._definitions_changed_xid = max(self._definitions_changed_xid, xid)
+        self._definitions_tick = self._tick
+        self._responses.clear()
+        self._responses_by_scope.clear()
+
+    def _prune(self) -> None:
+        cutoff = time.monotonic() - CHANGE_MEMORY_S
+        if len(self._changed) > 1024:
+            self._changed = {s: v for s, v in self._changed.items() if v[2] >= cutoff}
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _layer_fresh(self, scope: Scope, layer: CachedLayer) -> bool:
+        changed = self._changed.get(scope)
+        return changed is None or layer.xmin > changed[0]
+
+    # --- reads -----------------------------------------------------------------------------
+
+    @property
+    def tick(self) -> int:
+        """Grows with every invalidation; compare before and after building a response."""
+        return self._tick
+
+    def response(self, key: Hashable) -> bytes | None:
+        body = self._responses.get(key)
+        if body is None:
+            self.stats.misses["response"] += 1
+        else:
+            self.stats.hits["response"] += 1
+        return body
+
+    def store_response(self, key: Hashable, scopes: Iterable[Scope], since_tick: int, body: bytes) -> None:
+        """Keep a response body unless something it depends on changed after `since_tick`."""
+        scopes = list(scopes)
+        if self._definitions_tick > since_tick:
+            return
+        for scope in scopes:
+            changed = self._changed.get(scope)
+            if changed is not None and changed[1] > since_tick:
+                return
+        if len(self._responses) >= MAX_RESPONSES:
+            self._responses.clear()
+            self._responses_by_scope.clear()
+        self._responses[key] = body
+        for scope in scopes:
+            if scope.kind is not ScopeKind.GLOBAL:
+                self._responses_by_scope.setdefault(scope, set()).add(key)
+
+    async def definitions(self) -> list[Definition]:
+        """Every definition, ordered by key."""
+        if self._definitions is not None:
+            return self._definitions
+        async with translated_errors(), self._pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                xmin = await feed_sql.horizon_xid(conn)
+                loaded = await definition_sql.all_definitions(conn)
+        if xmin > self._definitions_changed_xid:
+            self._definitions = loaded
+        return loaded
+
+    async def layers(self, scopes: Sequence[Scope]) -> dict[Scope, CachedLayer]:
+        """The override layer of each scope: L1, else L2, else PostgreSQL (one snapshot for all)."""
+        found: dict[Scope, CachedLayer] = {}
+        missing = []
+        for scope in scopes:
+            layer = self._layers.get(scope)
+            if layer is not None:
+                found[scope] = layer
+            else:
+                missing.append(scope)
+        self.stats.hits["l1"] += len(found)
+        self.stats.misses["l1"] += len(missing)
+        if not missing:
+            return found
+        if self.redis is not None:
+            from_redis = {
+                s: layer for s, layer in (await self.redis.get_many(missing)).items() if self._layer_fresh(s, layer)
+            }
+            self.stats.hits["l2"] += len(from_redis)
+            self.stats.misses["l2"] += len(missing) - len(from_redis)
+            for scope, layer in from_redis.items():
+                self._layers[scope] = layer
+            found.update(from_redis)
+            missing = [s for s in missing if s not in from_redis]
+            if not missing:
+                return found
+        async with translated_errors(), self._pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                xmin = await feed_sql.horizon_xid(conn)
+                stored = await preference_sql.overrides(conn, missing)
+        loaded = {scope: CachedLayer(stored[scope], xmin) for scope in missing}
+        fresh = {s: layer for s, layer in loaded.items() if self._layer_fresh(s, layer)}
+        self._layers.update(fresh)
+        if fresh and self.redis is not None:
+            self._spawn(self.redis.set_many(fresh))
+        found.update(loaded)
+        return found
+
+    async def resolve(
+        self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
+    ) -> list[list[ResolvedValue]]:
+        """Each subject's effective values from cached definitions and layers."""
+        definitions = [d for d in await self.definitions() if key_selected(d, key_prefixes, categories)]
+        layers = await self.layers(preference_sql.subject_scopes(subjects))
+        return [
+            resolve(definitions, [(layer, scope, layers[scope].overrides) for layer, scope in subject.layers()])
+            for subject in subjects
+        ]
+
+    async def resolve_key(self, subject: Subject, key: str) -> ResolvedValue | None:
+        """The subject's effective value of one key; None if the key is not defined."""
+        definitions = [d for d in await self.definitions() if d.key == key]
+        if not definitions:
+            return None
+        layers = await self.layers([scope for _, scope in subject.layers()])
+        resolved = resolve(definitions, [(layer, scope, layers[scope].overrides) for layer, scope in subject.layers()])
+        return resolved[0]
+
+    def forget_all(self) -> None:
+        """Drop every L1 entry (used when the feed could not be followed)."""
+        self._layers.clear()
+        self._definitions = None
+        self._responses.clear()
+        self._responses_by_scope.clear()
+        self._tick += 1
+        self._definitions_tick = self._tick
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.redis is not None:
+            await self.redis.close()

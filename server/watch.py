@@ -1,0 +1,121 @@
+"""A watch session: replay history from a cursor, then follow the live feed, with bookmarks while idle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from server.cursor import FeedCursor
+from server.errors import ServerStopping, WatchOverflow, invalid
+from server.feed import FeedReader
+from server.model import Scope, Subject
+from server.store import feed as feed_sql
+from server.store.db import translated_errors
+from server.store.feed import ChangeEvent
+
+HISTORY_PAGE = 1000
+WATCHED_KINDS = frozenset({"preference", "definition"})
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    cursor: FeedCursor
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    event: ChangeEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    cursor: FeedCursor
+
+
+@dataclass(frozen=True, slots=True)
+class Compacted:
+    oldest: FeedCursor
+
+
+WatchItem = Started | Change | Progress | Compacted
+
+
+@dataclass(frozen=True, slots=True)
+class WatchTarget:
+    """What a watch follows: a subject's scopes, or one scope."""
+
+    scopes: frozenset[Scope]
+    key_prefixes: tuple[str, ...]
+    subject: Subject | None = None
+
+    @classmethod
+    def for_subject(cls, subject: Subject, key_prefixes: Sequence[str]) -> WatchTarget:
+        return cls(frozenset(scope for _, scope in subject.layers()), tuple(key_prefixes), subject)
+
+    @classmethod
+    def for_scope(cls, scope: Scope, key_prefixes: Sequence[str]) -> WatchTarget:
+        return cls(frozenset({scope}), tuple(key_prefixes))
+
+
+async def watch(
+    feed: FeedReader,
+    pool: asyncpg.Pool,
+    target: WatchTarget,
+    start: FeedCursor | None,
+    progress_interval_s: float,
+    installation: str,
+) -> AsyncIterator[WatchItem]:
+    """Every matching change after `start` (or after now), once each, in feed order."""
+    subscription, live_from = feed.subscribe(target.scopes, target.key_prefixes)
+    try:
+        last = live_from
+        if start is not None:
+            async with translated_errors(), pool.acquire() as conn:
+                compacted = await feed_sql.compacted_through(conn)
+                if compacted is not None and start < compacted:
+                    yield Compacted(compacted)
+                    return
+                if start.xid > await feed_sql.next_xid(conn):
+                    raise invalid("start_cursor", "is ahead of the change feed")
+            last = start
+        yield Started(last)
+        if start is not None and start < live_from:
+            async for event in _history(pool, target, start, live_from):
+                yield Change(event)
+            last = live_from
+        while True:
+            try:
+                async with asyncio.timeout(progress_interval_s):
+                    event = await subscription.queue.get()
+            except TimeoutError:
+                yield Progress(max(last, feed.position))
+                continue
+            if event is None:
+                if subscription.overflowed:
+                    raise WatchOverflow("watcher fell behind; resume from its cursor", cursor=last.encode(installation))
+                raise ServerStopping(subscription.closed_reason or "server stopping", cursor=last.encode(installation))
+            if event.position <= last or event.kind not in WATCHED_KINDS:
+                continue
+            last = event.position
+            yield Change(event)
+    finally:
+        feed.unsubscribe(subscription)
+
+
+async def _history(
+    pool: asyncpg.Pool, target: WatchTarget, after: FeedCursor, through: FeedCursor
+) -> AsyncIterator[ChangeEvent]:
+    while True:
+        async with translated_errors(), pool.acquire() as conn:
+            page = await feed_sql.read_range(
+                conn, after, through, sorted(target.scopes, key=str), target.key_prefixes, HISTORY_PAGE
+            )
+        for event in page:
+            if event.kind in WATCHED_KINDS:
+                yield event
+        if len(page) < HISTORY_PAGE:
+            return
+        after = page[-1].position
