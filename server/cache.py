@@ -147,7 +147,7 @@ def _encode_layer(layer: CachedLayer) -> bytes:
     ).encode()
 
 
-def _decode_layer(scope: Scope, blob: bytes) -> CachedLayer:
+def _decode_layer(scope: Scope, blob: bytes | str) -> CachedLayer:
     doc = json.loads(blob)
     overrides = {
         key: StoredValue(scope, key, value, version, datetime.fromisoformat(at), by)

@@ -89,18 +89,18 @@ async def watch(
         while True:
             try:
                 async with asyncio.timeout(progress_interval_s):
-                    event = await subscription.queue.get()
+                    queued = await subscription.queue.get()
             except TimeoutError:
                 yield Progress(max(last, feed.position))
                 continue
-            if event is None:
+            if queued is None:
                 if subscription.overflowed:
                     raise WatchOverflow("watcher fell behind; resume from its cursor", cursor=last.encode(installation))
                 raise ServerStopping(subscription.closed_reason or "server stopping", cursor=last.encode(installation))
-            if event.position <= last or event.kind not in WATCHED_KINDS:
+            if queued.position <= last or queued.kind not in WATCHED_KINDS:
                 continue
-            last = event.position
-            yield Change(event)
+            last = queued.position
+            yield Change(queued)
     finally:
         feed.unsubscribe(subscription)
 

@@ -12,8 +12,8 @@ from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from server.auth import current_call, current_principal
 from server.cache import EffectiveCache
 from server.cursor import FeedCursor
-from server.feed import FeedReader
 from server.errors import ValidationFailed, invalid
+from server.feed import FeedReader
 from server.model import (
     MAX_BATCH_SUBJECTS,
     MAX_KEY_LENGTH,
@@ -92,6 +92,10 @@ def _check_key_list(keys: Sequence[str], field: str) -> None:
         seen.add(key)
     if violations:
         raise ValidationFailed(violations)
+
+
+def _changes(result: WriteResult) -> list[Any]:
+    return [convert.change_to_pb(c) for c in result.changes]
 
 
 class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
@@ -258,7 +262,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             cursor=convert.cursor_to_pb(cursor, self._installation),
         )
 
-    async def GetEffectivePreferences(
+    async def GetEffectivePreferences(  # type: ignore[override]  # returns a prebuilt body (auth._bytes_passthrough)
         self, request: preferences_pb2.GetEffectivePreferencesRequest, context: Context
     ) -> bytes:
         principal = current_principal()
@@ -307,10 +311,6 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             ],
             cursor=convert.cursor_to_pb(cursor, self._installation),
         )
-
-
-def _changes(result: WriteResult) -> list[Any]:
-    return [convert.change_to_pb(c) for c in result.changes]
 
     async def WatchPreferences(
         self, request: preferences_pb2.WatchPreferencesRequest, context: Context

@@ -112,10 +112,13 @@ async def values_of_key(conn: asyncpg.Connection, key: str) -> list[StoredValue]
 
 async def apply_changes(
     conn: asyncpg.Connection, scope: Scope, changes: Sequence[KeyChange], call: CallInfo, reason: str
-) -> None:
-    """Store the new values (None removes) and append one change row per key, in the caller's transaction."""
+) -> int | None:
+    """Store the new values (None removes) and append one change row per key, in the caller's transaction.
+
+    Returns the writing transaction's xid (None when there was nothing to write).
+    """
     if not changes:
-        return
+        return None
     keys = [c.key for c in changes]
     new_values = [c.new_value for c in changes]
     versions = [c.new_version for c in changes]

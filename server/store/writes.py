@@ -210,10 +210,10 @@ class PreferenceWriter:
                     f"stored overrides of {definition.key} break the new definition: " + "; ".join(misfits[:10]),
                     key=definition.key,
                 )
-            stored = await definition_sql.update(conn, old, definition, call)
+            updated = await definition_sql.update(conn, old, definition, call)
             xid = await feed_sql.current_xid(conn)
         self._definitions_committed(xid)
-        return stored
+        return updated
 
     def _definitions_committed(self, xid: int) -> None:
         if self._hooks is not None:
