@@ -73,9 +73,10 @@ async def database_url(fresh_database: Any) -> str:
 
 
 def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settings:
-    return Settings(
+    """Settings for an in-process test server (REDIS_URL's Redis when set); overrides win."""
+    defaults: dict[str, Any] = dict(
         database_url=database_url,
-        redis_url=None,
+        redis_url=os.environ.get("REDIS_URL") or None,
         host="127.0.0.1",
         port=0,
         data_dir=data_dir,
@@ -84,8 +85,9 @@ def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
         health_interval_s=0.2,
         health_timeout_s=0.5,
         print_token=False,
-        **overrides,
+        watch_progress_interval_s=0.5,
     )
+    return Settings(**{**defaults, **overrides})
 
 
 @pytest.fixture(scope="session")
