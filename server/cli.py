@@ -1,4 +1,4 @@
-"""The prefd command: serve, migrate, token, healthcheck."""
+"""The prefd command: serve, migrate, token, purge, healthcheck."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import logging
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from server.model import CallInfo
 from server.settings import Settings
 
 DEV_TOKEN_TTL_S = 7 * 24 * 3600
@@ -113,6 +115,52 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration(text: str) -> timedelta:
+    """'90d', '12h', '30m', '45s' (or a plain number of seconds) as a timedelta."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+        return timedelta(seconds=float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90d, 12h, 30m)") from exc
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Remove change rows older than --older-than, keeping the latest change of every key."""
+    from server.app import prepare_database
+    from server.embedded import EmbeddedPostgres
+    from server.store.db import init_connection
+    from server.store.feed import compact
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+
+    async def run() -> tuple[int, Any]:
+        embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
+        try:
+            import asyncpg
+
+            conn = await asyncpg.connect(await prepare_database(settings, embedded))
+            try:
+                await init_connection(conn)
+                async with conn.transaction():
+                    return await compact(conn, args.older_than, CallInfo(actor="prefd:purge"))
+            finally:
+                await conn.close()
+        finally:
+            if embedded is not None:
+                await embedded.stop()
+
+    removed, through = asyncio.run(run())
+    print(
+        f"removed {removed} change rows"
+        + (f" (through feed position {through.xid}.{through.change_id})" if through else "")
+    )
+    return 0
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     """Exit 0 when grpc.health.v1 reports SERVING for `args.service` (used by the Docker HEALTHCHECK)."""
     import grpc
@@ -155,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--private-key", help="PEM private key file, to sign RS256/ES256 instead of HS256")
     tok.add_argument("--algorithm", default="RS256", choices=["RS256", "ES256"], help="with --private-key")
     tok.set_defaults(func=cmd_token)
+
+    purge = sub.add_parser("purge", help="remove old change history (keeps each key's latest change)")
+    purge.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 90d, 12h")
+    purge.add_argument("--data-dir", type=Path, help="as for serve")
+    purge.set_defaults(func=cmd_purge)
 
     hc = sub.add_parser("healthcheck", help="exit 0 if the local server reports SERVING")
     hc.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
