@@ -13,13 +13,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prefd.v1 import health_pb2 as prefd_health_pb2
+from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
 from prefd.v1 import preferences_pb2, preferences_pb2_grpc
 from server.auth import AuthInterceptor, TokenVerifier
 from server.builtin import Catalog, load_catalog
 from server.cache import EffectiveCache, RedisLayers
 from server.embedded import EmbeddedPostgres
 from server.feed import FeedReader, WakeupNotifier
+from server.health import HealthChecker
 from server.model import CallInfo, Scope
+from server.services.health import HealthService
 from server.services.preferences import PreferencesService
 from server.settings import Settings
 from server.store.db import create_pool, migrate
@@ -28,7 +32,10 @@ from server.store.writes import PreferenceWriter, install_definitions
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,)
+SERVICE_NAMES = (
+    preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,
+    prefd_health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name,
+)
 
 # Clients may ping every 10 s even without calls in flight; fewer pings never earn a GOAWAY.
 KEEPALIVE_OPTIONS = [
@@ -176,6 +183,9 @@ class App:
         preferences_pb2_grpc.add_PreferencesServiceServicer_to_server(
             PreferencesService(reader, writer, self.cache, self.feed, installation, settings.watch_progress_interval_s),
             server,
+        )
+        prefd_health_pb2_grpc.add_HealthServiceServicer_to_server(
+            HealthService(HealthChecker(self._pool, redis, self.feed, settings.health_timeout_s)), server
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

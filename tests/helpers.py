@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -84,3 +86,10 @@ def error_reason(error: grpc.aio.AioRpcError) -> str:
             detail.Unpack(info)
             return info.reason
     raise AssertionError("no ErrorInfo detail")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], deadline_s: float, interval_s: float = 0.02) -> None:
+    """Wait until `check()` holds, for state in another process that offers no event; fails at the deadline."""
+    async with asyncio.timeout(deadline_s):
+        while not await check():  # noqa: ASYNC110  (the observed state lives outside this process)
+            await asyncio.sleep(interval_s)
