@@ -22,6 +22,7 @@ from server.cache import EffectiveCache, RedisLayers
 from server.embedded import EmbeddedPostgres
 from server.feed import FeedReader, WakeupNotifier
 from server.health import HealthChecker
+from server.metrics import serve_metrics
 from server.model import CallInfo, Scope
 from server.services.health import HealthService
 from server.services.preferences import PreferencesService
@@ -135,6 +136,8 @@ class App:
         self.feed: FeedReader | None = None
         self.cache: EffectiveCache | None = None
         self._notifier: WakeupNotifier | None = None
+        self._metrics_server: Any = None
+        self.metrics_port = 0
 
     async def __aenter__(self) -> App:
         try:
@@ -196,6 +199,9 @@ class App:
         self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
+        if settings.metrics_port is not None:
+            self._metrics_server = serve_metrics(settings.metrics_port, settings.metrics_host, self.feed, self.cache)
+            self.metrics_port = self._metrics_server.server_port
         monitor = HealthMonitor(self._pool, self._health, settings)
         await monitor.check_once()
         self._monitor_task = asyncio.create_task(monitor.run(), name="prefd-health")
@@ -213,6 +219,9 @@ class App:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         if self._notifier is not None:
             await self._notifier.stop()
             self._notifier = None

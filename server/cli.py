@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from datetime import timedelta
@@ -24,6 +25,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["data_dir"] = args.data_dir
     if getattr(args, "host", None) is not None:
         overrides["host"] = args.host
+    if getattr(args, "workers", None) is not None:
+        overrides["workers"] = args.workers
     return Settings(**overrides)
 
 
@@ -37,15 +40,15 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
-def _print_quickstart(settings: Settings, port: int) -> None:
+def _print_quickstart(settings: Settings, port: int, announce: bool = True) -> None:
     """The admin token and a grpcurl line that works as printed (when prefd owns the secret)."""
     from server.auth import load_or_create_secret, mint_token
 
-    if settings.jwt_public_key or not settings.print_token:
+    if announce:
         print(f"prefd serving on port {port}", flush=True)
+    if settings.jwt_public_key or not settings.print_token:
         return
     token = mint_token(load_or_create_secret(settings), "ops", ["admin"], ttl_s=DEV_TOKEN_TTL_S)
-    print(f"prefd serving on port {port}", flush=True)
     print("# an admin token, valid 7 days; paste this line into your shell:")
     print(f"export PREFD_TOKEN={token}")
     print("# then, for example:")
@@ -58,12 +61,74 @@ def _print_quickstart(settings: Settings, port: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import serve_until_signalled
-
     settings = _settings(args)
     _configure_logging(settings.log_level)
+    if settings.workers > 1:
+        return serve_workers(settings)
+    from server.app import serve_until_signalled
+
     asyncio.run(serve_until_signalled(settings, on_ready=lambda app: _print_quickstart(settings, app.port)))
     return 0
+
+
+def serve_workers(settings: Settings) -> int:
+    """Fork `workers` server processes sharing one port (SO_REUSEPORT) before any gRPC object exists."""
+    import os
+    import signal
+    import socket
+
+    from server.embedded import EmbeddedPostgres
+
+    embedded = None
+    if settings.database_url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        settings = settings.model_copy(update={"database_url": asyncio.run(embedded.start())})
+    port = settings.port
+    if port == 0:
+        with socket.socket(socket.AF_INET6 if ":" in settings.host.strip("[]") else socket.AF_INET) as probe:
+            probe.bind((settings.host.strip("[]"), 0))
+            port = probe.getsockname()[1]
+    worker_settings = settings.model_copy(update={"port": port, "print_token": False})
+    children = []
+    for index in range(settings.workers):
+        if settings.metrics_port:
+            # Each worker exposes its own metrics on consecutive ports.
+            worker_settings = worker_settings.model_copy(update={"metrics_port": settings.metrics_port + index})
+        pid = os.fork()
+        if pid == 0:
+            from server.app import serve_until_signalled
+
+            code = 0
+            try:
+                asyncio.run(
+                    serve_until_signalled(
+                        worker_settings,
+                        on_ready=lambda app, i=index: print(
+                            f"prefd serving on port {app.port} (worker {i}, pid {os.getpid()})", flush=True
+                        ),
+                    )
+                )
+            except BaseException:
+                logging.getLogger(__name__).exception("worker %d failed", index)
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    _print_quickstart(settings.model_copy(update={"port": port}), port, announce=False)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    if embedded is not None:
+        asyncio.run(embedded.stop())
+    return status
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -188,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (PREFD_PORT, default 50051)")
     serve.add_argument("--host", help="address to bind (PREFD_HOST, default [::])")
     serve.add_argument("--data-dir", type=Path, help="embedded database and secrets (PREFD_DATA_DIR, default ./.prefd)")
+    serve.add_argument("--workers", type=int, help="server processes sharing the port (PREFD_WORKERS, default 1)")
     serve.set_defaults(func=cmd_serve)
 
     mig = sub.add_parser("migrate", help="apply pending database migrations and exit")

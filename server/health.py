@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class HealthChecker:
             "since_last_read_ms": f"{since_read_s * 1000:.0f}",
             "oldest_transaction_age_ms": str(oldest_ms),
             "watchers": str(self._feed.watchers),
+            "process_id": str(os.getpid()),
         }
         if not self._feed.healthy or since_read_s > self._feed_degraded_after_s:
             details["error"] = "the feed reader is not keeping up with the change table"

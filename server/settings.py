@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     watch_queue_capacity: int = Field(default=10_000, ge=1)
     redis_ttl_s: int = Field(default=60, ge=1)
     workers: int = Field(default=1, ge=1)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
     definitions_file: Path | None = None
     log_level: str = "INFO"
     print_token: bool = True

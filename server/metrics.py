@@ -1,0 +1,53 @@
+"""Prometheus metrics read from the live feed reader and caches at scrape time (no hot-path cost)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.cache import EffectiveCache
+from server.feed import FeedReader
+
+
+class PrefdCollector(Collector):
+    """Feed lag and position, open watch streams, cache hits and misses per layer, Redis errors."""
+
+    def __init__(self, feed: FeedReader, cache: EffectiveCache) -> None:
+        self._feed = feed
+        self._cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily(
+            "prefd_feed_lag_seconds",
+            "Time from the newest dispatched change's transaction to its dispatch by this process",
+            value=self._feed.lag_ms / 1000,
+        )
+        yield GaugeMetricFamily(
+            "prefd_feed_seconds_since_read",
+            "Time since this process's feed reader last caught up with the change table",
+            value=time.monotonic() - self._feed.last_read_monotonic,
+        )
+        yield GaugeMetricFamily("prefd_watch_streams", "Open WatchPreferences streams", value=self._feed.watchers)
+        hits = CounterMetricFamily("prefd_cache_hits", "Cache hits by layer", labels=["layer"])
+        misses = CounterMetricFamily("prefd_cache_misses", "Cache misses by layer", labels=["layer"])
+        for layer, count in self._cache.stats.hits.items():
+            hits.add_metric([layer], count)
+        for layer, count in self._cache.stats.misses.items():
+            misses.add_metric([layer], count)
+        yield hits
+        yield misses
+        if self._cache.redis is not None:
+            yield CounterMetricFamily("prefd_redis_errors", "Failed Redis operations", value=self._cache.redis.errors)
+
+
+def serve_metrics(port: int, host: str, feed: FeedReader, cache: EffectiveCache) -> Any:
+    """Start the /metrics HTTP endpoint on its own port; returns the HTTP server (call shutdown())."""
+    registry = CollectorRegistry()
+    registry.register(PrefdCollector(feed, cache))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,47 @@
+"""The metrics endpoint parses with prometheus_client and reports feed lag, watch streams and cache use."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from server.app import App
+from tests.conftest import auth, make_settings, unique
+
+ADMIN = auth("admin")
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+async def test_metrics_report_watches_feed_and_cache(database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with App(make_settings(database_url, tmp_path, metrics_port=0, metrics_host="127.0.0.1")) as app:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+            before = await asyncio.to_thread(scrape, app.metrics_port)
+            request = preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id=unique("u")))
+            await stub.GetEffectivePreferences(request, metadata=ADMIN)
+            await stub.GetEffectivePreferences(request, metadata=ADMIN)
+            watch = stub.WatchPreferences(
+                preferences_pb2.WatchPreferencesRequest(subject=request.subject), metadata=ADMIN
+            )
+            await watch.read()
+            after = await asyncio.to_thread(scrape, app.metrics_port)
+            watch.cancel()
+    assert after["prefd_watch_streams"] == before["prefd_watch_streams"] + 1
+    assert after["prefd_cache_hits_total{layer=response}"] == before["prefd_cache_hits_total{layer=response}"] + 1
+    assert after["prefd_cache_misses_total{layer=response}"] == before["prefd_cache_misses_total{layer=response}"] + 1
+    assert after["prefd_feed_lag_seconds"] >= 0
+    assert after["prefd_feed_seconds_since_read"] < 5
