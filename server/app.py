@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prefd.v1 import health_pb2 as prefd_health_pb2
 from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
 from prefd.v1 import preferences_pb2, preferences_pb2_grpc
-from server.auth import AuthInterceptor, TokenVerifier
+from server.auth import Authenticator, TokenVerifier
 from server.builtin import Catalog, load_catalog
 from server.cache import EffectiveCache, RedisLayers
 from server.embedded import EmbeddedPostgres
@@ -180,15 +180,19 @@ class App:
         writer = PreferenceWriter(self._pool, self.catalog.rules, CommitFanout(self.cache, self.feed, self._notifier))
 
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(verifier)],
             options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
         )
-        preferences_pb2_grpc.add_PreferencesServiceServicer_to_server(
-            PreferencesService(reader, writer, self.cache, self.feed, installation, settings.watch_progress_interval_s),
+        # prefd's services need a token; grpc.health.v1 and reflection do not.
+        authenticator = Authenticator(verifier)
+        authenticator.add_service(
             server,
+            preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,
+            PreferencesService(reader, writer, self.cache, self.feed, installation, settings.watch_progress_interval_s),
         )
-        prefd_health_pb2_grpc.add_HealthServiceServicer_to_server(
-            HealthService(HealthChecker(self._pool, redis, self.feed, settings.health_timeout_s)), server
+        authenticator.add_service(
+            server,
+            prefd_health_pb2_grpc.add_HealthServiceServicer_to_server,
+            HealthService(HealthChecker(self._pool, redis, self.feed, settings.health_timeout_s)),
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

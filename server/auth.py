@@ -19,12 +19,7 @@ from server.errors import PermissionDenied, PrefdError, Unauthenticated, to_stat
 from server.model import CallInfo, Scope, ScopeKind, Subject
 from server.settings import Settings
 
-# Services that never need a token.
-PUBLIC_SERVICES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
+MAX_VERIFIED_TOKENS = 10_000
 
 
 class Role(enum.StrEnum):
@@ -119,9 +114,23 @@ class TokenVerifier:
             self._algorithms = ["HS256"]
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
+        # Verified tokens until they expire: a signature check per call costs more than the call.
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     def verify(self, token: str) -> Principal:
         """The principal a token names; Unauthenticated if it is invalid or expired."""
+        known = self._verified.get(token)
+        if known is not None:
+            if known[1] > time.time():
+                return known[0]
+            del self._verified[token]
+        principal, expires = self._decode(token)
+        if len(self._verified) >= MAX_VERIFIED_TOKENS:
+            self._verified.clear()
+        self._verified[token] = (principal, expires)
+        return principal
+
+    def _decode(self, token: str) -> tuple[Principal, float]:
         try:
             claims = jwt.decode(
                 token,
@@ -141,7 +150,8 @@ class TokenVerifier:
         roles = frozenset(Role(r) for r in raw_roles if r in Role._value2member_map_)
         if not roles:
             raise Unauthenticated("token grants no known role (user, service, admin)")
-        return Principal(subject=str(claims["sub"]), org=str(claims.get("org", "")), roles=roles)
+        principal = Principal(subject=str(claims["sub"]), org=str(claims.get("org", "")), roles=roles)
+        return principal, float(claims["exp"])
 
 
 def mint_token(
@@ -191,20 +201,37 @@ def _bytes_passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[A
     return serialize
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Verifies the bearer token, binds the caller for the handler, and maps domain errors to status."""
+class _HandlerCapture:
+    """Stands in for a server so a generated add_*_to_server function hands over its handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the method handlers arrive through add_registered_method_handlers."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service = service
+        self.handlers = handlers
+
+
+class Authenticator:
+    """Wraps every method of a service once, at registration: bearer token -> Principal for the
+    handler, domain errors -> rpc Status, prebuilt bytes responses sent as they are."""
 
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(PUBLIC_SERVICES):
-            return handler
+    def add_service(self, server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
+        """Register `servicer` (via its generated add_*_to_server function) with authentication."""
+        capture = _HandlerCapture()
+        add_to_server(servicer, capture)
+        wrapped = {name: self._wrap(handler) for name, handler in capture.handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, wrapped),))
+        server.add_registered_method_handlers(capture.service, wrapped)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         serializer = _bytes_passthrough(handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -218,7 +245,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=serializer,
             )
-        return handler
+        raise TypeError("prefd services are unary or server-streaming")
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Principal, CallInfo]:
         md = _metadata(context)
