@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import itertools
 import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,12 +180,17 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
+# Generated request ids: a per-process random prefix and a counter (unique, and cheap per call).
+_REQUEST_ID_PREFIX = secrets.token_hex(6)
+_request_counter = itertools.count(1)
+
+
 def _call_info(principal: Principal, context: grpc.aio.ServicerContext[Any, Any], md: dict[str, str]) -> CallInfo:
     return CallInfo(
         actor=principal.subject,
         peer=context.peer() or "",
         user_agent=md.get("user-agent", "")[:256],
-        request_id=md.get("x-request-id", "")[:128] or uuid.uuid4().hex,
+        request_id=md.get("x-request-id", "")[:128] or f"{_REQUEST_ID_PREFIX}-{next(_request_counter):x}",
     )
 
 

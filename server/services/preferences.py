@@ -116,6 +116,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         self._feed = feed
         self._installation = installation
         self._progress_interval_s = progress_interval_s
+        self._cursor_memo: tuple[FeedCursor | None, bytes] = (None, b"")
 
     async def CreateDefinition(
         self, request: preferences_pb2.CreateDefinitionRequest, context: Context
@@ -281,10 +282,16 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
                 values=convert.effective_to_pb(values), nested=convert.nested_to_pb(values)
             ).SerializeToString()
             self._cache.store_response(key, [scope for _, scope in subject.layers()], since, body)
-        cursor = preferences_pb2.GetEffectivePreferencesResponse(
-            cursor=convert.cursor_to_pb(self._feed.position, self._installation)
-        ).SerializeToString()
-        return body + cursor
+        return body + self._cursor_field(self._feed.position)
+
+    def _cursor_field(self, position: FeedCursor) -> bytes:
+        """The serialized `cursor` field of a GetEffectivePreferencesResponse, memoised per position."""
+        if self._cursor_memo[0] != position:
+            encoded = preferences_pb2.GetEffectivePreferencesResponse(
+                cursor=convert.cursor_to_pb(position, self._installation)
+            ).SerializeToString()
+            self._cursor_memo = (position, encoded)
+        return self._cursor_memo[1]
 
     async def BatchGetEffectivePreferences(
         self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, context: Context
