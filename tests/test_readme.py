@@ -24,6 +24,15 @@ async def test_readme_grpcurl_examples_succeed(app: App) -> None:
         proc = await asyncio.create_subprocess_exec(
             "bash", "-c", command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
+        if "WatchPreferences" in line:
+            # A watch streams until cancelled: read its first message, then stop it.
+            assert proc.stdout is not None
+            async with asyncio.timeout(10):
+                first = await proc.stdout.readuntil(b"}\n}")
+            assert b'"started"' in first, line
+            proc.kill()
+            await proc.wait()
+            continue
         out, err = await proc.communicate()
         assert proc.returncode == 0, f"{line}\n{err.decode()}"
         assert out.strip(), line
