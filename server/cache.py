@@ -10,6 +10,7 @@ PostgreSQL stays the source of truth.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -164,6 +165,9 @@ class EffectiveCache:
         self.redis = redis
         self.stats = CacheStats()
         self._definitions: list[Definition] | None = None
+        self._definitions_by_key: dict[str, Definition] = {}
+        self._definitions_loading: asyncio.Future[list[Definition]] | None = None
+        self._loading: dict[Scope, asyncio.Future[dict[Scope, CachedLayer]]] = {}
         self._definitions_changed_xid = 0
         self._layers: dict[Scope, CachedLayer] = {}
         self._changed: dict[Scope, tuple[int, int, float]] = {}  # scope -> (xid, tick, monotonic)
@@ -264,19 +268,41 @@ class EffectiveCache:
                 self._responses_by_scope.setdefault(scope, set()).add(key)
 
     async def definitions(self) -> list[Definition]:
-        """Every definition, ordered by key."""
+        """Every definition, ordered by key (one load at a time however many callers miss)."""
         if self._definitions is not None:
             return self._definitions
+        if self._definitions_loading is None:
+            self._definitions_loading = asyncio.ensure_future(self._load_definitions())
+            self._definitions_loading.add_done_callback(self._definitions_loaded)
+        return await asyncio.shield(self._definitions_loading)
+
+    def _definitions_loaded(self, future: asyncio.Future[list[Definition]]) -> None:
+        self._definitions_loading = None
+        if not future.cancelled():
+            future.exception()  # retrieved here; each waiter still sees it
+
+    async def _load_definitions(self) -> list[Definition]:
         async with translated_errors(), self._pool.acquire() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 xmin = await feed_sql.horizon_xid(conn)
                 loaded = await definition_sql.all_definitions(conn)
         if xmin > self._definitions_changed_xid:
             self._definitions = loaded
+            self._definitions_by_key = {d.key: d for d in loaded}
         return loaded
 
+    async def definition(self, key: str) -> Definition | None:
+        """One definition from the cached set."""
+        if self._definitions is None:
+            found = {d.key: d for d in await self.definitions()}
+            return found.get(key)
+        return self._definitions_by_key.get(key)
+
     async def layers(self, scopes: Sequence[Scope]) -> dict[Scope, CachedLayer]:
-        """The override layer of each scope: L1, else L2, else PostgreSQL (one snapshot for all)."""
+        """The override layer of each scope: L1, else L2, else PostgreSQL (one snapshot for all).
+
+        Concurrent misses of the same scope share one load.
+        """
         found: dict[Scope, CachedLayer] = {}
         missing = []
         for scope in scopes:
@@ -289,14 +315,35 @@ class EffectiveCache:
         self.stats.misses["l1"] += len(missing)
         if not missing:
             return found
+        joined = {s: self._loading[s] for s in missing if s in self._loading}
+        mine = [s for s in missing if s not in joined]
+        if mine:
+            load: asyncio.Future[dict[Scope, CachedLayer]] = asyncio.ensure_future(self._load_layers(mine))
+            for scope in mine:
+                self._loading[scope] = load
+            load.add_done_callback(functools.partial(self._layers_loaded, scopes=tuple(mine)))
+            joined.update(dict.fromkeys(mine, load))
+        for pending in set(joined.values()):
+            loaded = await asyncio.shield(pending)
+            found.update({s: layer for s, layer in loaded.items() if s in joined})
+        return found
+
+    def _layers_loaded(self, load: asyncio.Future[dict[Scope, CachedLayer]], scopes: tuple[Scope, ...]) -> None:
+        for scope in scopes:
+            if self._loading.get(scope) is load:
+                del self._loading[scope]
+        if not load.cancelled():
+            load.exception()  # retrieved here; each waiter still sees it
+
+    async def _load_layers(self, missing: list[Scope]) -> dict[Scope, CachedLayer]:
+        found: dict[Scope, CachedLayer] = {}
         if self.redis is not None:
             from_redis = {
                 s: layer for s, layer in (await self.redis.get_many(missing)).items() if self._layer_fresh(s, layer)
             }
             self.stats.hits["l2"] += len(from_redis)
             self.stats.misses["l2"] += len(missing) - len(from_redis)
-            for scope, layer in from_redis.items():
-                self._layers[scope] = layer
+            self._layers.update(from_redis)
             found.update(from_redis)
             missing = [s for s in missing if s not in from_redis]
             if not missing:
@@ -326,11 +373,11 @@ class EffectiveCache:
 
     async def resolve_key(self, subject: Subject, key: str) -> ResolvedValue | None:
         """The subject's effective value of one key; None if the key is not defined."""
-        definitions = [d for d in await self.definitions() if d.key == key]
-        if not definitions:
+        definition = await self.definition(key)
+        if definition is None:
             return None
         layers = await self.layers([scope for _, scope in subject.layers()])
-        resolved = resolve(definitions, [(layer, scope, layers[scope].overrides) for layer, scope in subject.layers()])
+        resolved = resolve([definition], [(layer, scope, layers[scope].overrides) for layer, scope in subject.layers()])
         return resolved[0]
 
     def forget_all(self) -> None:
