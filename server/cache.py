@@ -170,6 +170,10 @@ class EffectiveCache:
         self._loading: dict[Scope, asyncio.Future[dict[Scope, CachedLayer]]] = {}
         self._definitions_changed_xid = 0
         self._layers: dict[Scope, CachedLayer] = {}
+        # Newest snapshot horizon this process has used per scope (and when), so it never goes back.
+        self._floor: dict[Scope, tuple[int, float]] = {}
+        self._prune_changed_at = 1024
+        self._prune_floor_at = 1024
         self._changed: dict[Scope, tuple[int, int, float]] = {}  # scope -> (xid, tick, monotonic)
         self._definitions_tick = 0
         self._tick = 0
@@ -206,6 +210,7 @@ class EffectiveCache:
         previous = self._changed.get(scope)
         self._changed[scope] = (max(xid, previous[0] if previous else 0), self._tick, time.monotonic())
         self._layers.pop(scope, None)
+        self._loading.pop(scope, None)  # a load begun before this change must not serve later readers
         if scope.kind is ScopeKind.GLOBAL:
             self._responses.clear()
             self._responses_by_scope.clear()
@@ -222,9 +227,14 @@ class EffectiveCache:
         self._responses_by_scope.clear()
 
     def _prune(self) -> None:
+        """Forget per-scope marks older than CHANGE_MEMORY_S, amortised: only when a map has doubled."""
         cutoff = time.monotonic() - CHANGE_MEMORY_S
-        if len(self._changed) > 1024:
+        if len(self._changed) > self._prune_changed_at:
             self._changed = {s: v for s, v in self._changed.items() if v[2] >= cutoff}
+            self._prune_changed_at = max(1024, 2 * len(self._changed))
+        if len(self._floor) > self._prune_floor_at:
+            self._floor = {s: v for s, v in self._floor.items() if v[1] >= cutoff}
+            self._prune_floor_at = max(1024, 2 * len(self._floor))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -250,14 +260,18 @@ class EffectiveCache:
             self.stats.hits["response"] += 1
         return body
 
-    def store_response(self, key: Hashable, scopes: Iterable[Scope], since_tick: int, body: bytes) -> None:
-        """Keep a response body unless something it depends on changed after `since_tick`."""
-        scopes = list(scopes)
+    def store_response(self, key: Hashable, used: dict[Scope, int], since_tick: int, body: bytes) -> None:
+        """Keep a response body built from layers read at `used` (scope -> xmin) since `since_tick`,
+        unless a change was seen after `since_tick` or a newer layer of one of its scopes was read."""
+        scopes = list(used)
         if self._definitions_tick > since_tick:
             return
-        for scope in scopes:
+        for scope, xmin in used.items():
             changed = self._changed.get(scope)
             if changed is not None and changed[1] > since_tick:
+                return
+            floor = self._floor.get(scope)
+            if floor is not None and xmin < floor[0]:
                 return
         if len(self._responses) >= MAX_RESPONSES:
             self._responses.clear()
@@ -325,7 +339,7 @@ class EffectiveCache:
             joined.update(dict.fromkeys(mine, load))
         for pending in set(joined.values()):
             loaded = await asyncio.shield(pending)
-            found.update({s: layer for s, layer in loaded.items() if s in joined})
+            found.update({s: layer for s, layer in loaded.items() if joined.get(s) is pending})
         return found
 
     def _layers_loaded(self, load: asyncio.Future[dict[Scope, CachedLayer]], scopes: tuple[Scope, ...]) -> None:
@@ -339,11 +353,14 @@ class EffectiveCache:
         found: dict[Scope, CachedLayer] = {}
         if self.redis is not None:
             from_redis = {
-                s: layer for s, layer in (await self.redis.get_many(missing)).items() if self._layer_fresh(s, layer)
+                s: layer
+                for s, layer in (await self.redis.get_many(missing)).items()
+                if self._layer_fresh(s, layer) and layer.xmin >= self._floor.get(s, (0, 0.0))[0]
             }
             self.stats.hits["l2"] += len(from_redis)
             self.stats.misses["l2"] += len(missing) - len(from_redis)
-            self._layers.update(from_redis)
+            for scope, layer in from_redis.items():
+                self._loaded(scope, layer, cache=True)
             found.update(from_redis)
             missing = [s for s in missing if s not in from_redis]
             if not missing:
@@ -354,11 +371,27 @@ class EffectiveCache:
                 stored = await preference_sql.overrides(conn, missing)
         loaded = {scope: CachedLayer(stored[scope], xmin) for scope in missing}
         fresh = {s: layer for s, layer in loaded.items() if self._layer_fresh(s, layer)}
-        self._layers.update(fresh)
+        for scope, layer in loaded.items():
+            self._loaded(scope, layer, cache=scope in fresh)
         if fresh and self.redis is not None:
             self._spawn(self.redis.set_many(fresh))
         found.update(loaded)
         return found
+
+    def _loaded(self, scope: Scope, layer: CachedLayer, cache: bool) -> None:
+        """A layer just read may hold changes the feed has not delivered yet: responses built from older
+        layers of the scope must not be served after it, and an older layer never replaces a newer one."""
+        self._floor[scope] = (max(self._floor.get(scope, (0, 0.0))[0], layer.xmin), time.monotonic())
+        if scope.kind is ScopeKind.GLOBAL:
+            self._responses.clear()
+            self._responses_by_scope.clear()
+        else:
+            for key in self._responses_by_scope.pop(scope, ()):
+                self._responses.pop(key, None)
+        current = self._layers.get(scope)
+        if cache and (current is None or current.xmin <= layer.xmin):
+            self._layers[scope] = layer
+        self._prune()
 
     async def resolve(
         self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
@@ -370,6 +403,15 @@ class EffectiveCache:
             resolve(definitions, [(layer, scope, layers[scope].overrides) for layer, scope in subject.layers()])
             for subject in subjects
         ]
+
+    async def resolve_subject(
+        self, subject: Subject, key_prefixes: Sequence[str], categories: Sequence[str]
+    ) -> tuple[list[ResolvedValue], dict[Scope, int]]:
+        """One subject's effective values, and the horizon (xmin) of each layer they came from."""
+        definitions = [d for d in await self.definitions() if key_selected(d, key_prefixes, categories)]
+        layers = await self.layers([scope for _, scope in subject.layers()])
+        values = resolve(definitions, [(layer, scope, layers[scope].overrides) for layer, scope in subject.layers()])
+        return values, {scope: layer.xmin for scope, layer in layers.items()}
 
     async def resolve_key(self, subject: Subject, key: str) -> ResolvedValue | None:
         """The subject's effective value of one key; None if the key is not defined."""

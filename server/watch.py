@@ -91,7 +91,9 @@ async def watch(
                 async with asyncio.timeout(progress_interval_s):
                     queued = await subscription.queue.get()
             except TimeoutError:
-                yield Progress(max(last, feed.position))
+                # An event may have been queued as the timeout fired: the bookmark must not pass it.
+                if subscription.queue.empty():
+                    yield Progress(max(last, feed.position))
                 continue
             if queued is None:
                 if subscription.overflowed:

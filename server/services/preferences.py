@@ -277,11 +277,11 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         body = self._cache.response(key)
         if body is None:
             since = self._cache.tick
-            (values,) = await self._cache.resolve([subject], request.key_prefixes, request.categories)
+            values, used = await self._cache.resolve_subject(subject, request.key_prefixes, request.categories)
             body = preferences_pb2.GetEffectivePreferencesResponse(
                 values=convert.effective_to_pb(values), nested=convert.nested_to_pb(values)
             ).SerializeToString()
-            self._cache.store_response(key, [scope for _, scope in subject.layers()], since, body)
+            self._cache.store_response(key, used, since, body)
         return body + self._cursor_field(self._feed.position)
 
     def _cursor_field(self, position: FeedCursor) -> bytes:
