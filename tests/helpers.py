@@ -7,39 +7,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from prefd.client import ValidationError, from_rpc_error
 from prefd.v1 import common_pb2, preferences_pb2
+from server.services import convert
 
 
 def tv(value: Any) -> common_pb2.TypedValue:
     """A TypedValue from a plain Python value."""
-    if isinstance(value, bool):
-        return common_pb2.TypedValue(bool_value=value)
-    if isinstance(value, int):
-        return common_pb2.TypedValue(int_value=value)
-    if isinstance(value, float):
-        return common_pb2.TypedValue(double_value=value)
-    if isinstance(value, str):
-        return common_pb2.TypedValue(string_value=value)
-    if isinstance(value, list):
-        return common_pb2.TypedValue(string_list_value=common_pb2.StringList(values=value))
-    out = common_pb2.TypedValue()
-    out.json_value.update(value)
-    return out
+    return convert.value_to_pb(value)
 
 
 def py(value: common_pb2.TypedValue) -> Any:
-    """A TypedValue as a plain Python value."""
-    which = value.WhichOneof("kind")
-    if which == "string_list_value":
-        return list(value.string_list_value.values)
-    if which == "json_value":
-        from google.protobuf import json_format
-
-        return json_format.MessageToDict(value.json_value)
-    return getattr(value, which) if which else None
+    """A TypedValue as a plain Python value (None when unset)."""
+    return convert.value_from_pb(value, "value") if value.WhichOneof("kind") else None
 
 
 GLOBAL = common_pb2.Scope(kind=common_pb2.SCOPE_KIND_GLOBAL)
@@ -64,28 +45,17 @@ def set_request(
 
 
 def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """field -> description from the BadRequest detail of an error."""
-    status = rpc_status.from_call(error)
-    assert status is not None, f"no rich status on {error.code()}: {error.details()}"
-    out = {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            out.update({v.field: v.description for v in bad.field_violations})
-    return out
+    """field -> description from the BadRequest detail of an INVALID_ARGUMENT error."""
+    typed = from_rpc_error(error)
+    assert isinstance(typed, ValidationError), f"{error.code()}: {error.details()}"
+    return typed.violations
 
 
 def error_reason(error: grpc.aio.AioRpcError) -> str:
     """The ErrorInfo reason of an error."""
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    raise AssertionError("no ErrorInfo detail")
+    reason = from_rpc_error(error).reason
+    assert reason, f"no ErrorInfo detail on {error.code()}: {error.details()}"
+    return reason
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], deadline_s: float, interval_s: float = 0.02) -> None:
