@@ -72,17 +72,40 @@ class Principal:
         raise PermissionDenied(f"{self.subject} may not write {scope}", action="write")
 
 
-_current_call: contextvars.ContextVar[tuple[Principal, CallInfo]] = contextvars.ContextVar("prefd_call")
+class _Call:
+    """The RPC being handled: its verified caller, and (built only when a write needs it) its CallInfo."""
+
+    __slots__ = ("_info", "context", "metadata", "principal", "request_id")
+
+    def __init__(self, principal: Principal, context: Any, metadata: dict[str, str], request_id: str) -> None:
+        self.principal = principal
+        self.context = context
+        self.metadata = metadata
+        self.request_id = request_id
+        self._info: CallInfo | None = None
+
+    def info(self) -> CallInfo:
+        if self._info is None:
+            self._info = CallInfo(
+                actor=self.principal.subject,
+                peer=self.context.peer() or "",
+                user_agent=self.metadata.get("user-agent", "")[:256],
+                request_id=self.request_id,
+            )
+        return self._info
+
+
+_current_call: contextvars.ContextVar[_Call] = contextvars.ContextVar("prefd_call")
 
 
 def current_principal() -> Principal:
     """The verified caller of the RPC being handled."""
-    return _current_call.get()[0]
+    return _current_call.get().principal
 
 
 def current_call() -> CallInfo:
     """Actor, peer, user agent and request id of the RPC being handled."""
-    return _current_call.get()[1]
+    return _current_call.get().info()
 
 
 def load_or_create_secret(settings: Settings) -> str:
@@ -185,15 +208,6 @@ _REQUEST_ID_PREFIX = secrets.token_hex(6)
 _request_counter = itertools.count(1)
 
 
-def _call_info(principal: Principal, context: grpc.aio.ServicerContext[Any, Any], md: dict[str, str]) -> CallInfo:
-    return CallInfo(
-        actor=principal.subject,
-        peer=context.peer() or "",
-        user_agent=md.get("user-agent", "")[:256],
-        request_id=md.get("x-request-id", "")[:128] or f"{_REQUEST_ID_PREFIX}-{next(_request_counter):x}",
-    )
-
-
 def _bytes_passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
     """A serializer that sends prebuilt response bodies (bytes) as they are."""
 
@@ -252,16 +266,16 @@ class Authenticator:
             )
         raise TypeError("prefd services are unary or server-streaming")
 
-    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Principal, CallInfo]:
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> _Call:
         md = _metadata(context)
         header = md.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
         principal = self._verifier.verify(token.strip())
-        call = _call_info(principal, context, md)
-        context.set_trailing_metadata((("x-request-id", call.request_id),))
-        return principal, call
+        request_id = md.get("x-request-id", "")[:128] or f"{_REQUEST_ID_PREFIX}-{next(_request_counter):x}"
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        return _Call(principal, context, md, request_id)
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
