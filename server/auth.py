@@ -30,6 +30,9 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
 
 
+_READ_ANY = frozenset({Role.SERVICE, Role.ADMIN})
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """The verified caller of one RPC."""
@@ -47,17 +50,21 @@ class Principal:
         if not self.is_admin:
             raise PermissionDenied(f"{action} needs the admin role", action=action)
 
+    def may_read(self, user_id: str, org_id: str) -> bool:
+        """Whether the caller may read this subject: a user only itself (its own org); service and admin any."""
+        if not self.roles.isdisjoint(_READ_ANY):
+            return True
+        return Role.USER in self.roles and user_id == self.subject and org_id in ("", self.org)
+
     def require_read(self, subject: Subject) -> None:
-        """A user reads only its own subject (its own org); service and admin read any."""
-        if self.roles & {Role.SERVICE, Role.ADMIN}:
-            return
-        if Role.USER in self.roles and subject.user_id == self.subject and subject.org_id in ("", self.org):
+        """PERMISSION_DENIED unless may_read."""
+        if self.may_read(subject.user_id, subject.org_id):
             return
         raise PermissionDenied(f"{self.subject} may not read subject {subject.user_id}", action="read")
 
     def require_read_scope(self, scope: Scope) -> None:
         """A user reads only its own USER scope; service and admin read any scope."""
-        if self.roles & {Role.SERVICE, Role.ADMIN}:
+        if not self.roles.isdisjoint(_READ_ANY):
             return
         if Role.USER in self.roles and scope == Scope(ScopeKind.USER, self.subject):
             return

@@ -47,11 +47,20 @@ class CachedLayer:
 
 
 class CacheStats:
-    """Hit and miss counts per layer (l1, l2, response)."""
+    """Hit and miss counts per layer (l1, l2) and of prebuilt responses (plain ints on the hot path)."""
 
     def __init__(self) -> None:
-        self.hits: dict[str, int] = {"response": 0, "l1": 0, "l2": 0}
-        self.misses: dict[str, int] = {"response": 0, "l1": 0, "l2": 0}
+        self.hits: dict[str, int] = {"l1": 0, "l2": 0}
+        self.misses: dict[str, int] = {"l1": 0, "l2": 0}
+        self.response_hits = 0
+        self.response_misses = 0
+
+    def by_layer(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(hits, misses) by layer name, responses included."""
+        return (
+            {**self.hits, "response": self.response_hits},
+            {**self.misses, "response": self.response_misses},
+        )
 
 
 class RedisLayers:
@@ -253,11 +262,12 @@ class EffectiveCache:
         return self._tick
 
     def response(self, key: Hashable) -> bytes | None:
+        """A prebuilt response body, if one is cached for `key`."""
         body = self._responses.get(key)
         if body is None:
-            self.stats.misses["response"] += 1
+            self.stats.response_misses += 1
         else:
-            self.stats.hits["response"] += 1
+            self.stats.response_hits += 1
         return body
 
     def store_response(self, key: Hashable, used: dict[Scope, int], since_tick: int, body: bytes) -> None:

@@ -35,9 +35,10 @@ class PrefdCollector(Collector):
         yield GaugeMetricFamily("prefd_watch_streams", "Open WatchPreferences streams", value=self._feed.watchers)
         hits = CounterMetricFamily("prefd_cache_hits", "Cache hits by layer", labels=["layer"])
         misses = CounterMetricFamily("prefd_cache_misses", "Cache misses by layer", labels=["layer"])
-        for layer, count in self._cache.stats.hits.items():
+        hit_counts, miss_counts = self._cache.stats.by_layer()
+        for layer, count in hit_counts.items():
             hits.add_metric([layer], count)
-        for layer, count in self._cache.stats.misses.items():
+        for layer, count in miss_counts.items():
             misses.add_metric([layer], count)
         yield hits
         yield misses

@@ -267,26 +267,32 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         self, request: preferences_pb2.GetEffectivePreferencesRequest, context: Context
     ) -> bytes:
         principal = current_principal()
-        default_org = principal.org if principal.subject == request.subject.user_id else ""
-        subject = convert.subject_from_pb(request.subject, "subject", default_org)
-        principal.require_read(subject)
-        _check_filters(request.key_prefixes, request.categories)
-        # Hot path: a prebuilt body per (subject, filter), followed by the current cursor. The
-        # feed position is safe for cached data: the cache drops anything a passed change touched.
-        key = (subject.user_id, subject.org_id, tuple(request.key_prefixes), tuple(request.categories))
+        wanted = request.subject
+        user_id = wanted.user_id
+        org_id = wanted.org_id or (principal.org if principal.subject == user_id else "")
+        # Hot path: a prebuilt body per (subject, filter), followed by the current cursor. A key
+        # found in the cache was validated when it was built; only the permission check remains.
+        # The feed position is safe for cached data: the cache drops anything a passed change touched.
+        key = (user_id, org_id, tuple(request.key_prefixes), tuple(request.categories))
         body = self._cache.response(key)
         if body is None:
+            subject = convert.subject_from_pb(wanted, "subject", org_id)
+            principal.require_read(subject)
+            _check_filters(request.key_prefixes, request.categories)
             since = self._cache.tick
             values, used = await self._cache.resolve_subject(subject, request.key_prefixes, request.categories)
             body = preferences_pb2.GetEffectivePreferencesResponse(
                 values=convert.effective_to_pb(values), nested=convert.nested_to_pb(values)
             ).SerializeToString()
             self._cache.store_response(key, used, since, body)
+        elif not principal.may_read(user_id, org_id):
+            principal.require_read(Subject(user_id, org_id))
         return body + self._cursor_field(self._feed.position)
 
     def _cursor_field(self, position: FeedCursor) -> bytes:
         """The serialized `cursor` field of a GetEffectivePreferencesResponse, memoised per position."""
-        if self._cursor_memo[0] != position:
+        memo = self._cursor_memo[0]
+        if memo is not position and memo != position:
             encoded = preferences_pb2.GetEffectivePreferencesResponse(
                 cursor=convert.cursor_to_pb(position, self._installation)
             ).SerializeToString()
