@@ -82,12 +82,11 @@ class Principal:
 class _Call:
     """The RPC being handled: its verified caller, and (built only when a write needs it) its CallInfo."""
 
-    __slots__ = ("_info", "context", "metadata", "principal", "request_id")
+    __slots__ = ("_info", "context", "principal", "request_id")
 
-    def __init__(self, principal: Principal, context: Any, metadata: dict[str, str], request_id: str) -> None:
+    def __init__(self, principal: Principal, context: Any, request_id: str) -> None:
         self.principal = principal
         self.context = context
-        self.metadata = metadata
         self.request_id = request_id
         self._info: CallInfo | None = None
 
@@ -96,7 +95,7 @@ class _Call:
             self._info = CallInfo(
                 actor=self.principal.subject,
                 peer=self.context.peer() or "",
-                user_agent=self.metadata.get("user-agent", "")[:256],
+                user_agent=_metadata(self.context).get("user-agent", "")[:256],
                 request_id=self.request_id,
             )
         return self._info
@@ -274,15 +273,20 @@ class Authenticator:
         raise TypeError("prefd services are unary or server-streaming")
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> _Call:
-        md = _metadata(context)
-        header = md.get("authorization", "")
+        header = request_id = ""
+        for name, value in context.invocation_metadata() or ():
+            if name == "authorization" and isinstance(value, str):
+                header = value
+            elif name == "x-request-id" and isinstance(value, str):
+                request_id = value[:128]
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if not token or scheme.lower() != "bearer":
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        principal = self._verifier.verify(token.strip())
-        request_id = md.get("x-request-id", "")[:128] or f"{_REQUEST_ID_PREFIX}-{next(_request_counter):x}"
+        principal = self._verifier.verify(token)
+        request_id = request_id or f"{_REQUEST_ID_PREFIX}-{next(_request_counter):x}"
         context.set_trailing_metadata((("x-request-id", request_id),))
-        return _Call(principal, context, md, request_id)
+        return _Call(principal, context, request_id)
 
     def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
