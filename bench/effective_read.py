@@ -704,26 +704,32 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     }
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def rounds_arg(text: str) -> int:
+    """argparse type: at least 3 rounds, so the medians mean something."""
+    value = int(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError("at least 3 rounds, so the medians mean something")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, validated."""
-
-    def positive_int(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError("must be at least 1")
-        return value
-
-    def positive_float(text: str) -> float:
-        value = float(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be positive")
-        return value
-
-    def rounds(text: str) -> int:
-        value = int(text)
-        if value < 3:
-            raise argparse.ArgumentTypeError("at least 3 rounds, so the medians mean something")
-        return value
 
     parser = argparse.ArgumentParser(
         description="Benchmark prefd GetEffectivePreferences against a bare grpc.aio echo server."
@@ -735,7 +741,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="h2load threads (-t; default: one per load CPU)")
     parser.add_argument("--serial", type=positive_int, default=500, help="sequential calls per round (default 500)")
     parser.add_argument("--serial-warmup", type=int, default=50, help="unmeasured calls first (default 50)")
-    parser.add_argument("--rounds", type=rounds, default=3, help="alternating rounds, at least 3 (default 3)")
+    parser.add_argument("--rounds", type=rounds_arg, default=3, help="alternating rounds, at least 3 (default 3)")
     parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,

@@ -21,7 +21,6 @@ Scripts in bench/ import this module (and effective_read) by name: run them as
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -46,6 +45,9 @@ import grpc
 from effective_read import ChildServer as ChildServer  # re-exported for the benchmarks
 from effective_read import child_env as child_env
 from effective_read import log as log
+from effective_read import positive_float as positive_float  # argparse types shared by the benchmarks
+from effective_read import positive_int as positive_int
+from effective_read import rounds_arg as rounds_arg
 from effective_read import with_database
 
 from server.auth import mint_token
@@ -333,30 +335,6 @@ def machine_info() -> dict[str, Any]:
 def loadavg_1m() -> float:
     """The 1-minute load average now (noise context for a round)."""
     return round(os.getloadavg()[0], 2)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number > 0."""
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def rounds_arg(text: str) -> int:
-    """argparse type: at least 3 rounds, so the medians mean something."""
-    value = int(text)
-    if value < 3:
-        raise argparse.ArgumentTypeError("at least 3 rounds, so the medians mean something")
-    return value
 
 
 def run_main(benchmark: Callable[[Path], Awaitable[dict[str, Any]]], prefix: str) -> int:
