@@ -252,16 +252,18 @@ class Authenticator:
         """Register `servicer` (via its generated add_*_to_server function) with authentication."""
         capture = _HandlerCapture()
         add_to_server(servicer, capture)
-        wrapped = {name: self._wrap(handler) for name, handler in capture.handlers.items()}
+        raw: frozenset[str] = getattr(servicer, "RAW_REQUEST_METHODS", frozenset())
+        wrapped = {name: self._wrap(handler, name in raw) for name, handler in capture.handlers.items()}
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, wrapped),))
         server.add_registered_method_handlers(capture.service, wrapped)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], raw_request: bool) -> grpc.RpcMethodHandler[Any, Any]:
+        """`raw_request`: the servicer parses the request bytes itself (it caches parses on a hot path)."""
         serializer = _bytes_passthrough(handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None if raw_request else handler.request_deserializer,
                 response_serializer=serializer,
             )
         if handler.unary_stream is not None:

@@ -135,3 +135,15 @@ async def test_unknown_definition_is_not_found(stub):  # type: ignore[no-untyped
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_undecodable_read_request_is_invalid_argument(channel) -> None:  # type: ignore[no-untyped-def]
+    call = channel.unary_unary(
+        "/prefd.v1.PreferencesService/GetEffectivePreferences",
+        request_serializer=lambda raw: raw,
+        response_deserializer=lambda raw: raw,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(b"\xff\xff\xff\xff", metadata=ADMIN)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request" in field_violations(err.value)

@@ -7,6 +7,7 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import field_mask_pb2
+from google.protobuf.message import DecodeError
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from server.auth import current_call, current_principal
@@ -48,6 +49,8 @@ MUTABLE_DEFINITION_FIELDS = (
     "sensitive",
 )
 MAX_REASON_LENGTH = 1024
+# Distinct GetEffectivePreferences request encodings remembered (parsing is pure; this only bounds memory).
+MAX_PARSED_READS = 100_000
 
 
 def _check_key(key: str, field: str) -> None:
@@ -101,6 +104,9 @@ def _changes(result: WriteResult) -> list[Any]:
 class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     """Definitions, stored overrides and effective values."""
 
+    # Methods whose handler receives the serialized request (see Authenticator.add_service).
+    RAW_REQUEST_METHODS = frozenset({"GetEffectivePreferences"})
+
     def __init__(
         self,
         reader: PreferenceReader,
@@ -117,6 +123,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         self._installation = installation
         self._progress_interval_s = progress_interval_s
         self._cursor_memo: tuple[FeedCursor | None, bytes] = (None, b"")
+        self._parsed_reads: dict[bytes, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {}
 
     async def CreateDefinition(
         self, request: preferences_pb2.CreateDefinitionRequest, context: Context
@@ -263,31 +270,48 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             cursor=convert.cursor_to_pb(cursor, self._installation),
         )
 
-    async def GetEffectivePreferences(  # type: ignore[override]  # returns a prebuilt body (auth._bytes_passthrough)
-        self, request: preferences_pb2.GetEffectivePreferencesRequest, context: Context
+    async def GetEffectivePreferences(  # type: ignore[override]  # raw request bytes in, prebuilt body out
+        self, request: bytes, context: Context
     ) -> bytes:
         principal = current_principal()
-        wanted = request.subject
-        user_id = wanted.user_id
-        org_id = wanted.org_id or (principal.org if principal.subject == user_id else "")
-        # Hot path: a prebuilt body per (subject, filter), followed by the current cursor. A key
-        # found in the cache was validated when it was built; only the permission check remains.
-        # The feed position is safe for cached data: the cache drops anything a passed change touched.
-        key = (user_id, org_id, tuple(request.key_prefixes), tuple(request.categories))
+        # Hot path: request bytes seen before map to their validated (subject, filter) without
+        # parsing; the prebuilt body for it is followed by the current cursor. Only the permission
+        # check runs per call. The feed position is safe for cached data: the cache drops anything
+        # a passed change touched.
+        parsed = self._parsed_reads.get(request)
+        if parsed is None:
+            parsed = self._parse_read(request)
+        user_id, requested_org, prefixes, categories = parsed
+        org_id = requested_org or (principal.org if principal.subject == user_id else "")
+        if not principal.may_read(user_id, org_id):
+            principal.require_read(Subject(user_id, org_id))
+        key = (user_id, org_id, prefixes, categories)
         body = self._cache.response(key)
         if body is None:
-            subject = convert.subject_from_pb(wanted, "subject", org_id)
-            principal.require_read(subject)
-            _check_filters(request.key_prefixes, request.categories)
+            subject = Subject(user_id, org_id)
+            if org_id != requested_org:
+                convert.subject_from_pb(convert.subject_to_pb(subject), "subject")
             since = self._cache.tick
-            values, used = await self._cache.resolve_subject(subject, request.key_prefixes, request.categories)
+            values, used = await self._cache.resolve_subject(subject, prefixes, categories)
             body = preferences_pb2.GetEffectivePreferencesResponse(
                 values=convert.effective_to_pb(values), nested=convert.nested_to_pb(values)
             ).SerializeToString()
             self._cache.store_response(key, used, since, body)
-        elif not principal.may_read(user_id, org_id):
-            principal.require_read(Subject(user_id, org_id))
         return body + self._cursor_field(self._feed.position)
+
+    def _parse_read(self, raw: bytes) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
+        """Parse and validate a GetEffectivePreferencesRequest; remember the result by its bytes."""
+        try:
+            request = preferences_pb2.GetEffectivePreferencesRequest.FromString(raw)
+        except DecodeError as exc:
+            raise invalid("request", "is not a GetEffectivePreferencesRequest") from exc
+        subject = convert.subject_from_pb(request.subject, "subject")
+        _check_filters(request.key_prefixes, request.categories)
+        parsed = (subject.user_id, subject.org_id, tuple(request.key_prefixes), tuple(request.categories))
+        if len(self._parsed_reads) >= MAX_PARSED_READS:
+            self._parsed_reads.clear()
+        self._parsed_reads[raw] = parsed
+        return parsed
 
     def _cursor_field(self, position: FeedCursor) -> bytes:
         """The serialized `cursor` field of a GetEffectivePreferencesResponse, memoised per position."""
