@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -41,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 from effective_read import ChildServer as ChildServer  # re-exported for the benchmarks
 from effective_read import child_env as child_env
 from effective_read import log as log
+from effective_read import machine_info as machine_info
 from effective_read import positive_float as positive_float  # argparse types shared by the benchmarks
 from effective_read import positive_int as positive_int
 from effective_read import rounds_arg as rounds_arg
@@ -313,25 +312,6 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------- report and CLI
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def loadavg_1m() -> float:
     """The 1-minute load average now (noise context for a round)."""
     return round(os.getloadavg()[0], 2)
@@ -366,3 +346,23 @@ def run_main(benchmark: Callable[[Path], Awaitable[dict[str, Any]]], prefix: str
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0
+
+
+class StreamSet:
+    """Streams a benchmark holds open and the tasks reading them; close() cancels both."""
+
+    def __init__(self) -> None:
+        self._calls: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    async def close(self) -> None:
+        """Cancel every stream and its reader."""
+        self._closing = True
+        for call in self._calls:
+            call.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._calls.clear()
+        self._tasks.clear()

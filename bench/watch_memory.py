@@ -49,6 +49,7 @@ from feed_common import (
     HOST,
     ChildServer,
     Pinning,
+    StreamSet,
     Tokens,
     auth_metadata,
     child_env,
@@ -78,18 +79,16 @@ ETCD_REFERENCE_BYTES = 18_000
 SERVERS = ("baseline", "prefd")
 
 
-class IdleStreams:
+class IdleStreams(StreamSet):
     """Watch streams kept open and read (started, bookmarks) until closed."""
 
     def __init__(self, channels: list[grpc.aio.Channel], token: str | None) -> None:
+        super().__init__()
         self._stubs = [preferences_pb2_grpc.PreferencesServiceStub(channel) for channel in channels]
         self._metadata = auth_metadata(token) if token else ()
-        self._calls: list[Any] = []
-        self._tasks: list[asyncio.Task[None]] = []
         self.started = 0
         self.other_messages = 0
         self.errors: list[str] = []
-        self._closing = False
 
     @property
     def open_count(self) -> int:
@@ -127,17 +126,6 @@ class IdleStreams:
         except grpc.aio.AioRpcError as exc:
             if not self._closing:
                 self.errors.append(f"stream {index}: {exc.code().name} {exc.details()}")
-
-    async def close(self) -> None:
-        """Cancel every stream and its reader."""
-        self._closing = True
-        for call in self._calls:
-            call.cancel()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._calls.clear()
-        self._tasks.clear()
 
 
 async def sample_rss(pid: int) -> dict[str, int]:

@@ -62,6 +62,7 @@ from feed_common import (
     HOST,
     BenchDatabase,
     Pinning,
+    StreamSet,
     Tokens,
     auth_metadata,
     free_tcp_port,
@@ -99,10 +100,11 @@ MatchKey = tuple[int, str, str, int]  # scope kind, scope id, key, per-key versi
 # --------------------------------------------------------------------------- watchers
 
 
-class WatchFleet:
+class WatchFleet(StreamSet):
     """Subject watches for `users` (all in ORG), recording when each change event reaches each stream."""
 
     def __init__(self, channels: list[grpc.aio.Channel], token: str, users: list[str]) -> None:
+        super().__init__()
         self._stubs = [preferences_pb2_grpc.PreferencesServiceStub(channel) for channel in channels]
         self._metadata = auth_metadata(token)
         self.users = users
@@ -111,9 +113,6 @@ class WatchFleet:
         self.progress = 0
         self.duplicates = 0
         self.errors: list[str] = []
-        self._calls: list[Any] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
 
     async def open(self, timeout_s: float = OPEN_TIMEOUT_S) -> float:
         """Open every stream and wait for each `started`; the seconds it took."""
@@ -160,17 +159,6 @@ class WatchFleet:
         except grpc.aio.AioRpcError as exc:
             if not self._closing:
                 self.errors.append(f"watch {index}: {exc.code().name} {exc.details()}")
-
-    async def close(self) -> None:
-        """Cancel every stream and its reader."""
-        self._closing = True
-        for call in self._calls:
-            call.cancel()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._calls.clear()
-        self._tasks.clear()
 
 
 # --------------------------------------------------------------------------- writer
