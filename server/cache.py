@@ -432,15 +432,6 @@ class EffectiveCache:
         resolved = resolve([definition], [(layer, scope, layers[scope].overrides) for layer, scope in subject.layers()])
         return resolved[0]
 
-    def forget_all(self) -> None:
-        """Drop every L1 entry (used when the feed could not be followed)."""
-        self._layers.clear()
-        self._definitions = None
-        self._responses.clear()
-        self._responses_by_scope.clear()
-        self._tick += 1
-        self._definitions_tick = self._tick
-
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()

@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
 
 import asyncpg
 
@@ -98,8 +97,3 @@ async def translated_errors() -> AsyncIterator[None]:
     except asyncpg.PostgresError as exc:
         log.exception("database error")
         raise DatabaseError(f"database error {exc.sqlstate}") from exc
-
-
-def record_dict(record: Any) -> dict[str, Any]:
-    """An asyncpg Record as a plain dict."""
-    return dict(record.items())

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import asyncpg
 
 from server.cursor import FeedCursor
 from server.errors import DefinitionNotFound
-from server.model import Definition, ResolvedValue, Scope, StoredValue, Subject
-from server.resolve import key_selected, resolve
+from server.model import Definition, Scope, StoredValue
 from server.store import definitions as definition_sql
 from server.store import preferences as preference_sql
 from server.store.db import translated_errors
@@ -24,23 +21,6 @@ class PreferenceReader:
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
-
-    async def effective(
-        self, subjects: Sequence[Subject], key_prefixes: Sequence[str] = (), categories: Sequence[str] = ()
-    ) -> tuple[list[list[ResolvedValue]], FeedCursor]:
-        """Each subject's effective values (in request order) and the cursor they are consistent with."""
-        async with translated_errors(), self._pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await preference_sql.horizon(conn)
-                definitions = [
-                    d for d in await definition_sql.all_definitions(conn) if key_selected(d, key_prefixes, categories)
-                ]
-                stored = await preference_sql.overrides(conn, preference_sql.subject_scopes(subjects))
-        results = [
-            resolve(definitions, [(layer, scope, stored[scope]) for layer, scope in subject.layers()])
-            for subject in subjects
-        ]
-        return results, cursor
 
     async def overrides_page(self, scope: Scope, after: str | None, limit: int) -> tuple[list[StoredValue], FeedCursor]:
         """A page of the overrides stored at a scope, with its cursor."""
