@@ -192,7 +192,8 @@ class PreferencesServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def BatchGetEffectivePreferences(self, request, context):
-        """GetEffectivePreferences for up to 1,000 subjects in one consistent read.
+        """GetEffectivePreferences for up to 1,000 subjects in one call; every value reflects every
+        change up to the returned cursor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

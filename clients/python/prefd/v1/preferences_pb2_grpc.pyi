@@ -78,7 +78,9 @@ class PreferencesServiceStub:
     default <- GLOBAL <- ORG <- USER, with provenance and the cursor the read is consistent with.
     """
     BatchGetEffectivePreferences: _grpc.UnaryUnaryMultiCallable[_preferences_pb2.BatchGetEffectivePreferencesRequest, _preferences_pb2.BatchGetEffectivePreferencesResponse]
-    """GetEffectivePreferences for up to 1,000 subjects in one consistent read."""
+    """GetEffectivePreferences for up to 1,000 subjects in one call; every value reflects every
+    change up to the returned cursor.
+    """
     WatchPreferences: _grpc.UnaryStreamMultiCallable[_preferences_pb2.WatchPreferencesRequest, _preferences_pb2.WatchPreferencesResponse]
     """Streams every change to a subject's scopes (GLOBAL, its ORG, its USER) or to one scope, in
     feed order, from start_cursor (or from now). The first message is `started`; idle streams get
@@ -139,7 +141,9 @@ class PreferencesServiceAsyncStub(PreferencesServiceStub):
     default <- GLOBAL <- ORG <- USER, with provenance and the cursor the read is consistent with.
     """
     BatchGetEffectivePreferences: _aio.UnaryUnaryMultiCallable[_preferences_pb2.BatchGetEffectivePreferencesRequest, _preferences_pb2.BatchGetEffectivePreferencesResponse]  # type: ignore[assignment]
-    """GetEffectivePreferences for up to 1,000 subjects in one consistent read."""
+    """GetEffectivePreferences for up to 1,000 subjects in one call; every value reflects every
+    change up to the returned cursor.
+    """
     WatchPreferences: _aio.UnaryStreamMultiCallable[_preferences_pb2.WatchPreferencesRequest, _preferences_pb2.WatchPreferencesResponse]  # type: ignore[assignment]
     """Streams every change to a subject's scopes (GLOBAL, its ORG, its USER) or to one scope, in
     feed order, from start_cursor (or from now). The first message is `started`; idle streams get
@@ -263,7 +267,9 @@ class PreferencesServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _preferences_pb2.BatchGetEffectivePreferencesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_preferences_pb2.BatchGetEffectivePreferencesResponse, _abc.Awaitable[_preferences_pb2.BatchGetEffectivePreferencesResponse]]:
-        """GetEffectivePreferences for up to 1,000 subjects in one consistent read."""
+        """GetEffectivePreferences for up to 1,000 subjects in one call; every value reflects every
+        change up to the returned cursor.
+        """
 
     @_abc_1.abstractmethod
     def WatchPreferences(
