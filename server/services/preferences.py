@@ -30,7 +30,7 @@ from server.paging import decode_token, encode_token, page_size
 from server.services import convert
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter
-from server.validation import definition_violations, key_problem
+from server.validation import definition_violations, id_problem, key_problem
 from server.watch import Compacted, Progress, Started, WatchItem, WatchTarget, watch
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -55,6 +55,12 @@ MAX_PARSED_READS = 100_000
 
 def _check_key(key: str, field: str) -> None:
     problem = key_problem(key)
+    if problem:
+        raise invalid(field, problem)
+
+
+def _check_id(value: str, field: str) -> None:
+    problem = id_problem(value)
     if problem:
         raise invalid(field, problem)
 
@@ -221,7 +227,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             raise invalid("org_id", "must be your own org")
         org = requested or caller_org
         if org:
-            convert.subject_from_pb(convert.subject_to_pb(Subject("x", org)), "org")
+            _check_id(org, "org_id")
         return org
 
     async def DeletePreferences(
@@ -289,8 +295,8 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         body = self._cache.response(key)
         if body is None:
             subject = Subject(user_id, org_id)
-            if org_id != requested_org:
-                convert.subject_from_pb(convert.subject_to_pb(subject), "subject")
+            if org_id != requested_org:  # the org came from the token's claim, not the validated request
+                _check_id(org_id, "subject.org_id")
             since = self._cache.tick
             values, used = await self._cache.resolve_subject(subject, prefixes, categories)
             body = preferences_pb2.GetEffectivePreferencesResponse(
