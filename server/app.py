@@ -13,9 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, preferences_pb2, preferences_pb2_grpc
 from prefd.v1 import health_pb2 as prefd_health_pb2
 from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
-from prefd.v1 import preferences_pb2, preferences_pb2_grpc
+from server.ai_cache import AIConfigCache
+from server.aiconfig import env_layer
 from server.auth import Authenticator, TokenVerifier
 from server.builtin import Catalog, load_catalog
 from server.cache import EffectiveCache, RedisLayers
@@ -24,9 +26,12 @@ from server.feed import FeedReader, WakeupNotifier
 from server.health import HealthChecker
 from server.metrics import serve_metrics
 from server.model import CallInfo, Scope
+from server.secretbox import SecretBox
+from server.services.ai_config import AIConfigService
 from server.services.health import HealthService
 from server.services.preferences import PreferencesService
 from server.settings import Settings
+from server.store.ai_writes import AIConfigStore
 from server.store.db import create_pool, migrate
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter, install_definitions
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,
+    ai_config_pb2.DESCRIPTOR.services_by_name["AIConfigService"].full_name,
     prefd_health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name,
 )
 
@@ -101,10 +107,25 @@ class HealthMonitor:
 class CommitFanout:
     """After a local commit: drop this process's stale cache entries and wake every feed reader."""
 
-    def __init__(self, cache: EffectiveCache, feed: FeedReader, notifier: WakeupNotifier | None) -> None:
+    def __init__(
+        self, cache: EffectiveCache, ai_cache: AIConfigCache, feed: FeedReader, notifier: WakeupNotifier | None
+    ) -> None:
         self._cache = cache
+        self._ai_cache = ai_cache
         self._feed = feed
         self._notifier = notifier
+
+    def ai_scope_committed(self, scope: Scope, xid: int) -> None:
+        self._ai_cache.on_local_commit(scope, xid)
+        self._wake()
+
+    def ai_catalog_committed(self, xid: int) -> None:
+        self._ai_cache.on_local_catalog_commit(xid)
+        self._wake()
+
+    def feed_appended(self, xid: int) -> None:
+        """Change rows that invalidate nothing (budget events) committed: wake the readers."""
+        self._wake()
 
     def scope_committed(self, scope: Scope, xid: int) -> None:
         self._cache.on_local_commit(scope, xid)
@@ -135,6 +156,7 @@ class App:
         self._monitor_task: asyncio.Task[None] | None = None
         self.feed: FeedReader | None = None
         self.cache: EffectiveCache | None = None
+        self.ai_cache: AIConfigCache | None = None
         self._notifier: WakeupNotifier | None = None
         self._metrics_server: Any = None
         self.metrics_port = 0
@@ -172,12 +194,23 @@ class App:
             await redis.ping()
         self.cache = EffectiveCache(self._pool, redis)
         self.feed = FeedReader(self._pool, self.dsn, settings.feed_poll_interval_s, settings.watch_queue_capacity)
+        box = SecretBox(settings)
+        ai_env = env_layer(
+            settings.ai_model,
+            settings.ai_temperature,
+            settings.ai_max_tokens,
+            settings.ai_api_key.get_secret_value() if settings.ai_api_key else None,
+        )
+        self.ai_cache = AIConfigCache(self._pool, box, ai_env)
         self.feed.add_listener(self.cache.on_changes)
+        self.feed.add_listener(self.ai_cache.on_changes)
         await self.feed.start()
         if settings.feed_notify:
             self._notifier = WakeupNotifier(self._pool)
             self._notifier.start()
-        writer = PreferenceWriter(self._pool, self.catalog.rules, CommitFanout(self.cache, self.feed, self._notifier))
+        fanout = CommitFanout(self.cache, self.ai_cache, self.feed, self._notifier)
+        writer = PreferenceWriter(self._pool, self.catalog.rules, fanout)
+        ai_store = AIConfigStore(self._pool, box, ai_env, fanout)
 
         server = grpc.aio.server(
             options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
@@ -188,6 +221,19 @@ class App:
             server,
             preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,
             PreferencesService(reader, writer, self.cache, self.feed, installation, settings.watch_progress_interval_s),
+        )
+        authenticator.add_service(
+            server,
+            ai_config_pb2_grpc.add_AIConfigServiceServicer_to_server,
+            AIConfigService(
+                ai_store,
+                self.ai_cache,
+                self.feed,
+                redis,
+                installation,
+                settings.watch_progress_interval_s,
+                fanout.feed_appended,
+            ),
         )
         authenticator.add_service(
             server,

@@ -32,6 +32,9 @@ class Role(enum.StrEnum):
 
 _READ_ANY = frozenset({Role.SERVICE, Role.ADMIN})
 
+# Reads AI API keys in clear; honoured only on service tokens that carry it explicitly.
+READ_SECRETS = "ai:secrets:read"
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -40,10 +43,26 @@ class Principal:
     subject: str
     org: str
     roles: frozenset[Role]
+    permissions: frozenset[str] = frozenset()
 
     @property
     def is_admin(self) -> bool:
         return Role.ADMIN in self.roles
+
+    @property
+    def reads_any(self) -> bool:
+        """Service and admin tokens read any subject and scope."""
+        return not self.roles.isdisjoint(_READ_ANY)
+
+    @property
+    def reads_secrets(self) -> bool:
+        """Whether responses may carry API keys in clear (a service token granted ai:secrets:read)."""
+        return Role.SERVICE in self.roles and READ_SECRETS in self.permissions
+
+    def require_service(self, action: str) -> None:
+        """PERMISSION_DENIED unless the caller is a service or an admin."""
+        if self.roles.isdisjoint(_READ_ANY):
+            raise PermissionDenied(f"{action} needs the service or admin role", action=action)
 
     def require_admin(self, action: str) -> None:
         """PERMISSION_DENIED unless the caller is an admin."""
@@ -179,7 +198,13 @@ class TokenVerifier:
         roles = frozenset(Role(r) for r in raw_roles if r in Role._value2member_map_)
         if not roles:
             raise Unauthenticated("token grants no known role (user, service, admin)")
-        principal = Principal(subject=str(claims["sub"]), org=str(claims.get("org", "")), roles=roles)
+        raw_permissions = claims.get("permissions", [])
+        if isinstance(raw_permissions, str):
+            raw_permissions = [raw_permissions]
+        permissions = frozenset(str(p) for p in raw_permissions)
+        principal = Principal(
+            subject=str(claims["sub"]), org=str(claims.get("org", "")), roles=roles, permissions=permissions
+        )
         return principal, float(claims["exp"])
 
 
@@ -192,12 +217,15 @@ def mint_token(
     algorithm: str = "HS256",
     audience: str | None = None,
     issuer: str | None = None,
+    permissions: list[str] | None = None,
 ) -> str:
-    """A signed token for `subject` with `roles`, valid for ttl_s seconds."""
+    """A signed token for `subject` with `roles` (and extra `permissions`), valid for ttl_s seconds."""
     now = int(time.time())
     claims: dict[str, Any] = {"sub": subject, "roles": roles, "iat": now, "exp": now + ttl_s}
     if org:
         claims["org"] = org
+    if permissions:
+        claims["permissions"] = permissions
     if audience:
         claims["aud"] = audience
     if issuer:

@@ -69,6 +69,7 @@ class RedisLayers:
     def __init__(self, url: str, namespace: str, ttl_s: int = 60, retry_after_s: float = 1.0) -> None:
         self._client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self._prefix = f"prefd:{namespace}:layer:"
+        self._counter_prefix = f"prefd:{namespace}:counter:"
         self._ttl_s = ttl_s
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
@@ -141,8 +142,46 @@ class RedisLayers:
         except (RedisError, OSError) as exc:
             self._failed(exc)
 
+    async def raise_counters(self, values: dict[str, int], ttl_s: int) -> bool:
+        """Set each counter to its value unless it already holds a larger one (totals only grow).
+
+        False if Redis could not be updated."""
+        if not values:
+            return True
+        if not self.available:
+            return False
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for name, value in values.items():
+                    pipe.eval(_RAISE_SCRIPT, 1, f"{self._counter_prefix}{name}", value, ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    async def counters(self, names: Sequence[str]) -> dict[str, int] | None:
+        """The counters that exist (None while Redis is unavailable)."""
+        if not self.available:
+            return None
+        try:
+            raw = await self._client.mget([f"{self._counter_prefix}{n}" for n in names])
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+        self._recovered()
+        return {name: int(value) for name, value in zip(names, raw, strict=True) if value is not None}
+
     async def close(self) -> None:
         await self._client.aclose()
+
+
+# Raise a counter to ARGV[1] (never lower it), with a TTL of ARGV[2] seconds.
+_RAISE_SCRIPT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return 1
+"""
 
 
 def _encode_layer(layer: CachedLayer) -> bytes:

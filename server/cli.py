@@ -175,6 +175,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             algorithm=algorithm,
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
+            permissions=args.permission,
         )
     )
     return 0
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--role", action="append", required=True, help="user, service or admin (repeatable)")
     tok.add_argument("--sub", required=True, help="the token subject (user id or service name)")
     tok.add_argument("--org", default="", help="the subject's org id")
+    tok.add_argument(
+        "--permission", action="append", default=[], help="extra permission, e.g. ai:secrets:read (repeatable)"
+    )
     tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     tok.add_argument("--data-dir", type=Path, help="where the signing secret lives (as for serve)")
     tok.add_argument("--private-key", help="PEM private key file, to sign RS256/ES256 instead of HS256")

@@ -117,6 +117,46 @@ class VersionConflict(PrefdError):
         return [packed]
 
 
+class AIConfigNotFound(PrefdError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "AI_CONFIG_NOT_FOUND"
+
+    def __init__(self, config_id: str) -> None:
+        super().__init__(f"AI config {config_id!r} does not exist", id=config_id)
+
+
+class AIConfigExists(PrefdError):
+    """The name is taken at that scope; names the request field like a validation error."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "AI_CONFIG_EXISTS"
+
+    def __init__(self, name: str, scope: str, field: str) -> None:
+        super().__init__(f"an AI config named {name!r} already exists at {scope}", name=name, scope=scope)
+        self.field = field
+
+    def details(self) -> list[any_pb2.Any]:
+        return ValidationFailed([FieldViolation(self.field, self.message)]).details()
+
+
+class RequestIdReused(ValidationFailed):
+    """A RecordUsage request_id already recorded with other figures."""
+
+    reason = "REQUEST_ID_REUSED"
+
+
+class MasterKeyMissing(PrefdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MASTER_KEY_MISSING"
+
+
+class SecretUnreadable(PrefdError):
+    """A stored key was sealed under a master key this server does not hold, or was tampered with."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "SECRET_UNREADABLE"
+
+
 class DatabaseUnavailable(PrefdError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "DATABASE_UNAVAILABLE"

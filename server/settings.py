@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     definitions_file: Path | None = None
     log_level: str = "INFO"
     print_token: bool = True
+    # AES-GCM master keys for API keys: comma-separated base64url 32-byte keys, the first current.
+    secret_key: SecretStr | None = None
+    # The AI configuration's environment layer (between the defaults and GLOBAL).
+    ai_model: str | None = None
+    ai_temperature: float | None = None
+    ai_max_tokens: int | None = None
+    ai_api_key: SecretStr | None = None
 
     @property
     def embedded(self) -> bool:

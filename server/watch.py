@@ -67,8 +67,9 @@ async def watch(
     start: FeedCursor | None,
     progress_interval_s: float,
     installation: str,
+    kinds: frozenset[str] = WATCHED_KINDS,
 ) -> AsyncIterator[WatchItem]:
-    """Every matching change after `start` (or after now), once each, in feed order."""
+    """Every matching change of `kinds` after `start` (or after now), once each, in feed order."""
     subscription, live_from = feed.subscribe(target.scopes, target.key_prefixes)
     try:
         last = live_from
@@ -83,7 +84,7 @@ async def watch(
             last = start
         yield Started(last)
         if start is not None and start < live_from:
-            async for event in _history(pool, target, start, live_from):
+            async for event in _history(pool, target, start, live_from, kinds):
                 yield Change(event)
             last = live_from
         while True:
@@ -99,7 +100,7 @@ async def watch(
                 if subscription.overflowed:
                     raise WatchOverflow("watcher fell behind; resume from its cursor", cursor=last.encode(installation))
                 raise ServerStopping(subscription.closed_reason or "server stopping", cursor=last.encode(installation))
-            if queued.position <= last or queued.kind not in WATCHED_KINDS:
+            if queued.position <= last or queued.kind not in kinds:
                 continue
             last = queued.position
             yield Change(queued)
@@ -108,7 +109,7 @@ async def watch(
 
 
 async def _history(
-    pool: asyncpg.Pool, target: WatchTarget, after: FeedCursor, through: FeedCursor
+    pool: asyncpg.Pool, target: WatchTarget, after: FeedCursor, through: FeedCursor, kinds: frozenset[str]
 ) -> AsyncIterator[ChangeEvent]:
     while True:
         async with translated_errors(), pool.acquire() as conn:
@@ -116,7 +117,7 @@ async def _history(
                 conn, after, through, sorted(target.scopes, key=str), target.key_prefixes, HISTORY_PAGE
             )
         for event in page:
-            if event.kind in WATCHED_KINDS:
+            if event.kind in kinds:
                 yield event
         if len(page) < HISTORY_PAGE:
             return

@@ -12,13 +12,15 @@ import asyncpg
 import grpc
 import pytest
 
-from prefd.v1 import preferences_pb2_grpc
+from prefd.v1 import ai_config_pb2_grpc, preferences_pb2_grpc
 from server.app import App
 from server.auth import mint_token
 from server.settings import Settings
 from server.store.db import init_connection
 
 SECRET = "test-signing-secret-" + "x" * 32
+# The test servers' AES-GCM master key for API keys (32 bytes, base64url).
+MASTER_KEY = "dGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGVzLWxvbmctLS0"
 
 
 def _with_database(url: str, name: str) -> str:
@@ -86,6 +88,7 @@ def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
         health_timeout_s=0.5,
         print_token=False,
         watch_progress_interval_s=0.5,
+        secret_key=MASTER_KEY,
     )
     return Settings(**{**defaults, **overrides})
 
@@ -108,6 +111,11 @@ def stub(channel: grpc.aio.Channel) -> preferences_pb2_grpc.PreferencesServiceSt
     return preferences_pb2_grpc.PreferencesServiceStub(channel)
 
 
+@pytest.fixture(scope="session")
+def ai_stub(channel: grpc.aio.Channel) -> ai_config_pb2_grpc.AIConfigServiceStub:
+    return ai_config_pb2_grpc.AIConfigServiceStub(channel)
+
+
 @pytest.fixture
 async def db(app: App) -> AsyncIterator[asyncpg.Connection]:
     """A raw connection to the server's database, for checking what was (not) written."""
@@ -119,13 +127,22 @@ async def db(app: App) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-def token(role: str = "admin", sub: str = "ops", org: str = "", ttl_s: int = 600, secret: str = SECRET) -> str:
-    return mint_token(secret, sub, [role], org=org, ttl_s=ttl_s)
+def token(
+    role: str = "admin",
+    sub: str = "ops",
+    org: str = "",
+    ttl_s: int = 600,
+    secret: str = SECRET,
+    permissions: tuple[str, ...] = (),
+) -> str:
+    return mint_token(secret, sub, [role], org=org, ttl_s=ttl_s, permissions=list(permissions))
 
 
-def auth(role: str = "admin", sub: str = "ops", org: str = "") -> tuple[tuple[str, str], ...]:
+def auth(
+    role: str = "admin", sub: str = "ops", org: str = "", permissions: tuple[str, ...] = ()
+) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying a bearer token."""
-    return (("authorization", f"Bearer {token(role, sub, org)}"),)
+    return (("authorization", f"Bearer {token(role, sub, org, permissions=permissions)}"),)
 
 
 def unique(prefix: str = "t") -> str:
