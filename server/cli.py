@@ -227,6 +227,54 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate_master_key(args: argparse.Namespace) -> int:
+    """Re-encrypt every stored API key under the current master key.
+
+    With PREFD_SECRET_KEY (new key first, old ones after) it re-encrypts under the first key; in
+    embedded mode it creates a new key in the data directory first and drops the old one after.
+    """
+    import secrets as token_source
+
+    from server.app import prepare_database
+    from server.embedded import EmbeddedPostgres
+    from server.secretbox import KEY_BYTES, SecretBox, keyring_path, load_keyring, write_keyring
+    from server.store.ai_writes import reseal_all
+    from server.store.db import create_pool
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    file_ring = settings.secret_key is None and settings.embedded
+    if not file_ring and settings.secret_key is None:
+        print("no master key configured: set PREFD_SECRET_KEY (new key first, then the old ones)", file=sys.stderr)
+        return 2
+    if file_ring:
+        path = keyring_path(settings)
+        old_keys = load_keyring(settings)
+        new_key = token_source.token_bytes(KEY_BYTES)
+        write_keyring(path, [new_key, *old_keys])
+    box = SecretBox(settings)
+
+    async def run() -> tuple[int, int]:
+        embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
+        try:
+            pool = await create_pool(await prepare_database(settings, embedded), 1, 2, 0)
+            try:
+                return await reseal_all(pool, box)
+            finally:
+                await pool.close()
+        finally:
+            if embedded is not None:
+                await embedded.stop()
+
+    resealed, current = asyncio.run(run())
+    if file_ring:
+        write_keyring(path, [new_key])
+    print(f"re-encrypted {resealed} API keys under master key {box.current_id} ({current} already were)")
+    if not file_ring and len(load_keyring(settings)) > 1:
+        print("the other keys in PREFD_SECRET_KEY are no longer used and may be removed")
+    return 0
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     """Exit 0 when grpc.health.v1 reports SERVING for `args.service` (used by the Docker HEALTHCHECK)."""
     import grpc
@@ -278,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--older-than", type=parse_duration, required=True, help="e.g. 90d, 12h")
     purge.add_argument("--data-dir", type=Path, help="as for serve")
     purge.set_defaults(func=cmd_purge)
+
+    rotate = sub.add_parser("rotate-master-key", help="re-encrypt every stored API key under the current master key")
+    rotate.add_argument("--data-dir", type=Path, help="as for serve")
+    rotate.set_defaults(func=cmd_rotate_master_key)
 
     hc = sub.add_parser("healthcheck", help="exit 0 if the local server reports SERVING")
     hc.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
