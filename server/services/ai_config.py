@@ -34,6 +34,7 @@ from server.model import FieldViolation, Scope, ScopeKind, Subject
 from server.paging import decode_token, encode_token
 from server.services import ai_convert, convert
 from server.store import ai_usage
+from server.store.ai_usage import reached
 from server.store.ai_writes import AIConfigStore, KeyUpdate
 from server.store.feed import ChangeEvent
 from server.validation import id_problem
@@ -186,6 +187,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self._progress_interval_s = progress_interval_s
         self._on_budget_commit = on_budget_commit
         self._counters_suspect: set[str] = set()  # users whose Redis mirror missed an update
+        self._cursor_memo: tuple[FeedCursor | None, bytes] = (None, b"")
 
     # --- named configs -----------------------------------------------------------------
 
@@ -400,9 +402,14 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         return body + self._cursor_field(position)
 
     def _cursor_field(self, position: FeedCursor) -> bytes:
-        return ai_config_pb2.GetEffectiveAIConfigResponse(
-            cursor=convert.cursor_to_pb(position, self._installation)
-        ).SerializeToString()
+        """The serialized `cursor` field of a GetEffectiveAIConfigResponse, memoised per position."""
+        memo = self._cursor_memo[0]
+        if memo is not position and memo != position:
+            encoded = ai_config_pb2.GetEffectiveAIConfigResponse(
+                cursor=convert.cursor_to_pb(position, self._installation)
+            ).SerializeToString()
+            self._cursor_memo = (position, encoded)
+        return self._cursor_memo[1]
 
     async def _fill_effective(self, message: Any, resolved: Resolved, privileged: bool) -> None:
         effective = resolved.effective
@@ -512,7 +519,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
                     spent_usd=nanos_to_usd(spent[period]),
                     spent_nanos=spent[period],
                     budget_usd=nanos_to_usd(budget),
-                    thresholds_crossed=[t for t in thresholds if budget > 0 and spent[period] >= t * budget],
+                    thresholds_crossed=[t for t in thresholds if budget > 0 and reached(spent[period], budget, t)],
                     exceeded=spent[period] >= budget,
                 )
             )

@@ -58,11 +58,16 @@ class UsageRecord:
     crossings: list[Crossing]
 
 
+def reached(spent: int, budget: int, threshold: float) -> bool:
+    """spent >= threshold * budget, in exact decimal arithmetic (nano-USD)."""
+    return spent >= Decimal(repr(threshold)) * budget
+
+
 def crossed(before: int, after: int, budget: int, thresholds: Sequence[float]) -> list[float]:
-    """Thresholds t with before < t * budget <= after (exact decimal arithmetic)."""
+    """Thresholds t with before < t * budget <= after."""
     if budget <= 0:
         return []
-    return [t for t in thresholds if before < Decimal(repr(t)) * budget <= after]
+    return [t for t in thresholds if reached(after, budget, t) and not reached(before, budget, t)]
 
 
 async def record(
