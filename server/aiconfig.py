@@ -222,6 +222,7 @@ class Violation:
     path: str
     description: str
     source: Source
+    rule: str = ""  # which rule, so a violation is recognised again after an unrelated write
 
 
 def config_layers(records: Sequence[AIConfigRecord], layer: Layer) -> list[ChainLayer]:
@@ -273,40 +274,42 @@ def _specificity(source: Source) -> tuple[int, int]:
 
 
 def merged_violations(effective: EffectiveAIConfig, catalog: Mapping[str, ModelInfo]) -> list[Violation]:
-    """Seed 001's rules over the merged result."""
+    """Seed 001's rules over the merged result; a rule over two fields names where each value came from."""
     v = effective.values
     found: list[Violation] = []
 
-    def broken(paths: tuple[str, ...], description: str) -> None:
+    def by(path: str) -> str:
+        return f"(set by {effective.sources[path].describe()})"
+
+    def broken(rule: str, paths: tuple[str, ...], description: str) -> None:
         path, source = _blame(effective, *paths)
-        found.append(Violation(path, f"{description} (set by {source.describe()})", source))
+        found.append(Violation(path, description, source, rule))
 
     for path in FIELD_TYPES:
         for problem in value_problems(path, v[path]):
-            broken((path,), problem)
+            broken(f"range:{path}", (path,), f"{problem} {by(path)}")
     model = catalog.get(v["model.model"])
     if model is None:
-        broken(("model.model",), f"model {v['model.model']!r} is not in the catalog")
+        broken("catalog", ("model.model",), f"model {v['model.model']!r} {by('model.model')} is not in the catalog")
     elif isinstance(v["model.max_tokens"], int) and v["model.max_tokens"] > model.output_limit:
         broken(
+            "output_limit",
             ("model.max_tokens", "model.model"),
-            f"max_tokens {v['model.max_tokens']} exceeds {model.model}'s output limit {model.output_limit}",
+            f"max_tokens {v['model.max_tokens']} {by('model.max_tokens')} exceeds the output limit"
+            f" {model.output_limit} of model {model.model} {by('model.model')}",
         )
-    if v["retry.max_delay_ms"] < v["retry.base_delay_ms"]:
-        broken(
-            ("retry.max_delay_ms", "retry.base_delay_ms"),
-            f"max_delay_ms {v['retry.max_delay_ms']} is below base_delay_ms {v['retry.base_delay_ms']}",
-        )
-    if v["cost_budget.weekly_usd"] < v["cost_budget.daily_usd"]:
-        broken(
-            ("cost_budget.weekly_usd", "cost_budget.daily_usd"),
-            f"weekly budget {v['cost_budget.weekly_usd']} is below the daily budget {v['cost_budget.daily_usd']}",
-        )
-    if v["cost_budget.monthly_usd"] < v["cost_budget.weekly_usd"]:
-        broken(
-            ("cost_budget.monthly_usd", "cost_budget.weekly_usd"),
-            f"monthly budget {v['cost_budget.monthly_usd']} is below the weekly budget {v['cost_budget.weekly_usd']}",
-        )
+    pairs = (
+        ("delays", "retry.max_delay_ms", "retry.base_delay_ms", "max_delay_ms", "base_delay_ms"),
+        ("weekly_budget", "cost_budget.weekly_usd", "cost_budget.daily_usd", "weekly budget", "daily budget"),
+        ("monthly_budget", "cost_budget.monthly_usd", "cost_budget.weekly_usd", "monthly budget", "weekly budget"),
+    )
+    for rule, larger, smaller, larger_name, smaller_name in pairs:
+        if v[larger] < v[smaller]:
+            broken(
+                rule,
+                (larger, smaller),
+                f"{larger_name} {v[larger]} {by(larger)} is below {smaller_name} {v[smaller]} {by(smaller)}",
+            )
     return found
 
 

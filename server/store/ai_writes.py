@@ -196,8 +196,8 @@ class AIConfigStore:
                 layers += config_layers(records, LAYER_OF_SCOPE[s.kind])
             return layers
 
-        before = {(v.path, v.description) for v in merge(chain(old), catalog).violations}
-        after = [v for v in merge(chain(new), catalog).violations if (v.path, v.description) not in before]
+        before = {v.rule for v in merge(chain(old), catalog).violations}
+        after = [v for v in merge(chain(new), catalog).violations if v.rule not in before]
         if after:
             raise ValidationFailed([_request_violation(v) for v in after])
 
