@@ -26,6 +26,10 @@ Setup
     h2load) to the others; PostgreSQL is left unpinned (--no-pin disables all pinning). Before
     measuring, an admin token writes an ORG and a USER override for the benchmark subject.
 
+Reuse
+    The read is a ReadTarget (method, request, seed writes, response checks); bench/ai_effective_read.py
+    runs this same harness for GetEffectiveAIConfig by passing its own to main().
+
 Output
     One JSON document on stdout; progress on stderr. Child logs go to a temporary directory,
     removed at the end (kept, and named on stderr, when the run fails).
@@ -53,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+from google.protobuf.message import Message
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from server.auth import mint_token
@@ -266,6 +271,25 @@ async def bench_database() -> AsyncIterator[Database]:
 # --------------------------------------------------------------------------- gRPC calls
 
 
+@dataclass(frozen=True)
+class ReadTarget:
+    """The unary read a run measures against the echo baseline, and how to judge its answers.
+
+    PREFERENCES (below) is this script's; bench/ai_effective_read.py passes its own to main().
+    """
+
+    benchmark: str  # the report's title
+    description: str  # the command line's description
+    method: str  # the full gRPC method path, served by prefd and (via --method) by the echo server
+    request: Message  # the one request every call sends
+    response_type: type[Message]
+    seed: Callable[[int, str], Awaitable[None]]  # (prefd port, admin token): write what the read must see
+    check: Callable[[Any], dict[str, Any]]  # raises unless a response is the expected one; else facts to report
+    payload: Callable[[Any], dict[str, Any]]  # response facts for the report's "payload" section
+    answered: Callable[[Any], bool]  # cheap check of every serial call's response
+    empty_answer: str  # what a serial response failing `answered` is called in the error
+
+
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """The bearer-token metadata prefd needs (none for the echo server)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
@@ -290,13 +314,13 @@ async def seed_overrides(port: int, admin_token: str) -> None:
             await stub.SetPreferences(request, metadata=auth_metadata(admin_token), timeout=30)
 
 
-async def get_effective_raw(port: int, token: str | None) -> bytes:
-    """One real GetEffectivePreferences call for the benchmark subject; the response exactly as sent."""
-    request = preferences_pb2.GetEffectivePreferencesRequest(subject=SUBJECT)
+async def get_effective_raw(port: int, token: str | None, target: ReadTarget | None = None) -> bytes:
+    """One real call of the target's read (default: GetEffectivePreferences); the response exactly as sent."""
+    target = target or PREFERENCES
     async with grpc.aio.insecure_channel(f"{HOST}:{port}") as channel:
         # No serializers: bytes in, bytes out, so the wire payload can be compared and replayed.
-        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(METHOD)
-        response: bytes = await call(request.SerializeToString(), metadata=auth_metadata(token), timeout=30)
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(target.method)
+        response: bytes = await call(target.request.SerializeToString(), metadata=auth_metadata(token), timeout=30)
         return response
 
 
@@ -321,6 +345,20 @@ def check_prefd_response(response: preferences_pb2.GetEffectivePreferencesRespon
     }
 
 
+PREFERENCES = ReadTarget(
+    benchmark="GetEffectivePreferences: prefd vs a bare grpc.aio baseline",
+    description="Benchmark prefd GetEffectivePreferences against a bare grpc.aio echo server.",
+    method=METHOD,
+    request=preferences_pb2.GetEffectivePreferencesRequest(subject=SUBJECT),
+    response_type=preferences_pb2.GetEffectivePreferencesResponse,
+    seed=seed_overrides,
+    check=check_prefd_response,
+    payload=lambda response: {"response_values": len(response.values)},
+    answered=lambda response: bool(response.values),
+    empty_answer="no values",
+)
+
+
 def percentile_us(sorted_ns: list[int], q: float) -> float:
     """The q-th percentile (0..100, linear interpolation) of nanosecond samples, in microseconds."""
     if len(sorted_ns) == 1:
@@ -331,21 +369,29 @@ def percentile_us(sorted_ns: list[int], q: float) -> float:
     return (sorted_ns[low] + (sorted_ns[high] - sorted_ns[low]) * (rank - low)) / 1000
 
 
-async def serial_latency(port: int, token: str | None, calls: int, warmup: int) -> dict[str, float]:
+async def serial_latency(
+    port: int, token: str | None, calls: int, warmup: int, target: ReadTarget | None = None
+) -> dict[str, float]:
     """`warmup` then `calls` sequential unary calls on one channel; latency percentiles in µs."""
-    request = preferences_pb2.GetEffectivePreferencesRequest(subject=SUBJECT)
+    target = target or PREFERENCES
+    request = target.request
     metadata = auth_metadata(token)
     samples: list[int] = []
     async with grpc.aio.insecure_channel(f"{HOST}:{port}") as channel:
-        stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+        # What a generated stub's method is: the path plus the message's (de)serializers.
+        call = channel.unary_unary(
+            target.method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=target.response_type.FromString,
+        )
         for _ in range(warmup):
-            await stub.GetEffectivePreferences(request, metadata=metadata, timeout=30)
+            await call(request, metadata=metadata, timeout=30)
         for _ in range(calls):
             start = time.perf_counter_ns()
-            response = await stub.GetEffectivePreferences(request, metadata=metadata, timeout=30)
+            response = await call(request, metadata=metadata, timeout=30)
             samples.append(time.perf_counter_ns() - start)
-            if not response.values:
-                raise RuntimeError("a serial call returned no values")
+            if not target.answered(response):
+                raise RuntimeError(f"a serial call returned {target.empty_answer}")
     samples.sort()
     return {
         "p50_us": round(percentile_us(samples, 50), 1),
@@ -409,6 +455,11 @@ def parse_h2load(output: str) -> dict[str, Any]:
     }
 
 
+def h2load_duration(seconds: float) -> str:
+    """A DURATION for h2load, which takes whole numbers only: '10' (seconds) or '1500ms'."""
+    return f"{seconds:g}" if float(seconds).is_integer() else f"{round(seconds * 1000)}ms"
+
+
 @dataclass(frozen=True)
 class H2loadParams:
     """Identical h2load settings for both servers."""
@@ -419,15 +470,17 @@ class H2loadParams:
     streams: int
     threads: int
 
-    def argv(self, port: int | str, body: Path, token: str | None, requests: int | None = None) -> list[str]:
-        """The h2load command: timed (-D, --warm-up-time), or exactly `requests` requests (-n)."""
+    def argv(
+        self, port: int | str, body: Path, token: str | None, requests: int | None = None, method: str = METHOD
+    ) -> list[str]:
+        """The h2load command posting to `method`: timed (-D, --warm-up-time), or exactly `requests` (-n)."""
         headers = ["content-type: application/grpc", "te: trailers"]
         if token:
             headers.append(f"authorization: Bearer {token}")
         amount = (
             [f"--requests={requests}"]
             if requests is not None
-            else [f"--duration={self.duration_s:g}", f"--warm-up-time={self.warmup_s:g}"]
+            else [f"--duration={h2load_duration(self.duration_s)}", f"--warm-up-time={h2load_duration(self.warmup_s)}"]
         )
         return [
             "h2load",
@@ -437,7 +490,7 @@ class H2loadParams:
             f"--threads={self.threads}",
             f"--data={body}",
             *(arg for header in headers for arg in ("-H", header)),
-            f"http://{HOST}:{port}{METHOD}",
+            f"http://{HOST}:{port}{method}",
         ]
 
 
@@ -461,7 +514,7 @@ async def exec_h2load(argv: list[str], timeout_s: float) -> dict[str, Any]:
 
 
 async def check_h2load_exact(
-    params: H2loadParams, port: int, body: Path, token: str | None, message_bytes: int
+    params: H2loadParams, port: int, body: Path, token: str | None, message_bytes: int, method: str = METHOD
 ) -> dict[str, Any]:
     """h2load's exact request (headers, body) gets a full gRPC answer every time, under full concurrency.
 
@@ -470,7 +523,7 @@ async def check_h2load_exact(
     response message (5 + message_bytes) per request; any gRPC error would fall short.
     """
     requests = params.clients * params.streams
-    result = await exec_h2load(params.argv(port, body, token, requests=requests), timeout_s=120)
+    result = await exec_h2load(params.argv(port, body, token, requests=requests, method=method), timeout_s=120)
     expected = requests * (message_bytes + 5)
     if result["succeeded"] != requests or result["data_bytes"] != expected:
         raise RuntimeError(
@@ -481,10 +534,11 @@ async def check_h2load_exact(
 
 
 async def run_h2load(
-    params: H2loadParams, port: int, body: Path, token: str | None, message_bytes: int
+    params: H2loadParams, port: int, body: Path, token: str | None, message_bytes: int, method: str = METHOD
 ) -> dict[str, Any]:
     """One timed h2load run (-D with warm-up); also fails when far fewer bytes came back than answers."""
-    result = await exec_h2load(params.argv(port, body, token), timeout_s=params.duration_s + params.warmup_s + 60)
+    timeout_s = params.duration_s + params.warmup_s + 60
+    result = await exec_h2load(params.argv(port, body, token, method=method), timeout_s=timeout_s)
     # Timed runs count DATA bytes from the warm-up and from unfinished streams too, so this is only
     # a lower bound (it catches a server answering errors throughout); check_h2load_exact is exact.
     result["data_covers_successes"] = result["data_bytes"] >= result["succeeded"] * (message_bytes + 5)
@@ -548,8 +602,9 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    """Set up, measure every round, tear down; the JSON report."""
+async def run(args: argparse.Namespace, work_dir: Path, target: ReadTarget | None = None) -> dict[str, Any]:
+    """Set up, measure every round of the target's read (default PREFERENCES), tear down; the JSON report."""
+    target = target or PREFERENCES
     started = time.monotonic()
     machine = machine_info()
     all_cpus = os.sched_getaffinity(0)
@@ -595,13 +650,14 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 db.unpin_embedded(all_cpus)
 
             log("writing overrides for the benchmark subject")
-            await seed_overrides(prefd_port, admin_token)
-            response_bytes = await get_effective_raw(prefd_port, service_token)
-            captured = preferences_pb2.GetEffectivePreferencesResponse.FromString(response_bytes)
-            prefd_check = check_prefd_response(captured)
+            await target.seed(prefd_port, admin_token)
+            response_bytes = await get_effective_raw(prefd_port, service_token, target)
+            captured = target.response_type.FromString(response_bytes)
+            prefd_check = target.check(captured)
+            payload = target.payload(captured)
             response_file = work_dir / "response.bin"
             response_file.write_bytes(response_bytes)
-            log(f"prefd returned {len(captured.values)} values ({len(response_bytes)} bytes); starting echo")
+            log(f"prefd returned {payload} ({len(response_bytes)} bytes); starting echo")
 
             echo = ChildServer(
                 "echo",
@@ -614,6 +670,8 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                     "0",
                     "--response-file",
                     str(response_file),
+                    "--method",
+                    target.method,
                 ],
                 child_env({}),
                 work_dir,
@@ -621,10 +679,10 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             )
             echo.start()
             echo_port = await echo.wait_ready()
-            if await get_effective_raw(echo_port, None) != response_bytes:
+            if await get_effective_raw(echo_port, None, target) != response_bytes:
                 raise RuntimeError("the echo server did not return the captured response")
 
-            request = preferences_pb2.GetEffectivePreferencesRequest(subject=SUBJECT)
+            request = target.request
             body = work_dir / "request.grpc"
             body.write_bytes(grpc_frame(request.SerializeToString()))
 
@@ -635,14 +693,16 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             exact_checks = {}
             for name, (port, token) in targets.items():
                 log(f"{name}: checking h2load's request gets full gRPC answers")
-                exact_checks[name] = await check_h2load_exact(params, port, body, token, len(response_bytes))
+                exact_checks[name] = await check_h2load_exact(
+                    params, port, body, token, len(response_bytes), target.method
+                )
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
             for round_no in range(1, args.rounds + 1):
                 for name, (port, token) in targets.items():
                     log(f"round {round_no}/{args.rounds} {name}: {args.serial} serial calls")
-                    latency = await serial_latency(port, token, args.serial, args.serial_warmup)
+                    latency = await serial_latency(port, token, args.serial, args.serial_warmup, target)
                     log(f"round {round_no}/{args.rounds} {name}: h2load {params.duration_s:g} s")
-                    load = await run_h2load(params, port, body, token, len(response_bytes))
+                    load = await run_h2load(params, port, body, token, len(response_bytes), target.method)
                     runs[name].append(
                         {
                             "round": round_no,
@@ -661,8 +721,8 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
 
     medians = {name: summarize(rounds) for name, rounds in runs.items()}
     return {
-        "benchmark": "GetEffectivePreferences: prefd vs a bare grpc.aio baseline",
-        "method": METHOD,
+        "benchmark": target.benchmark,
+        "method": target.method,
         "baseline": "echo: bench/echo_server.py (plain grpc.aio.server(), generic handler, "
         "returns one prebuilt real prefd response; no auth, no database)",
         "machine": machine,
@@ -671,7 +731,10 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             "order": "per round: echo then prefd; each: serial latency, then h2load",
             "serial_calls": args.serial,
             "serial_warmup_calls": args.serial_warmup,
-            "h2load": {**asdict(params), "command": params.argv("<port>", body, "<service token>")},
+            "h2load": {
+                **asdict(params),
+                "command": params.argv("<port>", body, "<service token>", method=target.method),
+            },
         },
         "pinning": {
             "enabled": pin,
@@ -684,7 +747,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         "payload": {
             "request_bytes": request.ByteSize(),
             "response_bytes": len(response_bytes),
-            "response_values": len(captured.values),
+            **payload,
         },
         "correctness": {
             "prefd_grpc_call": prefd_check,
@@ -728,12 +791,10 @@ def rounds_arg(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, description: str = PREFERENCES.description) -> argparse.Namespace:
     """The command line, validated."""
 
-    parser = argparse.ArgumentParser(
-        description="Benchmark prefd GetEffectivePreferences against a bare grpc.aio echo server."
-    )
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--duration", type=positive_float, default=10.0, help="h2load seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=1.0, help="h2load warm-up seconds per run (default 1)")
     parser.add_argument("--clients", type=positive_int, default=50, help="h2load clients (-c, default 50)")
@@ -751,14 +812,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, target: ReadTarget | None = None) -> int:
+    """Run the benchmark for `target` (default PREFERENCES: GetEffectivePreferences); 0 on success."""
+    target = target or PREFERENCES
+    args = parse_args(argv, target.description)
     if shutil.which("h2load") is None:
         print("h2load not found (Debian: apt-get install nghttp2-client)", file=sys.stderr)
         return 2
     work_dir = Path(tempfile.mkdtemp(prefix="prefd-bench-"))  # child logs, request body, captured response
     try:
-        report = asyncio.run(_main_cancellable(args, work_dir))
+        report = asyncio.run(_main_cancellable(args, work_dir, target))
     except (KeyboardInterrupt, asyncio.CancelledError):
         shutil.rmtree(work_dir, ignore_errors=True)
         log("interrupted; servers stopped and the benchmark database removed")
@@ -772,12 +835,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _main_cancellable(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+async def _main_cancellable(args: argparse.Namespace, work_dir: Path, target: ReadTarget) -> dict[str, Any]:
     """run(), cancelled (so every finally block runs) on SIGTERM as well as on Ctrl-C."""
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run(args, work_dir)
+    return await run(args, work_dir, target)
 
 
 if __name__ == "__main__":

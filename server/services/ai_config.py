@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, common_pb2, preferences_pb2
 from server.ai_cache import AIConfigCache, Resolved
@@ -48,6 +49,8 @@ MAX_TOKENS_PER_CALL = 10**12
 MAX_PRICE_USD_PER_1K = 1000.0
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
+# Distinct GetEffectiveAIConfig request encodings remembered (parsing is pure; this only bounds memory).
+MAX_PARSED_READS = 100_000
 AI_WATCH_KINDS = frozenset({"ai_config", "budget"})
 AI_WATCH_PREFIXES = ("ai_config/", "budget/")
 # Mask paths below `configuration` and the flat paths each one covers.
@@ -99,6 +102,12 @@ def _require_config_read(principal: Principal, scope: Scope) -> None:
     if scope.kind is ScopeKind.ORG and principal.org and scope.id == principal.org:
         return
     raise PermissionDenied(f"{principal.subject} may not read AI configs of {scope}", action="read")
+
+
+def _check_org(org_id: str) -> None:
+    problem = id_problem(org_id)
+    if problem:
+        raise invalid("subject.org_id", problem)
 
 
 def _chain_org(principal: Principal, scope: Scope) -> str:
@@ -169,6 +178,9 @@ def _mask_coverage(path: str) -> list[str]:
 class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     """Named AI configs, their resolution, the catalog, API keys, usage and budgets."""
 
+    # Methods whose handler receives the serialized request (see Authenticator.add_service).
+    RAW_REQUEST_METHODS = frozenset({"GetEffectiveAIConfig"})
+
     def __init__(
         self,
         writer: AIConfigStore,
@@ -188,6 +200,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self._on_budget_commit = on_budget_commit
         self._counters_suspect: set[str] = set()  # users whose Redis mirror missed an update
         self._cursor_memo: tuple[FeedCursor | None, bytes] = (None, b"")
+        self._parsed_reads: dict[bytes, tuple[str, str]] = {}
 
     # --- named configs -----------------------------------------------------------------
 
@@ -381,11 +394,21 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         principal.require_read(parsed)
         return parsed
 
-    async def GetEffectiveAIConfig(  # type: ignore[override]  # prebuilt body + cursor bytes out
-        self, request: ai_config_pb2.GetEffectiveAIConfigRequest, context: Context
+    async def GetEffectiveAIConfig(  # type: ignore[override]  # raw request bytes in, prebuilt body out
+        self, request: bytes, context: Context
     ) -> bytes:
         principal = current_principal()
-        subject = self._subject(request.subject, principal)
+        # Hot path: request bytes seen before map to their validated subject without parsing.
+        parsed = self._parsed_reads.get(request)
+        if parsed is None:
+            parsed = self._parse_read(request)
+        user_id, requested_org = parsed
+        org_id = requested_org or (principal.org if principal.subject == user_id else "")
+        if not principal.may_read(user_id, org_id):
+            principal.require_read(Subject(user_id, org_id))
+        if org_id != requested_org:  # the org came from the token's claim, not the validated request
+            _check_org(org_id)
+        subject = Subject(user_id, org_id)
         privileged = principal.reads_secrets
         key = (subject.user_id, subject.org_id, privileged)
         position = self._feed.position
@@ -400,6 +423,18 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         if self._cache.changed_since(resolved.scopes, resolved.since_tick):
             position = min(position, FeedCursor.at_horizon(resolved.xmin))
         return body + self._cursor_field(position)
+
+    def _parse_read(self, raw: bytes) -> tuple[str, str]:
+        """Parse and validate a GetEffectiveAIConfigRequest; remember the result by its bytes."""
+        try:
+            request = ai_config_pb2.GetEffectiveAIConfigRequest.FromString(raw)
+        except DecodeError as exc:
+            raise invalid("request", "is not a GetEffectiveAIConfigRequest") from exc
+        subject = convert.subject_from_pb(request.subject, "subject")
+        if len(self._parsed_reads) >= MAX_PARSED_READS:
+            self._parsed_reads.clear()
+        self._parsed_reads[raw] = (subject.user_id, subject.org_id)
+        return subject.user_id, subject.org_id
 
     def _cursor_field(self, position: FeedCursor) -> bytes:
         """The serialized `cursor` field of a GetEffectiveAIConfigResponse, memoised per position."""
