@@ -1700,6 +1700,7 @@ class WatchAIConfigResponse(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     COMPACTED_FIELD_NUMBER: _builtins.int
+    ERASED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> _preferences_pb2.WatchStarted:
         """First message of every stream."""
@@ -1720,6 +1721,10 @@ class WatchAIConfigResponse(_message.Message):
     def compacted(self) -> _preferences_pb2.WatchCompacted:
         """The start cursor is too old; re-read and watch again. The stream ends after this."""
 
+    @_builtins.property
+    def erased(self) -> _preferences_pb2.WatchErased:
+        """The watched user's data was erased; the stream ends after this."""
+
     def __init__(
         self,
         *,
@@ -1728,12 +1733,13 @@ class WatchAIConfigResponse(_message.Message):
         budget: Global___BudgetEvent | None = ...,
         progress: _preferences_pb2.WatchProgress | None = ...,
         compacted: _preferences_pb2.WatchCompacted | None = ...,
+        erased: _preferences_pb2.WatchErased | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "compacted", b"compacted", "config_changed", b"config_changed", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "compacted", b"compacted", "config_changed", b"config_changed", "erased", b"erased", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "compacted", b"compacted", "config_changed", b"config_changed", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "compacted", b"compacted", "config_changed", b"config_changed", "erased", b"erased", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["started", "config_changed", "budget", "progress", "compacted"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["started", "config_changed", "budget", "progress", "compacted", "erased"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

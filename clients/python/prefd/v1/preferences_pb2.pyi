@@ -35,6 +35,16 @@ class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind
     """A stored override was set or removed."""
     CHANGE_KIND_DEFINITION: _ChangeKind.ValueType  # 2
     """A definition was created, updated or deleted (its default may have changed)."""
+    CHANGE_KIND_AI_CONFIG: _ChangeKind.ValueType  # 3
+    """A named AI configuration (AuditService only)."""
+    CHANGE_KIND_AI_MODEL: _ChangeKind.ValueType  # 4
+    """A model of the AI catalog (AuditService only)."""
+    CHANGE_KIND_BUDGET: _ChangeKind.ValueType  # 5
+    """A budget threshold crossing (AuditService only)."""
+    CHANGE_KIND_MAINTENANCE: _ChangeKind.ValueType  # 6
+    """A maintenance operation such as the retention purge (AuditService only)."""
+    CHANGE_KIND_ERASURE: _ChangeKind.ValueType  # 7
+    """A user's data erasure."""
 
 class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper):
     """ChangeKind says what a change event changed."""
@@ -45,6 +55,16 @@ CHANGE_KIND_PREFERENCE: ChangeKind.ValueType  # 1
 """A stored override was set or removed."""
 CHANGE_KIND_DEFINITION: ChangeKind.ValueType  # 2
 """A definition was created, updated or deleted (its default may have changed)."""
+CHANGE_KIND_AI_CONFIG: ChangeKind.ValueType  # 3
+"""A named AI configuration (AuditService only)."""
+CHANGE_KIND_AI_MODEL: ChangeKind.ValueType  # 4
+"""A model of the AI catalog (AuditService only)."""
+CHANGE_KIND_BUDGET: ChangeKind.ValueType  # 5
+"""A budget threshold crossing (AuditService only)."""
+CHANGE_KIND_MAINTENANCE: ChangeKind.ValueType  # 6
+"""A maintenance operation such as the retention purge (AuditService only)."""
+CHANGE_KIND_ERASURE: ChangeKind.ValueType  # 7
+"""A user's data erasure."""
 Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
 
 @_typing.final
@@ -1196,6 +1216,7 @@ class WatchPreferencesResponse(_message.Message):
     CHANGE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     COMPACTED_FIELD_NUMBER: _builtins.int
+    ERASED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___WatchStarted:
         """First message of every stream."""
@@ -1212,6 +1233,10 @@ class WatchPreferencesResponse(_message.Message):
     def compacted(self) -> Global___WatchCompacted:
         """The start cursor is too old; the stream ends after this."""
 
+    @_builtins.property
+    def erased(self) -> Global___WatchErased:
+        """The watched user's data was erased; the stream ends after this."""
+
     def __init__(
         self,
         *,
@@ -1219,13 +1244,38 @@ class WatchPreferencesResponse(_message.Message):
         change: Global___ChangeEvent | None = ...,
         progress: Global___WatchProgress | None = ...,
         compacted: Global___WatchCompacted | None = ...,
+        erased: Global___WatchErased | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "compacted", b"compacted", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "compacted", b"compacted", "erased", b"erased", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "compacted", b"compacted", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "compacted", b"compacted", "erased", b"erased", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["started", "change", "progress", "compacted"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["started", "change", "progress", "compacted", "erased"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WatchPreferencesResponse: _TypeAlias = WatchPreferencesResponse  # noqa: Y015
+
+@_typing.final
+class WatchErased(_message.Message):
+    """WatchErased says the watched user's data was erased (GDPR); drop every local copy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursor(self) -> _common_pb2.Cursor:
+        """The position of the erasure."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _common_pb2.Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchErased: _TypeAlias = WatchErased  # noqa: Y015
