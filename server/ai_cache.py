@@ -67,7 +67,12 @@ class AIConfigCache:
     def on_changes(self, events: Sequence[ChangeEvent]) -> None:
         """Feed listener: forget what AI config and catalog changes make stale."""
         for event in events:
-            if event.kind == "ai_config":
+            if event.kind == "erasure":  # names only a pseudonym: forget every scope
+                self._keys.clear()
+                for scope in list(self._scopes):
+                    self._forget_scope(scope, event.xid)
+                self._drop_responses(None)
+            elif event.kind == "ai_config":
                 self._keys.pop(event.key.removeprefix("ai_config/"), None)
                 self._forget_scope(event.scope, event.xid)
             elif event.kind == "ai_model":

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, preferences_pb2, preferences_pb2_grpc
+from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, audit_pb2, audit_pb2_grpc, preferences_pb2, preferences_pb2_grpc
 from prefd.v1 import health_pb2 as prefd_health_pb2
 from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
 from server.ai_cache import AIConfigCache
@@ -25,13 +25,15 @@ from server.embedded import EmbeddedPostgres
 from server.feed import FeedReader, WakeupNotifier
 from server.health import HealthChecker
 from server.metrics import serve_metrics
-from server.model import CallInfo, Scope
+from server.model import CallInfo, Scope, ScopeKind
 from server.secretbox import SecretBox
 from server.services.ai_config import AIConfigService
+from server.services.audit import AuditService
 from server.services.health import HealthService
 from server.services.preferences import PreferencesService
 from server.settings import Settings
 from server.store.ai_writes import AIConfigStore
+from server.store.audit import AuditStore, pseudonym_key
 from server.store.db import create_pool, migrate
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter, install_definitions
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name,
     ai_config_pb2.DESCRIPTOR.services_by_name["AIConfigService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     prefd_health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name,
 )
 
@@ -123,6 +126,12 @@ class CommitFanout:
         self._ai_cache.on_local_catalog_commit(xid)
         self._wake()
 
+    def user_erased(self, scope: Scope, xid: int | None) -> None:
+        """A user's data was erased here: drop this process's copies now (others drop theirs from the feed)."""
+        self._cache.on_local_commit(scope, xid or 0)
+        self._ai_cache.on_local_commit(scope, xid or 0)
+        self._wake()
+
     def feed_appended(self, xid: int) -> None:
         """Change rows that invalidate nothing (budget events) committed: wake the readers."""
         self._wake()
@@ -157,6 +166,7 @@ class App:
         self.feed: FeedReader | None = None
         self.cache: EffectiveCache | None = None
         self.ai_cache: AIConfigCache | None = None
+        self._cleanups: set[asyncio.Future[None]] = set()
         self._notifier: WakeupNotifier | None = None
         self._metrics_server: Any = None
         self.metrics_port = 0
@@ -211,6 +221,14 @@ class App:
         fanout = CommitFanout(self.cache, self.ai_cache, self.feed, self._notifier)
         writer = PreferenceWriter(self._pool, self.catalog.rules, fanout)
         ai_store = AIConfigStore(self._pool, box, ai_env, fanout)
+        async with self._pool.acquire() as conn:
+            pseudonym_secret = await pseudonym_key(conn)
+        audit_store = AuditStore(self._pool)
+
+        def user_erased(user_id: str, xid: int | None) -> None:
+            fanout.user_erased(Scope(ScopeKind.USER, user_id), xid)
+            if redis is not None:
+                self._spawn_cleanup(redis.delete_counters(f"usage:{user_id}:"))
 
         server = grpc.aio.server(
             options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
@@ -220,7 +238,20 @@ class App:
         authenticator.add_service(
             server,
             preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,
-            PreferencesService(reader, writer, self.cache, self.feed, installation, settings.watch_progress_interval_s),
+            PreferencesService(
+                reader,
+                writer,
+                self.cache,
+                self.feed,
+                installation,
+                settings.watch_progress_interval_s,
+                pseudonym_secret,
+            ),
+        )
+        authenticator.add_service(
+            server,
+            audit_pb2_grpc.add_AuditServiceServicer_to_server,
+            AuditService(audit_store, writer, self.cache, installation, user_erased),
         )
         authenticator.add_service(
             server,
@@ -233,6 +264,7 @@ class App:
                 installation,
                 settings.watch_progress_interval_s,
                 fanout.feed_appended,
+                pseudonym_secret,
             ),
         )
         authenticator.add_service(
@@ -288,6 +320,11 @@ class App:
             self._pool = None
         if self._embedded is not None:
             await self._embedded.stop()
+
+    def _spawn_cleanup(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     @property
     def pool(self) -> asyncpg.Pool:

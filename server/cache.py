@@ -172,6 +172,17 @@ class RedisLayers:
         self._recovered()
         return {name: int(value) for name, value in zip(names, raw, strict=True) if value is not None}
 
+    async def delete_counters(self, prefix: str) -> None:
+        """Delete every counter whose name starts with `prefix`."""
+        if not self.available:
+            return
+        try:
+            names = [n async for n in self._client.scan_iter(match=f"{self._counter_prefix}{prefix}*", count=500)]
+            if names:
+                await self._client.delete(*names)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -235,7 +246,9 @@ class EffectiveCache:
         """Feed listener: forget everything the changes make stale."""
         scopes = set()
         for event in events:
-            if event.kind == "definition":
+            if event.kind == "erasure":  # names only a pseudonym: forget every layer
+                self.forget_all_layers(event.xid)
+            elif event.kind == "definition":
                 self._forget_definitions(event.xid)
             elif event.kind == "preference":
                 scopes.add(event.scope)
@@ -249,6 +262,13 @@ class EffectiveCache:
         self._forget_scope(scope, xid)
         if redis_delete and self.redis is not None:
             self._spawn(self.redis.delete([scope]))
+
+    def forget_all_layers(self, xid: int) -> None:
+        """Drop every cached layer and response (after an erasure, whose change row hides the user id)."""
+        for scope in list(self._layers):
+            self._forget_scope(scope, xid)
+        self._responses.clear()
+        self._responses_by_scope.clear()
 
     def on_local_definition_commit(self, xid: int) -> None:
         self._forget_definitions(xid)

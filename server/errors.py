@@ -150,6 +150,26 @@ class MasterKeyMissing(PrefdError):
     reason = "MASTER_KEY_MISSING"
 
 
+class StaleRollback(PrefdError):
+    """The scopes changed since the rollback was previewed."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "ROLLBACK_PREVIEW_STALE"
+
+
+class UserErased(PrefdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "USER_ERASED"
+
+
+class ChangeNotFound(PrefdError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "CHANGE_NOT_FOUND"
+
+    def __init__(self, change_id: int, field: str) -> None:
+        super().__init__(f"change {change_id} does not exist", id=str(change_id), field=field)
+
+
 class SecretUnreadable(PrefdError):
     """A stored key was sealed under a master key this server does not hold, or was tampered with."""
 

@@ -42,7 +42,7 @@ class Subscription:
     def matches(self, event: ChangeEvent) -> bool:
         if self.scopes is not None and event.scope not in self.scopes:
             return False
-        return not self.key_prefixes or event.key.startswith(self.key_prefixes)
+        return not self.key_prefixes or event.kind == "erasure" or event.key.startswith(self.key_prefixes)
 
     def offer(self, event: ChangeEvent) -> None:
         if self.overflowed:

@@ -11,7 +11,7 @@ import asyncpg
 from server.cursor import FeedCursor
 from server.errors import ServerStopping, WatchOverflow, invalid
 from server.feed import FeedReader
-from server.model import Scope, Subject
+from server.model import Scope, ScopeKind, Subject
 from server.store import feed as feed_sql
 from server.store.db import translated_errors
 from server.store.feed import ChangeEvent
@@ -40,7 +40,14 @@ class Compacted:
     oldest: FeedCursor
 
 
-WatchItem = Started | Change | Progress | Compacted
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """The watched user's data was erased; the stream ends."""
+
+    position: FeedCursor
+
+
+WatchItem = Started | Change | Progress | Compacted | Erased
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +57,16 @@ class WatchTarget:
     scopes: frozenset[Scope]
     key_prefixes: tuple[str, ...]
     subject: Subject | None = None
+    # The USER scope an erasure of the subject is recorded at (its pseudonym): only `erasure` counts there.
+    erased_scope: Scope | None = None
 
     @classmethod
-    def for_subject(cls, subject: Subject, key_prefixes: Sequence[str]) -> WatchTarget:
-        return cls(frozenset(scope for _, scope in subject.layers()), tuple(key_prefixes), subject)
+    def for_subject(cls, subject: Subject, key_prefixes: Sequence[str], pseudonym: str = "") -> WatchTarget:
+        scopes = {scope for _, scope in subject.layers()}
+        erased = Scope(ScopeKind.USER, pseudonym) if pseudonym else None
+        if erased is not None:
+            scopes.add(erased)
+        return cls(frozenset(scopes), tuple(key_prefixes), subject, erased)
 
     @classmethod
     def for_scope(cls, scope: Scope, key_prefixes: Sequence[str]) -> WatchTarget:
@@ -84,7 +97,14 @@ async def watch(
             last = start
         yield Started(last)
         if start is not None and start < live_from:
-            async for event in _history(pool, target, start, live_from, kinds):
+            async for event in _history(pool, target, start, live_from, kinds | {"erasure"}):
+                if event.scope == target.erased_scope:
+                    if event.kind == "erasure":
+                        yield Erased(event.position)
+                        return
+                    continue
+                if event.kind == "erasure":
+                    continue
                 yield Change(event)
             last = live_from
         while True:
@@ -100,7 +120,12 @@ async def watch(
                 if subscription.overflowed:
                     raise WatchOverflow("watcher fell behind; resume from its cursor", cursor=last.encode(installation))
                 raise ServerStopping(subscription.closed_reason or "server stopping", cursor=last.encode(installation))
-            if queued.position <= last or queued.kind not in kinds:
+            if queued.position <= last:
+                continue
+            if queued.kind == "erasure" and queued.scope == target.erased_scope:
+                yield Erased(queued.position)
+                return
+            if queued.kind not in kinds or queued.scope == target.erased_scope:
                 continue
             last = queued.position
             yield Change(queued)

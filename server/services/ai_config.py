@@ -37,9 +37,10 @@ from server.services import ai_convert, convert
 from server.store import ai_usage
 from server.store.ai_usage import reached
 from server.store.ai_writes import AIConfigStore, KeyUpdate
+from server.store.audit import pseudonym_of
 from server.store.feed import ChangeEvent
 from server.validation import id_problem
-from server.watch import Compacted, Progress, Started, WatchTarget, watch
+from server.watch import Compacted, Erased, Progress, Started, WatchTarget, watch
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -190,7 +191,9 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         installation: str,
         progress_interval_s: float,
         on_budget_commit: Callable[[int], None],
+        pseudonym_key: str = "",
     ) -> None:
+        self._pseudonym_key = pseudonym_key
         self._writer = writer
         self._cache = cache
         self._feed = feed
@@ -587,7 +590,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
                 start = FeedCursor.decode(request.start_cursor.token, self._installation)
             except ValueError as exc:
                 raise invalid("start_cursor", str(exc)) from exc
-        target = WatchTarget.for_subject(subject, AI_WATCH_PREFIXES)
+        target = WatchTarget.for_subject(subject, AI_WATCH_PREFIXES, pseudonym_of(self._pseudonym_key, subject.user_id))
         async for item in watch(
             self._feed,
             self._writer.pool,
@@ -608,6 +611,10 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
             elif isinstance(item, Compacted):
                 yield ai_config_pb2.WatchAIConfigResponse(
                     compacted=preferences_pb2.WatchCompacted(oldest_cursor=self._encode(item.oldest))
+                )
+            elif isinstance(item, Erased):
+                yield ai_config_pb2.WatchAIConfigResponse(
+                    erased=preferences_pb2.WatchErased(cursor=self._encode(item.position))
                 )
             else:
                 yield await self._watch_change(item.event, subject, principal.reads_secrets)

@@ -28,10 +28,11 @@ from server.model import (
 )
 from server.paging import decode_token, encode_token, page_size
 from server.services import convert
+from server.store.audit import pseudonym_of
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter
 from server.validation import definition_violations, id_problem, key_problem
-from server.watch import Compacted, Progress, Started, WatchItem, WatchTarget, watch
+from server.watch import Compacted, Erased, Progress, Started, WatchItem, WatchTarget, watch
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -121,7 +122,9 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         feed: FeedReader,
         installation: str,
         progress_interval_s: float,
+        pseudonym_key: str = "",
     ) -> None:
+        self._pseudonym_key = pseudonym_key
         self._reader = reader
         self._writer = writer
         self._cache = cache
@@ -364,7 +367,9 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             default_org = principal.org if principal.subject == request.subject.user_id else ""
             subject = convert.subject_from_pb(request.subject, "subject", default_org)
             principal.require_read(subject)
-            target = WatchTarget.for_subject(subject, request.key_prefixes)
+            target = WatchTarget.for_subject(
+                subject, request.key_prefixes, pseudonym_of(self._pseudonym_key, subject.user_id)
+            )
         elif request.HasField("scope"):
             scope = convert.scope_from_pb(request.scope)
             principal.require_read_scope(scope)
@@ -395,6 +400,10 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         if isinstance(item, Compacted):
             return preferences_pb2.WatchPreferencesResponse(
                 compacted=preferences_pb2.WatchCompacted(oldest_cursor=cursor(item.oldest))
+            )
+        if isinstance(item, Erased):
+            return preferences_pb2.WatchPreferencesResponse(
+                erased=preferences_pb2.WatchErased(cursor=cursor(item.position))
             )
         event = item.event
         change = convert.change_event_to_pb(event, cursor(event.position))

@@ -92,7 +92,7 @@ async def translated_errors() -> AsyncIterator[None]:
         TimeoutError,
     ) as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
-    except asyncpg.exceptions.SerializationError as exc:
+    except (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError) as exc:
         raise ConcurrentModification("concurrent update; retry") from exc
     except asyncpg.PostgresError as exc:
         log.exception("database error")

@@ -98,7 +98,7 @@ async def read_range(
             WHERE (xid, id) > ($1::text::xid8, $2) AND (xid, id) <= ($3::text::xid8, $4)
               AND ($5::text[] IS NULL OR (scope_kind, scope_id) IN
                    (SELECT * FROM unnest($5::text[], $6::text[])))
-              AND (cardinality($7::text[]) = 0 OR key LIKE ANY ($7::text[]))
+              AND (cardinality($7::text[]) = 0 OR key LIKE ANY ($7::text[]) OR kind = 'erasure')
             ORDER BY xid, id LIMIT $8""",
         str(after.xid),
         after.change_id,
@@ -126,7 +126,8 @@ async def compacted_through(conn: asyncpg.Connection) -> FeedCursor | None:
 
 
 async def compact(conn: asyncpg.Connection, older_than: timedelta, call: CallInfo) -> tuple[int, FeedCursor | None]:
-    """Remove changes older than `older_than`, keeping each key's latest; record the compaction.
+    """Remove changes older than `older_than`, keeping each key's latest change before the cutoff (so the
+    state of every key at any later point can still be told); record the compaction.
 
     Runs in the caller's transaction through the one path the append-only trigger allows.
     """
@@ -134,6 +135,7 @@ async def compact(conn: asyncpg.Connection, older_than: timedelta, call: CallInf
     row = await conn.fetchrow(
         """WITH latest AS (
                SELECT DISTINCT ON (kind, scope_kind, scope_id, key) id FROM changes
+               WHERE created_at < now() - $1::interval
                ORDER BY kind, scope_kind, scope_id, key, id DESC),
            removed AS (
                DELETE FROM changes
@@ -150,12 +152,13 @@ async def compact(conn: asyncpg.Connection, older_than: timedelta, call: CallInf
     through = FeedCursor(row["xid"], row["id"]) if removed else None
     if through is not None:
         await conn.execute(
-            """INSERT INTO feed_compactions (through_xid, through_id, removed, actor)
-               VALUES ($1::text::xid8, $2, $3, $4)""",
+            """INSERT INTO feed_compactions (through_xid, through_id, removed, actor, cutoff)
+               VALUES ($1::text::xid8, $2, $3, $4, now() - $5::interval)""",
             str(through.xid),
             through.change_id,
             removed,
             call.actor,
+            older_than,
         )
     await conn.execute(
         """INSERT INTO changes (kind, scope_kind, scope_id, key, new_value, version, actor, peer, user_agent,

@@ -111,7 +111,12 @@ async def values_of_key(conn: asyncpg.Connection, key: str) -> list[StoredValue]
 
 
 async def apply_changes(
-    conn: asyncpg.Connection, scope: Scope, changes: Sequence[KeyChange], call: CallInfo, reason: str
+    conn: asyncpg.Connection,
+    scope: Scope,
+    changes: Sequence[KeyChange],
+    call: CallInfo,
+    reason: str,
+    rollback_of: str = "",
 ) -> int | None:
     """Store the new values (None removes) and append one change row per key, in the caller's transaction.
 
@@ -139,8 +144,8 @@ async def apply_changes(
     xid: int = await conn.fetchval(
         """WITH inserted AS (
                INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version,
-                   actor, peer, user_agent, reason, request_id)
-               SELECT 'preference', $1, $2, k, o, n, ver, $7, $8, $9, $10, $11
+                   actor, peer, user_agent, reason, request_id, rollback_of)
+               SELECT 'preference', $1, $2, k, o, n, ver, $7, $8, $9, $10, $11, $12
                FROM unnest($3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[]) WITH ORDINALITY AS t(k, o, n, ver, i)
                ORDER BY i
                RETURNING xid)
@@ -156,6 +161,7 @@ async def apply_changes(
         call.user_agent,
         reason,
         call.request_id,
+        rollback_of,
     )
     return xid
 

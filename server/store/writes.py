@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import asyncpg
 
-from server.errors import DefinitionExists, DefinitionInUse, DefinitionNotFound, ValidationFailed, VersionConflict
+from server.errors import (
+    DefinitionExists,
+    DefinitionInUse,
+    DefinitionNotFound,
+    StaleRollback,
+    ValidationFailed,
+    VersionConflict,
+)
 from server.model import (
     CallInfo,
     CrossFieldRule,
@@ -26,8 +33,12 @@ from server.resolve import resolve
 from server.store import definitions as definition_sql
 from server.store import feed as feed_sql
 from server.store import preferences as preference_sql
+from server.store.audit import state_token
 from server.store.db import translated_errors
 from server.validation import coerce, rule_violations, value_problems
+
+# Given a connection and the scopes, the writes each scope needs (read inside the transaction).
+RollbackPlan = Callable[[asyncpg.Connection, Sequence[Scope]], Awaitable[dict[Scope, list[KeyWrite]]]]
 
 
 class _Rollback(Exception):
@@ -101,6 +112,22 @@ class PreferenceWriter:
         # the scope: per-key versions then grow in the change feed's (xid, id) order.
         await definition_sql.lock_keys_shared(conn, keys)
         await preference_sql.lock_scope(conn, scope)
+        return await self._write_held(conn, scope, writes, call, reason, dry_run, org_id, field)
+
+    async def _write_held(
+        self,
+        conn: asyncpg.Connection,
+        scope: Scope,
+        writes: Sequence[KeyWrite],
+        call: CallInfo,
+        reason: str,
+        dry_run: bool,
+        org_id: str,
+        field: str,
+        rollback_of: str = "",
+    ) -> tuple[WriteResult, int | None]:
+        """Validate and apply writes at a scope whose lock (and its keys' definition locks) the caller holds."""
+        keys = [w.key for w in writes]
         definitions = await definition_sql.get_many(conn, keys)
         violations = []
         for i, w in enumerate(writes):
@@ -139,7 +166,7 @@ class PreferenceWriter:
             raise ValidationFailed(
                 [FieldViolation(f"{field}[{index[key]}].value", rule.message) for rule, key in broken]
             )
-        xid = None if dry_run else await preference_sql.apply_changes(conn, scope, changes, call, reason)
+        xid = None if dry_run else await preference_sql.apply_changes(conn, scope, changes, call, reason, rollback_of)
         written = set(keys)
         return WriteResult(changes, [r for r in effective if r.key in written], dry_run), xid
 
@@ -165,6 +192,67 @@ class PreferenceWriter:
                 mine[change.key] = preference_sql.pending_value(scope, change, actor)
         stored[scope] = mine
         return resolve(sorted(wanted.values(), key=lambda d: d.key), [(layer, s, stored[s]) for layer, s in layers])
+
+    async def rollback(
+        self,
+        scopes: Sequence[Scope],
+        plan: RollbackPlan,
+        call: CallInfo,
+        reason: str,
+        *,
+        dry_run: bool,
+        expected_token: str,
+        org_id: str,
+        rollback_of: str,
+    ) -> tuple[list[WriteResult], str]:
+        """Write what `plan` says each scope needs, all scopes in one transaction (or none).
+
+        Returns the results and the token of the state they were computed from; with
+        `expected_token`, refuses (StaleRollback) if the state is no longer that one.
+        """
+        ordered = sorted(set(scopes), key=str)
+        results: dict[Scope, WriteResult] = {}
+        xid: int | None = None
+        token = ""
+        async with translated_errors(), self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    planned = await plan(conn, ordered)
+                    locked = sorted({w.key for writes in planned.values() for w in writes})
+                    await definition_sql.lock_keys_shared(conn, locked)
+                    for scope in ordered:
+                        await preference_sql.lock_scope(conn, scope)
+                    planned = await plan(conn, ordered)  # again, now that nothing can move
+                    extra = sorted({w.key for writes in planned.values() for w in writes} - set(locked))
+                    await definition_sql.lock_keys_shared(conn, extra)
+                    token = await state_token(conn, ordered)
+                    if expected_token and expected_token != token:
+                        raise StaleRollback("the scopes changed since the preview; preview again")
+                    for n, scope in enumerate(scopes):
+                        if scope in results:
+                            continue
+                        org = org_id if scope.kind is ScopeKind.USER else ""
+                        result, written = await self._write_held(
+                            conn,
+                            scope,
+                            planned[scope],
+                            call,
+                            reason,
+                            dry_run,
+                            org,
+                            f"scopes[{n}].changes",
+                            rollback_of,
+                        )
+                        results[scope] = result
+                        xid = written or xid
+                    if dry_run:
+                        raise _Rollback
+            except _Rollback:
+                pass
+        if xid is not None and self._hooks is not None:
+            for scope in ordered:
+                self._hooks.scope_committed(scope, xid)
+        return [results[s] for s in scopes], token
 
     async def reset(self, scope: Scope, category: str, call: CallInfo, reason: str) -> WriteResult:
         """Remove every override at a scope, or those of one category."""
