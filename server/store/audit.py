@@ -104,31 +104,38 @@ async def list_changes(
     newest_first: bool,
     limit: int,
 ) -> list[AuditRow]:
-    """A keyset page in feed order (xid, id) among transactions below `horizon` (all finished)."""
+    """A keyset page in feed order (xid, id) among transactions below `horizon` (all finished).
+
+    Only the filters that are set become conditions, so the planner can walk the (xid, id) or
+    (scope, key) index instead of reading the table.
+    """
     direction = "DESC" if newest_first else "ASC"
-    compare = "<" if newest_first else ">"
+    conditions = ["xid < $1::text::xid8"]
+    params: list[Any] = [str(horizon)]
+
+    def bind(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    if after is not None:
+        compare = "<" if newest_first else ">"
+        conditions.append(f"(xid, id) {compare} ({bind(str(after.xid))}::text::xid8, {bind(after.change_id)})")
+    if where.scope is not None:
+        conditions.append(f"scope_kind = {bind(where.scope.kind.value)} AND scope_id = {bind(where.scope.id)}")
+    if where.key_prefix:
+        conditions.append(f"key LIKE {bind(_like_prefix(where.key_prefix))}")
+    if where.kinds:
+        conditions.append(f"kind = ANY({bind(list(where.kinds))}::text[])")
+    if where.actor:
+        conditions.append(f"actor = {bind(where.actor)}")
+    if where.start is not None:
+        conditions.append(f"created_at >= {bind(where.start)}")
+    if where.end is not None:
+        conditions.append(f"created_at < {bind(where.end)}")
     rows = await conn.fetch(
-        f"""SELECT {_COLUMNS} FROM changes
-            WHERE xid < $1::text::xid8
-              AND ($2::bigint IS NULL OR (xid, id) {compare} ($2::text::xid8, $3))
-              AND ($4::text IS NULL OR (scope_kind = $4 AND scope_id = $5))
-              AND ($6 = '' OR key LIKE $6)
-              AND (cardinality($7::text[]) = 0 OR kind = ANY($7::text[]))
-              AND ($8 = '' OR actor = $8)
-              AND ($9::timestamptz IS NULL OR created_at >= $9)
-              AND ($10::timestamptz IS NULL OR created_at < $10)
-            ORDER BY xid {direction}, id {direction} LIMIT $11""",
-        str(horizon),
-        after.xid if after else None,
-        after.change_id if after else 0,
-        where.scope.kind.value if where.scope else None,
-        where.scope.id if where.scope else "",
-        _like_prefix(where.key_prefix) if where.key_prefix else "",
-        list(where.kinds),
-        where.actor,
-        where.start,
-        where.end,
-        limit,
+        f"""SELECT {_COLUMNS} FROM changes WHERE {" AND ".join(conditions)}
+            ORDER BY xid {direction}, id {direction} LIMIT {bind(limit)}""",
+        *params,
     )
     return [_row(row) for row in rows]
 
