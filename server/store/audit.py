@@ -117,9 +117,12 @@ async def list_changes(
         params.append(value)
         return f"${len(params)}"
 
-    if after is not None:
-        compare = "<" if newest_first else ">"
-        conditions.append(f"(xid, id) {compare} ({bind(str(after.xid))}::text::xid8, {bind(after.change_id)})")
+    # The keyset bound is always a row comparison (from the start or end of the feed on a first page),
+    # so every page, the first included, is the same index range scan.
+    if after is None:
+        after = FeedCursor(horizon, 0) if newest_first else FeedCursor(0, 0)
+    compare = "<" if newest_first else ">"
+    conditions.append(f"(xid, id) {compare} ({bind(str(after.xid))}::text::xid8, {bind(after.change_id)})")
     if where.scope is not None:
         conditions.append(f"scope_kind = {bind(where.scope.kind.value)} AND scope_id = {bind(where.scope.id)}")
     if where.key_prefix:
