@@ -36,7 +36,7 @@ from server.paging import decode_token, encode_token
 from server.services import ai_convert, convert
 from server.store import ai_usage
 from server.store.ai_usage import reached
-from server.store.ai_writes import AIConfigStore, KeyUpdate
+from server.store.ai_writes import AIConfigStore, KeyUpdate, Mutation
 from server.store.audit import pseudonym_of
 from server.store.feed import ChangeEvent
 from server.validation import id_problem
@@ -44,7 +44,6 @@ from server.watch import Compacted, Erased, Progress, Started, WatchTarget, watc
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
-MAX_REASON_LENGTH = 1024
 MAX_REQUEST_ID = 128
 MAX_TOKENS_PER_CALL = 10**12
 MAX_PRICE_USD_PER_1K = 1000.0
@@ -57,11 +56,6 @@ AI_WATCH_PREFIXES = ("ai_config/", "budget/")
 # Mask paths below `configuration` and the flat paths each one covers.
 _SECTION_PATHS = {s: [p for p in FIELD_TYPES if p.startswith(f"{s}.")] for s in SECTIONS}
 _KEY_FIELDS = ("primary", "secondary")
-
-
-def _check_reason(reason: str) -> None:
-    if len(reason) > MAX_REASON_LENGTH:
-        raise invalid("reason", f"must be at most {MAX_REASON_LENGTH} characters")
 
 
 def _check_config_id(value: str, field: str = "id") -> str:
@@ -202,7 +196,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self._progress_interval_s = progress_interval_s
         self._on_budget_commit = on_budget_commit
         self._counters_suspect: set[str] = set()  # users whose Redis mirror missed an update
-        self._cursor_memo: tuple[FeedCursor | None, bytes] = (None, b"")
+        self._cursor_field = convert.CursorField(ai_config_pb2.GetEffectiveAIConfigResponse, installation)
         self._parsed_reads: dict[bytes, tuple[str, str]] = {}
 
     # --- named configs -----------------------------------------------------------------
@@ -214,7 +208,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         config = request.config
         scope = _owner_scope(config.user_id, config.org_id, config.__getattribute__("global"), "config")
         _require_config_write(principal, scope)
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         values, keys, violations = ai_convert.configuration_from_pb(config.configuration, "config.configuration")
         problem = name_problem(config.name)
         if problem:
@@ -237,7 +231,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         principal = current_principal()
         config = request.config
         config_id = _check_config_id(config.id, "config.id")
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         paths = list(request.update_mask.paths)
         for path in paths:
             if path not in ("name", "priority", "active", "configuration"):
@@ -253,7 +247,6 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         requested_owner = (config.user_id, config.org_id, config.__getattribute__("global"))
 
         def authorize(scope: Scope) -> None:
-            _require_config_write(principal, scope)
             if any(requested_owner) and _owner_scope(*requested_owner, "config") != scope:
                 raise invalid("config", "the owner (user_id, org_id, global) of a config cannot change")
 
@@ -261,17 +254,8 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
             assert old is not None
             return _apply_mask(old, config, paths, values, keys)
 
-        expected = request.expected_version if request.HasField("expected_version") else None
-        stored = await self._writer.change(
-            config_id,
-            expected,
-            mutate,
-            current_call(),
-            request.reason,
-            lambda scope: _chain_org(principal, scope),
-            authorize,
-        )
-        assert stored is not None
+        stored = await self._change(config_id, request, mutate, authorize)
+        assert stored is not None  # only a deletion gives None
         return ai_config_pb2.UpdateAIConfigResponse(config=await self._config_pb(stored, principal))
 
     async def GetAIConfig(
@@ -309,9 +293,8 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     async def DeleteAIConfig(
         self, request: ai_config_pb2.DeleteAIConfigRequest, context: Context
     ) -> ai_config_pb2.DeleteAIConfigResponse:
-        principal = current_principal()
         config_id = _check_config_id(request.id)
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         deleted_version = 0
 
         def mutate(old: AIConfigRecord | None) -> tuple[AIConfigRecord | None, KeyUpdate | None]:
@@ -320,16 +303,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
             deleted_version = old.version + 1
             return None, None
 
-        expected = request.expected_version if request.HasField("expected_version") else None
-        await self._writer.change(
-            config_id,
-            expected,
-            mutate,
-            current_call(),
-            request.reason,
-            lambda _scope: "",
-            lambda scope: _require_config_write(principal, scope),
-        )
+        await self._change(config_id, request, mutate)
         return ai_config_pb2.DeleteAIConfigResponse(version=deleted_version)
 
     async def SetAIConfigActive(
@@ -337,23 +311,14 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     ) -> ai_config_pb2.SetAIConfigActiveResponse:
         principal = current_principal()
         config_id = _check_config_id(request.id)
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
 
         def mutate(old: AIConfigRecord | None) -> tuple[AIConfigRecord | None, KeyUpdate | None]:
             assert old is not None
             return replace(old, active=request.active), None
 
-        expected = request.expected_version if request.HasField("expected_version") else None
-        stored = await self._writer.change(
-            config_id,
-            expected,
-            mutate,
-            current_call(),
-            request.reason,
-            lambda scope: _chain_org(principal, scope),
-            lambda scope: _require_config_write(principal, scope),
-        )
-        assert stored is not None
+        stored = await self._change(config_id, request, mutate)
+        assert stored is not None  # only a deletion gives None
         return ai_config_pb2.SetAIConfigActiveResponse(config=await self._config_pb(stored, principal))
 
     async def RotateAPIKey(
@@ -361,7 +326,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     ) -> ai_config_pb2.RotateAPIKeyResponse:
         principal = current_principal()
         config_id = _check_config_id(request.id)
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         problems = key_problems(request.new_key)
         if problems:
             raise ValidationFailed([FieldViolation("new_key", p) for p in problems])
@@ -370,18 +335,37 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
             assert old is not None
             return old, KeyUpdate({"primary": request.new_key}, new_primary=True, rotate=True)
 
+        stored = await self._change(config_id, request, mutate)
+        assert stored is not None  # only a deletion gives None
+        return ai_config_pb2.RotateAPIKeyResponse(config=await self._config_pb(stored, principal))
+
+    async def _change(
+        self,
+        config_id: str,
+        request: Any,
+        mutate: Mutation,
+        authorize: Callable[[Scope], None] | None = None,
+    ) -> AIConfigRecord | None:
+        """Apply `mutate` to a stored config the caller may write (`request`: its expected_version and reason).
+
+        Returns the stored config, None when `mutate` deleted it."""
+        principal = current_principal()
+
+        def allowed(scope: Scope) -> None:
+            _require_config_write(principal, scope)
+            if authorize is not None:
+                authorize(scope)
+
         expected = request.expected_version if request.HasField("expected_version") else None
-        stored = await self._writer.change(
+        return await self._writer.change(
             config_id,
             expected,
             mutate,
             current_call(),
             request.reason,
             lambda scope: _chain_org(principal, scope),
-            lambda scope: _require_config_write(principal, scope),
+            allowed,
         )
-        assert stored is not None
-        return ai_config_pb2.RotateAPIKeyResponse(config=await self._config_pb(stored, principal))
 
     async def _config_pb(self, record: AIConfigRecord, principal: Principal) -> ai_config_pb2.AIConfig:
         plaintext = None
@@ -439,16 +423,6 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self._parsed_reads[raw] = (subject.user_id, subject.org_id)
         return subject.user_id, subject.org_id
 
-    def _cursor_field(self, position: FeedCursor) -> bytes:
-        """The serialized `cursor` field of a GetEffectiveAIConfigResponse, memoised per position."""
-        memo = self._cursor_memo[0]
-        if memo is not position and memo != position:
-            encoded = ai_config_pb2.GetEffectiveAIConfigResponse(
-                cursor=convert.cursor_to_pb(position, self._installation)
-            ).SerializeToString()
-            self._cursor_memo = (position, encoded)
-        return self._cursor_memo[1]
-
     async def _fill_effective(self, message: Any, resolved: Resolved, privileged: bool) -> None:
         effective = resolved.effective
         plaintext = await self._cache.plaintext_keys(effective) if privileged else None
@@ -469,7 +443,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self, request: ai_config_pb2.UpdateModelRequest, context: Context
     ) -> ai_config_pb2.UpdateModelResponse:
         current_principal().require_admin("UpdateModel")
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         model = _model_from_pb(request.model)
         stored = await self._writer.update_model(model, current_call(), request.reason)
         return ai_config_pb2.UpdateModelResponse(model=ai_convert.model_to_pb(stored))

@@ -26,7 +26,6 @@ from server.validation import id_problem, key_problem
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
-MAX_REASON_LENGTH = 1024
 MAX_ROLLBACK_SCOPES = 100
 KIND_NAMES = {
     preferences_pb2.CHANGE_KIND_PREFERENCE: "preference",
@@ -65,14 +64,6 @@ def change_to_pb(row: AuditRow, installation: str) -> audit_pb2.AuditChange:
         rollback_of=row.rollback_of,
         cursor=convert.cursor_to_pb(row.position, installation),
     )
-
-
-def _reason(reason: str, required: bool) -> str:
-    if required and not reason.strip():
-        raise invalid("reason", "is required")
-    if len(reason) > MAX_REASON_LENGTH:
-        raise invalid("reason", f"must be at most {MAX_REASON_LENGTH} characters")
-    return reason
 
 
 def _user_id(user_id: str, field: str = "user_id") -> str:
@@ -199,7 +190,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
 
     async def Rollback(self, request: audit_pb2.RollbackRequest, context: Context) -> audit_pb2.RollbackResponse:
         current_principal().require_admin("Rollback")
-        reason = _reason(request.reason, required=True)
+        reason = convert.check_reason(request.reason, required=True)
         results, _ = await self._rollback(request.target, reason, request.preview_token, dry_run=False)
         return audit_pb2.RollbackResponse(scopes=results)
 
@@ -279,7 +270,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     ) -> audit_pb2.EraseUserDataResponse:
         current_principal().require_admin("EraseUserData")
         user_id = _user_id(request.user_id)
-        reason = _reason(request.reason, required=True)
+        reason = convert.check_reason(request.reason, required=True)
         alias, counts, erased_now, xid = await self._store.erase(user_id, current_call(), reason)
         self._on_erased(user_id, xid)
         return audit_pb2.EraseUserDataResponse(

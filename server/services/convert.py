@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -43,6 +44,18 @@ _SCOPE_KINDS = {
     common_pb2.SCOPE_KIND_USER: ScopeKind.USER,
 }
 _SCOPE_KINDS_PB = {v: k for k, v in _SCOPE_KINDS.items()}
+
+
+MAX_REASON_LENGTH = 1024
+
+
+def check_reason(reason: str, required: bool = False) -> str:
+    """A write's `reason`: at most MAX_REASON_LENGTH characters, and not blank where it is required."""
+    if required and not reason.strip():
+        raise invalid("reason", "is required")
+    if len(reason) > MAX_REASON_LENGTH:
+        raise invalid("reason", f"must be at most {MAX_REASON_LENGTH} characters")
+    return reason
 
 
 def value_from_pb(value: common_pb2.TypedValue, field: str) -> JsonValue:
@@ -164,6 +177,23 @@ def stored_to_pb(stored: StoredValue) -> preferences_pb2.StoredPreference:
         update_time=timestamp(stored.updated_at),
         updated_by=stored.updated_by,
     )
+
+
+class CursorField:
+    """The serialized `cursor` field of a response type, memoised per feed position (appended to
+    prebuilt bodies on hot read paths)."""
+
+    def __init__(self, response_type: Any, installation: str) -> None:
+        self._response_type = response_type
+        self._installation = installation
+        self._memo: tuple[FeedCursor | None, bytes] = (None, b"")
+
+    def __call__(self, position: FeedCursor) -> bytes:
+        memo = self._memo[0]
+        if memo is not position and memo != position:
+            encoded = self._response_type(cursor=cursor_to_pb(position, self._installation)).SerializeToString()
+            self._memo = (position, encoded)
+        return self._memo[1]
 
 
 def cursor_to_pb(cursor: FeedCursor, installation: str) -> common_pb2.Cursor:

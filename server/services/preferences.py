@@ -49,7 +49,6 @@ MUTABLE_DEFINITION_FIELDS = (
     "overridable_scopes",
     "sensitive",
 )
-MAX_REASON_LENGTH = 1024
 # Distinct GetEffectivePreferences request encodings remembered (parsing is pure; this only bounds memory).
 MAX_PARSED_READS = 100_000
 
@@ -64,11 +63,6 @@ def _check_id(value: str, field: str) -> None:
     problem = id_problem(value)
     if problem:
         raise invalid(field, problem)
-
-
-def _check_reason(reason: str) -> None:
-    if len(reason) > MAX_REASON_LENGTH:
-        raise invalid("reason", f"must be at most {MAX_REASON_LENGTH} characters")
 
 
 def _check_filters(key_prefixes: Sequence[str], categories: Sequence[str]) -> None:
@@ -131,7 +125,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         self._feed = feed
         self._installation = installation
         self._progress_interval_s = progress_interval_s
-        self._cursor_memo: tuple[FeedCursor | None, bytes] = (None, b"")
+        self._cursor_field = convert.CursorField(preferences_pb2.GetEffectivePreferencesResponse, installation)
         self._parsed_reads: dict[bytes, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {}
 
     async def CreateDefinition(
@@ -189,7 +183,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     ) -> preferences_pb2.DeleteDefinitionResponse:
         current_principal().require_admin("DeleteDefinition")
         _check_key(request.key, "key")
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         removed = await self._writer.delete_definition(request.key, request.force, current_call(), request.reason)
         return preferences_pb2.DeleteDefinitionResponse(removed_overrides=removed)
 
@@ -199,7 +193,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         scope = convert.scope_from_pb(request.scope)
         principal = current_principal()
         principal.require_write(scope)
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         _check_key_list([w.key for w in request.writes], "writes")
         writes = [
             KeyWrite(
@@ -239,7 +233,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         scope = convert.scope_from_pb(request.scope)
         principal = current_principal()
         principal.require_write(scope)
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         _check_key_list(list(request.keys), "keys")
         org_id = principal.org if scope.kind is ScopeKind.USER else ""
         result = await self._writer.write(
@@ -257,7 +251,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     ) -> preferences_pb2.ResetPreferencesResponse:
         scope = convert.scope_from_pb(request.scope)
         current_principal().require_write(scope)
-        _check_reason(request.reason)
+        convert.check_reason(request.reason)
         if request.category:
             _check_filters((), [request.category])
         result = await self._writer.reset(scope, request.category, current_call(), request.reason)
@@ -321,16 +315,6 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             self._parsed_reads.clear()
         self._parsed_reads[raw] = parsed
         return parsed
-
-    def _cursor_field(self, position: FeedCursor) -> bytes:
-        """The serialized `cursor` field of a GetEffectivePreferencesResponse, memoised per position."""
-        memo = self._cursor_memo[0]
-        if memo is not position and memo != position:
-            encoded = preferences_pb2.GetEffectivePreferencesResponse(
-                cursor=convert.cursor_to_pb(position, self._installation)
-            ).SerializeToString()
-            self._cursor_memo = (position, encoded)
-        return self._cursor_memo[1]
 
     async def BatchGetEffectivePreferences(
         self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, context: Context

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from server.aiconfig import AIConfigRecord, APIKeySet, ModelInfo
-from server.model import CallInfo, JsonValue, Scope, ScopeKind
+from server.model import Scope, ScopeKind
 from server.secretbox import Sealed
 
 _CONFIG_COLUMNS = """c.id::text AS id, c.scope_kind, c.scope_id, c.name, c.priority, c.active, c.configuration,
@@ -180,39 +180,6 @@ async def all_sealed_keys(conn: asyncpg.Connection) -> list[tuple[str, str, Seal
         "SELECT config_id::text AS id, slot, key_id, nonce, ciphertext FROM ai_api_keys ORDER BY 1, 2 FOR UPDATE"
     )
     return [(row["id"], row["slot"], Sealed(row["key_id"], row["nonce"], row["ciphertext"])) for row in rows]
-
-
-async def append_change(
-    conn: asyncpg.Connection,
-    kind: str,
-    scope: Scope,
-    key: str,
-    old: JsonValue | None,
-    new: JsonValue | None,
-    version: int,
-    call: CallInfo,
-    reason: str,
-) -> int:
-    """One change row in the caller's transaction; returns the transaction's xid."""
-    xid: int = await conn.fetchval(
-        """INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version,
-               actor, peer, user_agent, reason, request_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-           RETURNING xid::text::bigint""",
-        kind,
-        scope.kind.value,
-        scope.id,
-        key,
-        old,
-        new,
-        version,
-        call.actor,
-        call.peer,
-        call.user_agent,
-        reason,
-        call.request_id,
-    )
-    return xid
 
 
 async def models(conn: asyncpg.Connection) -> dict[str, ModelInfo]:

@@ -13,6 +13,7 @@ from server.aiconfig import ModelInfo
 from server.errors import RequestIdReused, invalid
 from server.model import CallInfo, FieldViolation, Scope, ScopeKind, Subject
 from server.store import ai_configs as ai_sql
+from server.store import feed as feed_sql
 from server.store.db import translated_errors
 
 PERIODS = ("daily", "weekly", "monthly")
@@ -130,7 +131,7 @@ async def record(
                 )
         xid = None
         for crossing in crossings:
-            xid = await ai_sql.append_change(
+            xid = await feed_sql.append_change(
                 conn,
                 "budget",
                 Scope(ScopeKind.USER, subject.user_id),

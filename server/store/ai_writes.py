@@ -23,6 +23,7 @@ from server.errors import AIConfigExists, AIConfigNotFound, ValidationFailed, Ve
 from server.model import CallInfo, FieldViolation, Layer, Scope, ScopeKind
 from server.secretbox import SecretBox, sealing_context
 from server.store import ai_configs as ai_sql
+from server.store import feed as feed_sql
 from server.store.db import translated_errors
 
 LAYER_OF_SCOPE = {ScopeKind.GLOBAL: Layer.GLOBAL, ScopeKind.ORG: Layer.ORG, ScopeKind.USER: Layer.USER}
@@ -224,7 +225,7 @@ class AIConfigStore:
                 sealed = self._box.seal(plaintext, sealing_context(new.id)) if plaintext else None
                 await ai_sql.store_key(conn, new.id, slot, sealed, plaintext[-4:])
         config_id = new.id if new is not None else old.id  # type: ignore[union-attr]
-        return await ai_sql.append_change(
+        return await feed_sql.append_change(
             conn,
             "ai_config",
             scope,
@@ -243,7 +244,7 @@ class AIConfigStore:
                 await ai_sql.lock_model(conn, model.model)
                 old = (await ai_sql.models(conn)).get(model.model)
                 stored = await ai_sql.upsert_model(conn, model, call.actor)
-                xid = await ai_sql.append_change(
+                xid = await feed_sql.append_change(
                     conn,
                     "ai_model",
                     Scope(ScopeKind.GLOBAL),

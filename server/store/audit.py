@@ -15,6 +15,7 @@ from server.cursor import FeedCursor
 from server.errors import ChangeNotFound, invalid
 from server.model import CallInfo, JsonValue, Scope, ScopeKind
 from server.store import ai_configs as ai_sql
+from server.store import feed as feed_sql
 from server.store import preferences as preference_sql
 from server.store.db import translated_errors
 from server.store.feed import horizon_xid
@@ -305,24 +306,21 @@ async def record_erasure(
         call.actor,
         reason,
     )
-    xid: int = await conn.fetchval(
-        """INSERT INTO changes (kind, scope_kind, scope_id, key, new_value, version, actor, peer, user_agent,
-               reason, request_id)
-           VALUES ('erasure', 'USER', $1, 'erasure', $2, 0, $3, $4, $5, $6, $7)
-           RETURNING xid::text::bigint""",
-        pseudonym_id,
+    return await feed_sql.append_change(
+        conn,
+        "erasure",
+        Scope(ScopeKind.USER, pseudonym_id),
+        "erasure",
+        None,
         {
             "overrides_deleted": counts.overrides,
             "ai_configs_deleted": counts.ai_configs,
             "changes_pseudonymised": counts.changes,
         },
-        call.actor,
-        call.peer,
-        call.user_agent,
+        0,
+        call,
         reason,
-        call.request_id,
     )
-    return xid
 
 
 async def user_history(conn: asyncpg.Connection, user_id: str) -> list[AuditRow]:

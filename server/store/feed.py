@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -116,6 +115,39 @@ def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+async def append_change(
+    conn: asyncpg.Connection,
+    kind: str,
+    scope: Scope,
+    key: str,
+    old: JsonValue | None,
+    new: JsonValue | None,
+    version: int,
+    call: CallInfo,
+    reason: str,
+) -> int:
+    """One change row in the caller's transaction; returns the transaction's xid."""
+    xid: int = await conn.fetchval(
+        """INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version,
+               actor, peer, user_agent, reason, request_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+           RETURNING xid::text::bigint""",
+        kind,
+        scope.kind.value,
+        scope.id,
+        key,
+        old,
+        new,
+        version,
+        call.actor,
+        call.peer,
+        call.user_agent,
+        reason,
+        call.request_id,
+    )
+    return xid
+
+
 async def compacted_through(conn: asyncpg.Connection) -> FeedCursor | None:
     """The newest position through which changes may have been removed, if any were."""
     row = await conn.fetchrow(
@@ -160,15 +192,15 @@ async def compact(conn: asyncpg.Connection, older_than: timedelta, call: CallInf
             call.actor,
             older_than,
         )
-    await conn.execute(
-        """INSERT INTO changes (kind, scope_kind, scope_id, key, new_value, version, actor, peer, user_agent,
-               reason, request_id)
-           VALUES ('maintenance', 'GLOBAL', '', 'changes.purge', $1, 0, $2, $3, $4, $5, $6)""",
-        json.loads(json.dumps({"removed": removed, "older_than_s": older_than.total_seconds()})),
-        call.actor,
-        call.peer,
-        call.user_agent,
+    await append_change(
+        conn,
+        "maintenance",
+        Scope(ScopeKind.GLOBAL),
+        "changes.purge",
+        None,
+        {"removed": removed, "older_than_s": older_than.total_seconds()},
+        0,
+        call,
         "retention purge",
-        call.request_id,
     )
     return removed, through
