@@ -11,9 +11,11 @@ import asyncpg
 import grpc
 import pgserver
 import pytest
+from google.protobuf import json_format, struct_pb2
 
 from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, preferences_pb2
 from server.app import App
+from server.services.audit import _json_value
 from tests.conftest import auth, unique
 from tests.helpers import error_reason, field_violations, py, set_request, user
 
@@ -295,3 +297,12 @@ async def test_erasure_needs_admin_and_a_reason(audit) -> None:  # type: ignore[
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await audit.EraseUserData(audit_pb2.EraseUserDataRequest(user_id="x"), metadata=ADMIN)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reason" in field_violations(err.value)
+
+
+@pytest.mark.parametrize(
+    "document", [None, True, 0, -2.5, "", "x", {}, [], {"a": [1, {"b": None}], "c": "d"}, [1, "a", None, {"x": False}]]
+)
+def test_change_values_convert_as_json_format_does(document: object) -> None:
+    expected = struct_pb2.Value()
+    json_format.ParseDict(document, expected)
+    assert _json_value(document) == expected

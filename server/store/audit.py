@@ -105,10 +105,19 @@ async def list_changes(
     newest_first: bool,
     limit: int,
 ) -> list[AuditRow]:
-    """A keyset page in feed order (xid, id) among transactions below `horizon` (all finished).
+    """A keyset page in feed order (xid, id) among transactions below `horizon` (all finished)."""
+    sql, params = list_changes_query(where, horizon, after, newest_first, limit)
+    return [_row(row) for row in await conn.fetch(sql, *params)]
 
-    Only the filters that are set become conditions, so the planner can walk the (xid, id) or
-    (scope, key) index instead of reading the table.
+
+def list_changes_query(
+    where: ChangeFilter, horizon: int, after: FeedCursor | None, newest_first: bool, limit: int
+) -> tuple[str, list[Any]]:
+    """The SQL and parameters of one ListChanges page.
+
+    Only the filters that are set become conditions, so the planner can walk the feed index (or
+    the scope's or actor's feed-ordered index) instead of reading the table. The ORDER BY names
+    the table's columns: a bare `xid` would be the converted output column, which no index has.
     """
     direction = "DESC" if newest_first else "ASC"
     conditions = ["xid < $1::text::xid8"]
@@ -136,12 +145,9 @@ async def list_changes(
         conditions.append(f"created_at >= {bind(where.start)}")
     if where.end is not None:
         conditions.append(f"created_at < {bind(where.end)}")
-    rows = await conn.fetch(
-        f"""SELECT {_COLUMNS} FROM changes WHERE {" AND ".join(conditions)}
-            ORDER BY xid {direction}, id {direction} LIMIT {bind(limit)}""",
-        *params,
-    )
-    return [_row(row) for row in rows]
+    sql = f"""SELECT {_COLUMNS} FROM changes WHERE {" AND ".join(conditions)}
+              ORDER BY changes.xid {direction}, changes.id {direction} LIMIT {bind(limit)}"""
+    return sql, params
 
 
 def _like_prefix(prefix: str) -> str:

@@ -12,6 +12,7 @@ import asyncpg
 from server.cursor import FeedCursor
 from server.model import CallInfo, JsonValue, Scope, ScopeKind
 
+# The output column `xid` is converted to bigint; ORDER BY must name `changes.xid` to walk the index.
 _COLUMNS = """id, xid::text::bigint AS xid, kind, scope_kind, scope_id, key, old_value, new_value, version,
     actor, created_at"""
 
@@ -69,18 +70,28 @@ async def next_xid(conn: asyncpg.Connection) -> int:
     return value
 
 
+READ_AFTER = f"""SELECT {_COLUMNS} FROM changes
+    WHERE (xid, id) > ($1::text::xid8, $2) AND xid < $3::text::xid8
+    ORDER BY changes.xid, changes.id LIMIT $4"""
+
+
 async def read_after(conn: asyncpg.Connection, after: FeedCursor, below_xid: int, limit: int) -> list[ChangeEvent]:
     """Up to `limit` changes after `after` whose transaction is below `below_xid`, in feed order."""
     rows = await conn.fetch(
-        f"""SELECT {_COLUMNS} FROM changes
-            WHERE (xid, id) > ($1::text::xid8, $2) AND xid < $3::text::xid8
-            ORDER BY xid, id LIMIT $4""",
+        READ_AFTER,
         str(after.xid),
         after.change_id,
         str(below_xid),
         limit,
     )
     return [_event(row) for row in rows]
+
+
+READ_RANGE = f"""SELECT {_COLUMNS} FROM changes
+    WHERE (xid, id) > ($1::text::xid8, $2) AND (xid, id) <= ($3::text::xid8, $4)
+      AND ($5::text[] IS NULL OR (scope_kind, scope_id) IN (SELECT * FROM unnest($5::text[], $6::text[])))
+      AND (cardinality($7::text[]) = 0 OR key LIKE ANY ($7::text[]) OR kind = 'erasure')
+    ORDER BY changes.xid, changes.id LIMIT $8"""
 
 
 async def read_range(
@@ -93,12 +104,7 @@ async def read_range(
 ) -> list[ChangeEvent]:
     """Changes in (after, through] at the given scopes (all when None) and key prefixes, in feed order."""
     rows = await conn.fetch(
-        f"""SELECT {_COLUMNS} FROM changes
-            WHERE (xid, id) > ($1::text::xid8, $2) AND (xid, id) <= ($3::text::xid8, $4)
-              AND ($5::text[] IS NULL OR (scope_kind, scope_id) IN
-                   (SELECT * FROM unnest($5::text[], $6::text[])))
-              AND (cardinality($7::text[]) = 0 OR key LIKE ANY ($7::text[]) OR kind = 'erasure')
-            ORDER BY xid, id LIMIT $8""",
+        READ_RANGE,
         str(after.xid),
         after.change_id,
         str(through.xid),
