@@ -1,11 +1,11 @@
 """Benchmark: ListChanges latency at one million change rows, first page against a deep page.
 
 What it measures
-    ``/prefd.v1.AuditService/ListChanges`` (page_size 100, oldest first, every preference change,
-    and filtered by one scope) on a table of --rows change rows. The baseline is the first page of the same query
-    in the same run: keyset pagination should keep a page deep in the table (--depth of the way
-    through) within 2x of the first page. Each latency is the median of --samples serial calls,
-    first and deep pages alternating.
+    ``/prefd.v1.AuditService/ListChanges`` (page_size 100, oldest first: every preference change,
+    every change by one actor, and one scope's changes) on a table of --rows change rows. The
+    baseline is the first page of the same query in the same run: keyset pagination should keep a
+    page deep in the table (--depth of the way through) within 2x of the first page. Each latency
+    is the median of --samples serial calls, first and deep pages alternating.
 
 Setup
     A fresh database (feed_common.fresh_database: DATABASE_URL's server, else embedded). prefd runs
@@ -118,6 +118,10 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                     # would make the first page heavier than any other.
                     "all_preference_changes": (
                         audit_pb2.ListChangesRequest(page_size=100, kinds=[preferences_pb2.CHANGE_KIND_PREFERENCE]),
+                        int(args.rows * args.depth) // 1000 * 1000,
+                    ),
+                    "one_actor": (
+                        audit_pb2.ListChangesRequest(page_size=100, actor="bench-admin"),
                         int(args.rows * args.depth) // 1000 * 1000,
                     ),
                     "one_scope": (
