@@ -35,6 +35,7 @@ from server.settings import Settings
 from server.store.ai_writes import AIConfigStore
 from server.store.audit import AuditStore, pseudonym_key
 from server.store.db import create_pool, migrate
+from server.store.db_health import DatabaseHealthStore
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter, install_definitions
 
@@ -270,7 +271,11 @@ class App:
         authenticator.add_service(
             server,
             prefd_health_pb2_grpc.add_HealthServiceServicer_to_server,
-            HealthService(HealthChecker(self._pool, redis, self.feed, settings.health_timeout_s)),
+            HealthService(
+                HealthChecker(self._pool, redis, self.feed, settings.health_timeout_s),
+                DatabaseHealthStore(self._pool, settings.long_transaction_alert_s),
+                settings.slow_query_threshold_ms / 1000,
+            ),
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

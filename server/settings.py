@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     watch_queue_capacity: int = Field(default=10_000, ge=1)
     redis_ttl_s: int = Field(default=60, ge=1)
     workers: int = Field(default=1, ge=1)
+    # GetDatabaseHealth: statements with a mean time at or over this are slow; a transaction open
+    # longer than this holding the change feed's horizon is an alert.
+    slow_query_threshold_ms: float = Field(default=500.0, ge=0)
+    long_transaction_alert_s: float = Field(default=60.0, gt=0)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     definitions_file: Path | None = None

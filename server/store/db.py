@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
@@ -39,6 +40,27 @@ async def create_pool(dsn: str, min_size: int, max_size: int, statement_timeout_
     if pool is None:  # asyncpg types create_pool as Optional
         raise DatabaseUnavailable("could not create a connection pool")
     return pool
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """One process's connection pool at a moment."""
+
+    size: int
+    in_use: int
+    idle: int
+    waiting: int
+    min_size: int
+    max_size: int
+
+
+def pool_stats(pool: asyncpg.Pool) -> PoolStats:
+    """The pool's figures. asyncpg has no public count of callers waiting in acquire(); it is the
+    number of waiters on the pool's connection queue (an asyncio.Queue), read defensively."""
+    size, idle = pool.get_size(), pool.get_idle_size()
+    getters = getattr(getattr(pool, "_queue", None), "_getters", ())
+    waiting = sum(1 for waiter in getters if not waiter.done())
+    return PoolStats(size, size - idle, idle, waiting, pool.get_min_size(), pool.get_max_size())
 
 
 def migration_files() -> list[tuple[int, str, str]]:

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prefd/v1/health.proto\x12\x08prefd.v1\x1a\x1egoogle/protobuf/duration.proto\"\xfd\x01\n\x0f\x43omponentHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.prefd.v1.HealthStatus\x12\x10\n\x08\x63ritical\x18\x03 \x01(\x08\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x37\n\x07\x64\x65tails\x18\x06 \x03(\x0b\x32&.prefd.v1.ComponentHealth.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetSystemHealthRequest\"\xac\x01\n\x17GetSystemHealthResponse\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.prefd.v1.HealthStatus\x12-\n\ncomponents\x18\x02 \x03(\x0b\x32\x19.prefd.v1.ComponentHealth\x12\x0f\n\x07version\x18\x03 \x01(\t\x12)\n\x06uptime\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration*\x81\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03\x32g\n\rHealthService\x12V\n\x0fGetSystemHealth\x12 .prefd.v1.GetSystemHealthRequest\x1a!.prefd.v1.GetSystemHealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prefd/v1/health.proto\x12\x08prefd.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfd\x01\n\x0f\x43omponentHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.prefd.v1.HealthStatus\x12\x10\n\x08\x63ritical\x18\x03 \x01(\x08\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x37\n\x07\x64\x65tails\x18\x06 \x03(\x0b\x32&.prefd.v1.ComponentHealth.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetSystemHealthRequest\"\xac\x01\n\x17GetSystemHealthResponse\x12&\n\x06status\x18\x01 \x01(\x0e\x32\x16.prefd.v1.HealthStatus\x12-\n\ncomponents\x18\x02 \x03(\x0b\x32\x19.prefd.v1.ComponentHealth\x12\x0f\n\x07version\x18\x03 \x01(\t\x12)\n\x06uptime\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"S\n\x18GetDatabaseHealthRequest\x12\x37\n\x14slow_query_threshold\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xd4\x02\n\x19GetDatabaseHealthResponse\x12+\n\x08\x64\x61tabase\x18\x01 \x01(\x0b\x32\x19.prefd.v1.DatabaseSummary\x12%\n\x06tables\x18\x02 \x03(\x0b\x32\x15.prefd.v1.TableHealth\x12&\n\x07indexes\x18\x03 \x03(\x0b\x32\x15.prefd.v1.IndexHealth\x12/\n\x0b\x63onnections\x18\x04 \x01(\x0b\x32\x1a.prefd.v1.ConnectionReport\x12/\n\x0cslow_queries\x18\x05 \x01(\x0b\x32\x19.prefd.v1.SlowQueryReport\x12\'\n\x06\x61lerts\x18\x06 \x03(\x0b\x32\x17.prefd.v1.DatabaseAlert\x12\x30\n\x0c\x63ollect_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe4\x01\n\x0f\x44\x61tabaseSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x17\n\x0f\x63\x61\x63he_hit_ratio\x18\x03 \x01(\x01\x12\x0f\n\x07\x63ommits\x18\x04 \x01(\x03\x12\x11\n\trollbacks\x18\x05 \x01(\x03\x12\x11\n\tdeadlocks\x18\x06 \x01(\x03\x12\x11\n\tconflicts\x18\x07 \x01(\x03\x12\x16\n\x0eserver_version\x18\x08 \x01(\t\x12\x34\n\x10stats_reset_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x03\n\x0bTableHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tlive_rows\x18\x02 \x01(\x03\x12\x11\n\tdead_rows\x18\x03 \x01(\x03\x12\x15\n\rbloat_percent\x18\x04 \x01(\x01\x12\x18\n\x10table_size_bytes\x18\x05 \x01(\x03\x12\x18\n\x10index_size_bytes\x18\x06 \x01(\x03\x12\x34\n\x10last_vacuum_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14last_autovacuum_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_analyze_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x15last_autoanalyze_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10sequential_scans\x18\x0b \x01(\x03\x12\x13\n\x0bindex_scans\x18\x0c \x01(\x03\"m\n\x0bIndexHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\r\n\x05scans\x18\x04 \x01(\x03\x12\x0e\n\x06unused\x18\x05 \x01(\x08\x12\x0e\n\x06unique\x18\x06 \x01(\x08\"\xdf\x01\n\x10\x43onnectionReport\x12\x39\n\x08\x62y_state\x18\x01 \x03(\x0b\x32\'.prefd.v1.ConnectionReport.ByStateEntry\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x17\n\x0fmax_connections\x18\x03 \x01(\x05\x12\x15\n\rused_fraction\x18\x04 \x01(\x01\x12!\n\x04pool\x18\x05 \x01(\x0b\x32\x13.prefd.v1.PoolStats\x1a.\n\x0c\x42yStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"l\n\tPoolStats\x12\x0c\n\x04size\x18\x01 \x01(\x05\x12\x0e\n\x06in_use\x18\x02 \x01(\x05\x12\x0c\n\x04idle\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x10\n\x08min_size\x18\x05 \x01(\x05\x12\x10\n\x08max_size\x18\x06 \x01(\x05\"\x94\x01\n\x0fSlowQueryReport\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x02 \x01(\t\x12,\n\tthreshold\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12$\n\x07queries\x18\x04 \x03(\x0b\x32\x13.prefd.v1.SlowQuery\"\xc1\x01\n\tSlowQuery\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12,\n\tmean_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08max_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntotal_time\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04rows\x18\x06 \x01(\x03\"\x8b\x01\n\rDatabaseAlert\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12)\n\x08severity\x18\x02 \x01(\x0e\x32\x17.prefd.v1.AlertSeverity\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x11\n\tthreshold\x18\x06 \x01(\x01\"\x8b\x03\n\x11MaintenanceRecord\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x31\n\toperation\x18\x02 \x01(\x0e\x32\x1e.prefd.v1.MaintenanceOperation\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0c\n\x04\x66ull\x18\x04 \x01(\x08\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.prefd.v1.MaintenanceStatus\x12\x11\n\tinitiator\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x65rror\x18\x0c \x01(\t\"\x9c\x01\n\x15RunMaintenanceRequest\x12\x31\n\toperation\x18\x01 \x01(\x0e\x32\x1e.prefd.v1.MaintenanceOperation\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x14\n\x0c\x63onfirm_full\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0c\n\x04wait\x18\x06 \x01(\x08\"H\n\x16RunMaintenanceResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.prefd.v1.MaintenanceRecord\",\n\x1eGetMaintenanceOperationRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"Q\n\x1fGetMaintenanceOperationResponse\x12.\n\toperation\x18\x01 \x01(\x0b\x32\x1b.prefd.v1.MaintenanceRecord\"Y\n ListMaintenanceOperationsRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"m\n!ListMaintenanceOperationsResponse\x12/\n\noperations\x18\x01 \x03(\x0b\x32\x1b.prefd.v1.MaintenanceRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x81\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03*h\n\rAlertSeverity\x12\x1e\n\x1a\x41LERT_SEVERITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41LERT_SEVERITY_WARNING\x10\x01\x12\x1b\n\x17\x41LERT_SEVERITY_CRITICAL\x10\x02*\xcf\x01\n\x14MaintenanceOperation\x12%\n!MAINTENANCE_OPERATION_UNSPECIFIED\x10\x00\x12 \n\x1cMAINTENANCE_OPERATION_VACUUM\x10\x01\x12(\n$MAINTENANCE_OPERATION_VACUUM_ANALYZE\x10\x02\x12!\n\x1dMAINTENANCE_OPERATION_ANALYZE\x10\x03\x12!\n\x1dMAINTENANCE_OPERATION_REINDEX\x10\x04*\xb7\x01\n\x11MaintenanceStatus\x12\"\n\x1eMAINTENANCE_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19MAINTENANCE_STATUS_QUEUED\x10\x01\x12\x1e\n\x1aMAINTENANCE_STATUS_RUNNING\x10\x02\x12 \n\x1cMAINTENANCE_STATUS_COMPLETED\x10\x03\x12\x1d\n\x19MAINTENANCE_STATUS_FAILED\x10\x04\x32\x80\x04\n\rHealthService\x12V\n\x0fGetSystemHealth\x12 .prefd.v1.GetSystemHealthRequest\x1a!.prefd.v1.GetSystemHealthResponse\x12\\\n\x11GetDatabaseHealth\x12\".prefd.v1.GetDatabaseHealthRequest\x1a#.prefd.v1.GetDatabaseHealthResponse\x12S\n\x0eRunMaintenance\x12\x1f.prefd.v1.RunMaintenanceRequest\x1a .prefd.v1.RunMaintenanceResponse\x12n\n\x17GetMaintenanceOperation\x12(.prefd.v1.GetMaintenanceOperationRequest\x1a).prefd.v1.GetMaintenanceOperationResponse\x12t\n\x19ListMaintenanceOperations\x12*.prefd.v1.ListMaintenanceOperationsRequest\x1a+.prefd.v1.ListMaintenanceOperationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +35,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COMPONENTHEALTH_DETAILSENTRY']._loaded_options = None
   _globals['_COMPONENTHEALTH_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_HEALTHSTATUS']._serialized_start=525
-  _globals['_HEALTHSTATUS']._serialized_end=654
-  _globals['_COMPONENTHEALTH']._serialized_start=68
-  _globals['_COMPONENTHEALTH']._serialized_end=321
-  _globals['_COMPONENTHEALTH_DETAILSENTRY']._serialized_start=275
-  _globals['_COMPONENTHEALTH_DETAILSENTRY']._serialized_end=321
-  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_start=323
-  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_end=347
-  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_start=350
-  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_end=522
-  _globals['_HEALTHSERVICE']._serialized_start=656
-  _globals['_HEALTHSERVICE']._serialized_end=759
+  _globals['_CONNECTIONREPORT_BYSTATEENTRY']._loaded_options = None
+  _globals['_CONNECTIONREPORT_BYSTATEENTRY']._serialized_options = b'8\001'
+  _globals['_HEALTHSTATUS']._serialized_start=3531
+  _globals['_HEALTHSTATUS']._serialized_end=3660
+  _globals['_ALERTSEVERITY']._serialized_start=3662
+  _globals['_ALERTSEVERITY']._serialized_end=3766
+  _globals['_MAINTENANCEOPERATION']._serialized_start=3769
+  _globals['_MAINTENANCEOPERATION']._serialized_end=3976
+  _globals['_MAINTENANCESTATUS']._serialized_start=3979
+  _globals['_MAINTENANCESTATUS']._serialized_end=4162
+  _globals['_COMPONENTHEALTH']._serialized_start=101
+  _globals['_COMPONENTHEALTH']._serialized_end=354
+  _globals['_COMPONENTHEALTH_DETAILSENTRY']._serialized_start=308
+  _globals['_COMPONENTHEALTH_DETAILSENTRY']._serialized_end=354
+  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_start=356
+  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_end=380
+  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_start=383
+  _globals['_GETSYSTEMHEALTHRESPONSE']._serialized_end=555
+  _globals['_GETDATABASEHEALTHREQUEST']._serialized_start=557
+  _globals['_GETDATABASEHEALTHREQUEST']._serialized_end=640
+  _globals['_GETDATABASEHEALTHRESPONSE']._serialized_start=643
+  _globals['_GETDATABASEHEALTHRESPONSE']._serialized_end=983
+  _globals['_DATABASESUMMARY']._serialized_start=986
+  _globals['_DATABASESUMMARY']._serialized_end=1214
+  _globals['_TABLEHEALTH']._serialized_start=1217
+  _globals['_TABLEHEALTH']._serialized_end=1630
+  _globals['_INDEXHEALTH']._serialized_start=1632
+  _globals['_INDEXHEALTH']._serialized_end=1741
+  _globals['_CONNECTIONREPORT']._serialized_start=1744
+  _globals['_CONNECTIONREPORT']._serialized_end=1967
+  _globals['_CONNECTIONREPORT_BYSTATEENTRY']._serialized_start=1921
+  _globals['_CONNECTIONREPORT_BYSTATEENTRY']._serialized_end=1967
+  _globals['_POOLSTATS']._serialized_start=1969
+  _globals['_POOLSTATS']._serialized_end=2077
+  _globals['_SLOWQUERYREPORT']._serialized_start=2080
+  _globals['_SLOWQUERYREPORT']._serialized_end=2228
+  _globals['_SLOWQUERY']._serialized_start=2231
+  _globals['_SLOWQUERY']._serialized_end=2424
+  _globals['_DATABASEALERT']._serialized_start=2427
+  _globals['_DATABASEALERT']._serialized_end=2566
+  _globals['_MAINTENANCERECORD']._serialized_start=2569
+  _globals['_MAINTENANCERECORD']._serialized_end=2964
+  _globals['_RUNMAINTENANCEREQUEST']._serialized_start=2967
+  _globals['_RUNMAINTENANCEREQUEST']._serialized_end=3123
+  _globals['_RUNMAINTENANCERESPONSE']._serialized_start=3125
+  _globals['_RUNMAINTENANCERESPONSE']._serialized_end=3197
+  _globals['_GETMAINTENANCEOPERATIONREQUEST']._serialized_start=3199
+  _globals['_GETMAINTENANCEOPERATIONREQUEST']._serialized_end=3243
+  _globals['_GETMAINTENANCEOPERATIONRESPONSE']._serialized_start=3245
+  _globals['_GETMAINTENANCEOPERATIONRESPONSE']._serialized_end=3326
+  _globals['_LISTMAINTENANCEOPERATIONSREQUEST']._serialized_start=3328
+  _globals['_LISTMAINTENANCEOPERATIONSREQUEST']._serialized_end=3417
+  _globals['_LISTMAINTENANCEOPERATIONSRESPONSE']._serialized_start=3419
+  _globals['_LISTMAINTENANCEOPERATIONSRESPONSE']._serialized_end=3528
+  _globals['_HEALTHSERVICE']._serialized_start=4165
+  _globals['_HEALTHSERVICE']._serialized_end=4677
 # @@protoc_insertion_point(module_scope)

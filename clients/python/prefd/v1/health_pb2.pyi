@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -47,6 +48,94 @@ HEALTH_STATUS_DEGRADED: HealthStatus.ValueType  # 2
 HEALTH_STATUS_UNHEALTHY: HealthStatus.ValueType  # 3
 """Not able to serve."""
 Global___HealthStatus: _TypeAlias = HealthStatus  # noqa: Y015
+
+class _AlertSeverity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertSeverityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertSeverity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_SEVERITY_UNSPECIFIED: _AlertSeverity.ValueType  # 0
+    """Not set."""
+    ALERT_SEVERITY_WARNING: _AlertSeverity.ValueType  # 1
+    """Worth a look."""
+    ALERT_SEVERITY_CRITICAL: _AlertSeverity.ValueType  # 2
+    """Needs action."""
+
+class AlertSeverity(_AlertSeverity, metaclass=_AlertSeverityEnumTypeWrapper):
+    """AlertSeverity is how urgent an alert is."""
+
+ALERT_SEVERITY_UNSPECIFIED: AlertSeverity.ValueType  # 0
+"""Not set."""
+ALERT_SEVERITY_WARNING: AlertSeverity.ValueType  # 1
+"""Worth a look."""
+ALERT_SEVERITY_CRITICAL: AlertSeverity.ValueType  # 2
+"""Needs action."""
+Global___AlertSeverity: _TypeAlias = AlertSeverity  # noqa: Y015
+
+class _MaintenanceOperation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MaintenanceOperationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MaintenanceOperation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MAINTENANCE_OPERATION_UNSPECIFIED: _MaintenanceOperation.ValueType  # 0
+    """Not set."""
+    MAINTENANCE_OPERATION_VACUUM: _MaintenanceOperation.ValueType  # 1
+    """VACUUM (or VACUUM FULL with full and confirm_full) of a table."""
+    MAINTENANCE_OPERATION_VACUUM_ANALYZE: _MaintenanceOperation.ValueType  # 2
+    """VACUUM ANALYZE of a table."""
+    MAINTENANCE_OPERATION_ANALYZE: _MaintenanceOperation.ValueType  # 3
+    """ANALYZE of a table."""
+    MAINTENANCE_OPERATION_REINDEX: _MaintenanceOperation.ValueType  # 4
+    """REINDEX CONCURRENTLY of a table's indexes or of one index."""
+
+class MaintenanceOperation(_MaintenanceOperation, metaclass=_MaintenanceOperationEnumTypeWrapper):
+    """MaintenanceOperation is what RunMaintenance runs."""
+
+MAINTENANCE_OPERATION_UNSPECIFIED: MaintenanceOperation.ValueType  # 0
+"""Not set."""
+MAINTENANCE_OPERATION_VACUUM: MaintenanceOperation.ValueType  # 1
+"""VACUUM (or VACUUM FULL with full and confirm_full) of a table."""
+MAINTENANCE_OPERATION_VACUUM_ANALYZE: MaintenanceOperation.ValueType  # 2
+"""VACUUM ANALYZE of a table."""
+MAINTENANCE_OPERATION_ANALYZE: MaintenanceOperation.ValueType  # 3
+"""ANALYZE of a table."""
+MAINTENANCE_OPERATION_REINDEX: MaintenanceOperation.ValueType  # 4
+"""REINDEX CONCURRENTLY of a table's indexes or of one index."""
+Global___MaintenanceOperation: _TypeAlias = MaintenanceOperation  # noqa: Y015
+
+class _MaintenanceStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MaintenanceStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MaintenanceStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MAINTENANCE_STATUS_UNSPECIFIED: _MaintenanceStatus.ValueType  # 0
+    """Not set."""
+    MAINTENANCE_STATUS_QUEUED: _MaintenanceStatus.ValueType  # 1
+    """Recorded, not started."""
+    MAINTENANCE_STATUS_RUNNING: _MaintenanceStatus.ValueType  # 2
+    """Running on the database."""
+    MAINTENANCE_STATUS_COMPLETED: _MaintenanceStatus.ValueType  # 3
+    """Finished without error."""
+    MAINTENANCE_STATUS_FAILED: _MaintenanceStatus.ValueType  # 4
+    """Finished with an error, or interrupted (its process ended)."""
+
+class MaintenanceStatus(_MaintenanceStatus, metaclass=_MaintenanceStatusEnumTypeWrapper):
+    """MaintenanceStatus is where an operation is."""
+
+MAINTENANCE_STATUS_UNSPECIFIED: MaintenanceStatus.ValueType  # 0
+"""Not set."""
+MAINTENANCE_STATUS_QUEUED: MaintenanceStatus.ValueType  # 1
+"""Recorded, not started."""
+MAINTENANCE_STATUS_RUNNING: MaintenanceStatus.ValueType  # 2
+"""Running on the database."""
+MAINTENANCE_STATUS_COMPLETED: MaintenanceStatus.ValueType  # 3
+"""Finished without error."""
+MAINTENANCE_STATUS_FAILED: MaintenanceStatus.ValueType  # 4
+"""Finished with an error, or interrupted (its process ended)."""
+Global___MaintenanceStatus: _TypeAlias = MaintenanceStatus  # noqa: Y015
 
 @_typing.final
 class ComponentHealth(_message.Message):
@@ -168,3 +257,740 @@ class GetSystemHealthResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSystemHealthResponse: _TypeAlias = GetSystemHealthResponse  # noqa: Y015
+
+@_typing.final
+class GetDatabaseHealthRequest(_message.Message):
+    """Request for GetDatabaseHealth."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SLOW_QUERY_THRESHOLD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def slow_query_threshold(self) -> _duration_pb2.Duration:
+        """Statements whose mean execution time is at least this are reported (default 500 ms)."""
+
+    def __init__(
+        self,
+        *,
+        slow_query_threshold: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slow_query_threshold", b"slow_query_threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["slow_query_threshold", b"slow_query_threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatabaseHealthRequest: _TypeAlias = GetDatabaseHealthRequest  # noqa: Y015
+
+@_typing.final
+class GetDatabaseHealthResponse(_message.Message):
+    """Response for GetDatabaseHealth."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATABASE_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
+    INDEXES_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
+    SLOW_QUERIES_FIELD_NUMBER: _builtins.int
+    ALERTS_FIELD_NUMBER: _builtins.int
+    COLLECT_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def database(self) -> Global___DatabaseSummary:
+        """Database-wide figures."""
+
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___TableHealth]:
+        """Each prefd table."""
+
+    @_builtins.property
+    def indexes(self) -> _containers.RepeatedCompositeFieldContainer[Global___IndexHealth]:
+        """Each index on a prefd table."""
+
+    @_builtins.property
+    def connections(self) -> Global___ConnectionReport:
+        """Server connections and this process's pool."""
+
+    @_builtins.property
+    def slow_queries(self) -> Global___SlowQueryReport:
+        """Slow statements, or why they cannot be told."""
+
+    @_builtins.property
+    def alerts(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatabaseAlert]:
+        """Thresholds crossed."""
+
+    @_builtins.property
+    def collect_time(self) -> _timestamp_pb2.Timestamp:
+        """When the figures were read."""
+
+    def __init__(
+        self,
+        *,
+        database: Global___DatabaseSummary | None = ...,
+        tables: _abc.Iterable[Global___TableHealth] | None = ...,
+        indexes: _abc.Iterable[Global___IndexHealth] | None = ...,
+        connections: Global___ConnectionReport | None = ...,
+        slow_queries: Global___SlowQueryReport | None = ...,
+        alerts: _abc.Iterable[Global___DatabaseAlert] | None = ...,
+        collect_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collect_time", b"collect_time", "connections", b"connections", "database", b"database", "slow_queries", b"slow_queries"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alerts", b"alerts", "collect_time", b"collect_time", "connections", b"connections", "database", b"database", "indexes", b"indexes", "slow_queries", b"slow_queries", "tables", b"tables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatabaseHealthResponse: _TypeAlias = GetDatabaseHealthResponse  # noqa: Y015
+
+@_typing.final
+class DatabaseSummary(_message.Message):
+    """DatabaseSummary is pg_stat_database for prefd's database."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    CACHE_HIT_RATIO_FIELD_NUMBER: _builtins.int
+    COMMITS_FIELD_NUMBER: _builtins.int
+    ROLLBACKS_FIELD_NUMBER: _builtins.int
+    DEADLOCKS_FIELD_NUMBER: _builtins.int
+    CONFLICTS_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    STATS_RESET_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The database's name."""
+    size_bytes: _builtins.int
+    """pg_database_size, in bytes."""
+    cache_hit_ratio: _builtins.float
+    """Buffer hits / (hits + reads), 0 to 1; 1 when nothing has been read yet."""
+    commits: _builtins.int
+    """Committed transactions since the statistics were reset."""
+    rollbacks: _builtins.int
+    """Rolled-back transactions since the statistics were reset."""
+    deadlocks: _builtins.int
+    """Deadlocks detected since the statistics were reset."""
+    conflicts: _builtins.int
+    """Queries cancelled by recovery conflicts (standbys) since the statistics were reset."""
+    server_version: _builtins.str
+    """PostgreSQL's version (server_version)."""
+    @_builtins.property
+    def stats_reset_time(self) -> _timestamp_pb2.Timestamp:
+        """When the statistics were last reset; unset if never."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        cache_hit_ratio: _builtins.float = ...,
+        commits: _builtins.int = ...,
+        rollbacks: _builtins.int = ...,
+        deadlocks: _builtins.int = ...,
+        conflicts: _builtins.int = ...,
+        server_version: _builtins.str = ...,
+        stats_reset_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats_reset_time", b"stats_reset_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit_ratio", b"cache_hit_ratio", "commits", b"commits", "conflicts", b"conflicts", "deadlocks", b"deadlocks", "name", b"name", "rollbacks", b"rollbacks", "server_version", b"server_version", "size_bytes", b"size_bytes", "stats_reset_time", b"stats_reset_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatabaseSummary: _TypeAlias = DatabaseSummary  # noqa: Y015
+
+@_typing.final
+class TableHealth(_message.Message):
+    """TableHealth is one table's statistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LIVE_ROWS_FIELD_NUMBER: _builtins.int
+    DEAD_ROWS_FIELD_NUMBER: _builtins.int
+    BLOAT_PERCENT_FIELD_NUMBER: _builtins.int
+    TABLE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    INDEX_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    LAST_VACUUM_TIME_FIELD_NUMBER: _builtins.int
+    LAST_AUTOVACUUM_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ANALYZE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_AUTOANALYZE_TIME_FIELD_NUMBER: _builtins.int
+    SEQUENTIAL_SCANS_FIELD_NUMBER: _builtins.int
+    INDEX_SCANS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The table."""
+    live_rows: _builtins.int
+    """Estimated live rows (n_live_tup)."""
+    dead_rows: _builtins.int
+    """Estimated dead rows (n_dead_tup)."""
+    bloat_percent: _builtins.float
+    """Estimated bloat: dead rows as a percentage of live plus dead rows, 0 to 100."""
+    table_size_bytes: _builtins.int
+    """The table's own size (heap, TOAST, maps), in bytes."""
+    index_size_bytes: _builtins.int
+    """All its indexes, in bytes."""
+    sequential_scans: _builtins.int
+    """Sequential scans started on it."""
+    index_scans: _builtins.int
+    """Index scans started on it."""
+    @_builtins.property
+    def last_vacuum_time(self) -> _timestamp_pb2.Timestamp:
+        """Last manual VACUUM; unset if never."""
+
+    @_builtins.property
+    def last_autovacuum_time(self) -> _timestamp_pb2.Timestamp:
+        """Last autovacuum; unset if never."""
+
+    @_builtins.property
+    def last_analyze_time(self) -> _timestamp_pb2.Timestamp:
+        """Last manual ANALYZE; unset if never."""
+
+    @_builtins.property
+    def last_autoanalyze_time(self) -> _timestamp_pb2.Timestamp:
+        """Last autoanalyze; unset if never."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        live_rows: _builtins.int = ...,
+        dead_rows: _builtins.int = ...,
+        bloat_percent: _builtins.float = ...,
+        table_size_bytes: _builtins.int = ...,
+        index_size_bytes: _builtins.int = ...,
+        last_vacuum_time: _timestamp_pb2.Timestamp | None = ...,
+        last_autovacuum_time: _timestamp_pb2.Timestamp | None = ...,
+        last_analyze_time: _timestamp_pb2.Timestamp | None = ...,
+        last_autoanalyze_time: _timestamp_pb2.Timestamp | None = ...,
+        sequential_scans: _builtins.int = ...,
+        index_scans: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_analyze_time", b"last_analyze_time", "last_autoanalyze_time", b"last_autoanalyze_time", "last_autovacuum_time", b"last_autovacuum_time", "last_vacuum_time", b"last_vacuum_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bloat_percent", b"bloat_percent", "dead_rows", b"dead_rows", "index_scans", b"index_scans", "index_size_bytes", b"index_size_bytes", "last_analyze_time", b"last_analyze_time", "last_autoanalyze_time", b"last_autoanalyze_time", "last_autovacuum_time", b"last_autovacuum_time", "last_vacuum_time", b"last_vacuum_time", "live_rows", b"live_rows", "name", b"name", "sequential_scans", b"sequential_scans", "table_size_bytes", b"table_size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TableHealth: _TypeAlias = TableHealth  # noqa: Y015
+
+@_typing.final
+class IndexHealth(_message.Message):
+    """IndexHealth is one index's statistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SCANS_FIELD_NUMBER: _builtins.int
+    UNUSED_FIELD_NUMBER: _builtins.int
+    UNIQUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The index."""
+    table: _builtins.str
+    """Its table."""
+    size_bytes: _builtins.int
+    """Its size, in bytes."""
+    scans: _builtins.int
+    """Index scans since the statistics were reset."""
+    unused: _builtins.bool
+    """Never scanned, and not backing a primary key or unique constraint (those enforce rules)."""
+    unique: _builtins.bool
+    """Backs a primary key or unique constraint."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        table: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        scans: _builtins.int = ...,
+        unused: _builtins.bool = ...,
+        unique: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "scans", b"scans", "size_bytes", b"size_bytes", "table", b"table", "unique", b"unique", "unused", b"unused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IndexHealth: _TypeAlias = IndexHealth  # noqa: Y015
+
+@_typing.final
+class ConnectionReport(_message.Message):
+    """ConnectionReport is the server's connections and this process's pool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BY_STATE_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    USED_FRACTION_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """All client connections to the server."""
+    max_connections: _builtins.int
+    """The server's max_connections."""
+    used_fraction: _builtins.float
+    """total / max_connections, 0 to 1."""
+    @_builtins.property
+    def by_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Connections to this PostgreSQL server by pg_stat_activity state ("active", "idle",
+        "idle in transaction", ...); client backends only.
+        """
+
+    @_builtins.property
+    def pool(self) -> Global___PoolStats:
+        """This process's pool."""
+
+    def __init__(
+        self,
+        *,
+        by_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        total: _builtins.int = ...,
+        max_connections: _builtins.int = ...,
+        used_fraction: _builtins.float = ...,
+        pool: Global___PoolStats | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_state", b"by_state", "max_connections", b"max_connections", "pool", b"pool", "total", b"total", "used_fraction", b"used_fraction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectionReport: _TypeAlias = ConnectionReport  # noqa: Y015
+
+@_typing.final
+class PoolStats(_message.Message):
+    """PoolStats is one prefd process's connection pool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    IN_USE_FIELD_NUMBER: _builtins.int
+    IDLE_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    MIN_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_SIZE_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """Connections open."""
+    in_use: _builtins.int
+    """Connections handed out."""
+    idle: _builtins.int
+    """Connections open and free."""
+    waiting: _builtins.int
+    """Callers waiting for a connection."""
+    min_size: _builtins.int
+    """The pool's lower bound."""
+    max_size: _builtins.int
+    """The pool's upper bound."""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        in_use: _builtins.int = ...,
+        idle: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        min_size: _builtins.int = ...,
+        max_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle", b"idle", "in_use", b"in_use", "max_size", b"max_size", "min_size", b"min_size", "size", b"size", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PoolStats: _TypeAlias = PoolStats  # noqa: Y015
+
+@_typing.final
+class SlowQueryReport(_message.Message):
+    """SlowQueryReport is the statements at or over the threshold, from pg_stat_statements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    available: _builtins.bool
+    """Whether pg_stat_statements could be read."""
+    unavailable_reason: _builtins.str
+    """Why not, when not available."""
+    @_builtins.property
+    def threshold(self) -> _duration_pb2.Duration:
+        """The threshold applied."""
+
+    @_builtins.property
+    def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___SlowQuery]:
+        """Slowest mean first, at most 20."""
+
+    def __init__(
+        self,
+        *,
+        available: _builtins.bool = ...,
+        unavailable_reason: _builtins.str = ...,
+        threshold: _duration_pb2.Duration | None = ...,
+        queries: _abc.Iterable[Global___SlowQuery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["threshold", b"threshold"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "queries", b"queries", "threshold", b"threshold", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlowQueryReport: _TypeAlias = SlowQueryReport  # noqa: Y015
+
+@_typing.final
+class SlowQuery(_message.Message):
+    """SlowQuery is one normalised statement's figures."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    MEAN_TIME_FIELD_NUMBER: _builtins.int
+    MAX_TIME_FIELD_NUMBER: _builtins.int
+    TOTAL_TIME_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    """The statement with its constants replaced by $n."""
+    calls: _builtins.int
+    """Times it ran."""
+    rows: _builtins.int
+    """Rows returned or affected, in total."""
+    @_builtins.property
+    def mean_time(self) -> _duration_pb2.Duration:
+        """Mean execution time."""
+
+    @_builtins.property
+    def max_time(self) -> _duration_pb2.Duration:
+        """Longest execution time."""
+
+    @_builtins.property
+    def total_time(self) -> _duration_pb2.Duration:
+        """Total execution time."""
+
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        calls: _builtins.int = ...,
+        mean_time: _duration_pb2.Duration | None = ...,
+        max_time: _duration_pb2.Duration | None = ...,
+        total_time: _duration_pb2.Duration | None = ...,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_time", b"max_time", "mean_time", b"mean_time", "total_time", b"total_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "max_time", b"max_time", "mean_time", b"mean_time", "query", b"query", "rows", b"rows", "total_time", b"total_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlowQuery: _TypeAlias = SlowQuery  # noqa: Y015
+
+@_typing.final
+class DatabaseAlert(_message.Message):
+    """DatabaseAlert is one threshold crossed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    SEVERITY_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """TABLE_BLOAT (over 20%), CACHE_HIT_RATIO_LOW (under 99%), CONNECTIONS_HIGH (over 80% of
+    max_connections), INDEX_UNUSED, LONG_TRANSACTION (an open transaction holding the change
+    feed's horizon for over 60 s).
+    """
+    severity: Global___AlertSeverity.ValueType
+    """How urgent."""
+    target: _builtins.str
+    """What it is about: a table, an index, a backend pid, or the database."""
+    message: _builtins.str
+    """One sentence for an operator."""
+    value: _builtins.float
+    """The measured figure (percent, ratio, seconds)."""
+    threshold: _builtins.float
+    """The threshold it crossed, in the same unit."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        severity: Global___AlertSeverity.ValueType = ...,
+        target: _builtins.str = ...,
+        message: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "severity", b"severity", "target", b"target", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatabaseAlert: _TypeAlias = DatabaseAlert  # noqa: Y015
+
+@_typing.final
+class MaintenanceRecord(_message.Message):
+    """MaintenanceRecord is one entry of the maintenance log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    INITIATOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Server-assigned id."""
+    operation: Global___MaintenanceOperation.ValueType
+    """What ran."""
+    target: _builtins.str
+    """The table or index."""
+    full: _builtins.bool
+    """VACUUM FULL."""
+    status: Global___MaintenanceStatus.ValueType
+    """Where it is."""
+    initiator: _builtins.str
+    """Who asked (the token's subject)."""
+    reason: _builtins.str
+    """Why, as given."""
+    error: _builtins.str
+    """PostgreSQL's error, when it failed."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was asked for."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started running; unset while queued."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it finished; unset until then."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long it ran; unset until it finished."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        operation: Global___MaintenanceOperation.ValueType = ...,
+        target: _builtins.str = ...,
+        full: _builtins.bool = ...,
+        status: Global___MaintenanceStatus.ValueType = ...,
+        initiator: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "full", b"full", "id", b"id", "initiator", b"initiator", "operation", b"operation", "reason", b"reason", "start_time", b"start_time", "status", b"status", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaintenanceRecord: _TypeAlias = MaintenanceRecord  # noqa: Y015
+
+@_typing.final
+class RunMaintenanceRequest(_message.Message):
+    """Request for RunMaintenance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
+    CONFIRM_FULL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    operation: Global___MaintenanceOperation.ValueType
+    """What to run."""
+    target: _builtins.str
+    """A prefd table (any operation) or index (REINDEX only), e.g. "changes"."""
+    full: _builtins.bool
+    """VACUUM FULL (rewrites the table under an exclusive lock); needs confirm_full."""
+    confirm_full: _builtins.bool
+    """Confirms full."""
+    reason: _builtins.str
+    """Why, recorded with the operation (optional)."""
+    wait: _builtins.bool
+    """Return only when it has finished (or the call's deadline passes); otherwise return at once."""
+    def __init__(
+        self,
+        *,
+        operation: Global___MaintenanceOperation.ValueType = ...,
+        target: _builtins.str = ...,
+        full: _builtins.bool = ...,
+        confirm_full: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        wait: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirm_full", b"confirm_full", "full", b"full", "operation", b"operation", "reason", b"reason", "target", b"target", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunMaintenanceRequest: _TypeAlias = RunMaintenanceRequest  # noqa: Y015
+
+@_typing.final
+class RunMaintenanceResponse(_message.Message):
+    """Response for RunMaintenance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___MaintenanceRecord:
+        """The operation as recorded (finished when wait was set)."""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___MaintenanceRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunMaintenanceResponse: _TypeAlias = RunMaintenanceResponse  # noqa: Y015
+
+@_typing.final
+class GetMaintenanceOperationRequest(_message.Message):
+    """Request for GetMaintenanceOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The operation's id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMaintenanceOperationRequest: _TypeAlias = GetMaintenanceOperationRequest  # noqa: Y015
+
+@_typing.final
+class GetMaintenanceOperationResponse(_message.Message):
+    """Response for GetMaintenanceOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___MaintenanceRecord:
+        """The operation."""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___MaintenanceRecord | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMaintenanceOperationResponse: _TypeAlias = GetMaintenanceOperationResponse  # noqa: Y015
+
+@_typing.final
+class ListMaintenanceOperationsRequest(_message.Message):
+    """Request for ListMaintenanceOperations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    """Only operations on this target (any when empty)."""
+    page_size: _builtins.int
+    """At most this many (default 100, at most 1,000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token (same filter)."""
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMaintenanceOperationsRequest: _TypeAlias = ListMaintenanceOperationsRequest  # noqa: Y015
+
+@_typing.final
+class ListMaintenanceOperationsResponse(_message.Message):
+    """Response for ListMaintenanceOperations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass back for the next page; empty on the last."""
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaintenanceRecord]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        operations: _abc.Iterable[Global___MaintenanceRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "operations", b"operations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMaintenanceOperationsResponse: _TypeAlias = ListMaintenanceOperationsResponse  # noqa: Y015

@@ -41,6 +41,26 @@ class HealthServiceStub:
                 request_serializer=prefd_dot_v1_dot_health__pb2.GetSystemHealthRequest.SerializeToString,
                 response_deserializer=prefd_dot_v1_dot_health__pb2.GetSystemHealthResponse.FromString,
                 _registered_method=True)
+        self.GetDatabaseHealth = channel.unary_unary(
+                '/prefd.v1.HealthService/GetDatabaseHealth',
+                request_serializer=prefd_dot_v1_dot_health__pb2.GetDatabaseHealthRequest.SerializeToString,
+                response_deserializer=prefd_dot_v1_dot_health__pb2.GetDatabaseHealthResponse.FromString,
+                _registered_method=True)
+        self.RunMaintenance = channel.unary_unary(
+                '/prefd.v1.HealthService/RunMaintenance',
+                request_serializer=prefd_dot_v1_dot_health__pb2.RunMaintenanceRequest.SerializeToString,
+                response_deserializer=prefd_dot_v1_dot_health__pb2.RunMaintenanceResponse.FromString,
+                _registered_method=True)
+        self.GetMaintenanceOperation = channel.unary_unary(
+                '/prefd.v1.HealthService/GetMaintenanceOperation',
+                request_serializer=prefd_dot_v1_dot_health__pb2.GetMaintenanceOperationRequest.SerializeToString,
+                response_deserializer=prefd_dot_v1_dot_health__pb2.GetMaintenanceOperationResponse.FromString,
+                _registered_method=True)
+        self.ListMaintenanceOperations = channel.unary_unary(
+                '/prefd.v1.HealthService/ListMaintenanceOperations',
+                request_serializer=prefd_dot_v1_dot_health__pb2.ListMaintenanceOperationsRequest.SerializeToString,
+                response_deserializer=prefd_dot_v1_dot_health__pb2.ListMaintenanceOperationsResponse.FromString,
+                _registered_method=True)
 
 
 class HealthServiceServicer:
@@ -57,6 +77,43 @@ class HealthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDatabaseHealth(self, request, context):
+        """Reports PostgreSQL's state from its statistics views: database totals, each prefd table and
+        index, connections against max_connections and the pool, slow statements (from
+        pg_stat_statements when installed, otherwise marked unavailable with the reason) and alerts.
+        Admin only: PERMISSION_DENIED otherwise; UNAVAILABLE when PostgreSQL is unreachable;
+        INVALID_ARGUMENT for a negative slow_query_threshold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunMaintenance(self, request, context):
+        """Starts VACUUM, VACUUM ANALYZE, ANALYZE or REINDEX on one of prefd's own tables or indexes and
+        records it in the maintenance log (queued, running, completed or failed). Admin only
+        (PERMISSION_DENIED). INVALID_ARGUMENT for an unknown operation, a target outside the allowlist,
+        an operation the target does not take (VACUUM of an index), or full without confirm_full;
+        FAILED_PRECONDITION (MAINTENANCE_IN_PROGRESS) when an operation on the target is still running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMaintenanceOperation(self, request, context):
+        """One maintenance operation. Admin only; NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMaintenanceOperations(self, request, context):
+        """The maintenance log, newest first, keyset-paginated. Admin only; INVALID_ARGUMENT for a page
+        token from another query.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HealthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -64,6 +121,26 @@ def add_HealthServiceServicer_to_server(servicer, server):
                     servicer.GetSystemHealth,
                     request_deserializer=prefd_dot_v1_dot_health__pb2.GetSystemHealthRequest.FromString,
                     response_serializer=prefd_dot_v1_dot_health__pb2.GetSystemHealthResponse.SerializeToString,
+            ),
+            'GetDatabaseHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDatabaseHealth,
+                    request_deserializer=prefd_dot_v1_dot_health__pb2.GetDatabaseHealthRequest.FromString,
+                    response_serializer=prefd_dot_v1_dot_health__pb2.GetDatabaseHealthResponse.SerializeToString,
+            ),
+            'RunMaintenance': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunMaintenance,
+                    request_deserializer=prefd_dot_v1_dot_health__pb2.RunMaintenanceRequest.FromString,
+                    response_serializer=prefd_dot_v1_dot_health__pb2.RunMaintenanceResponse.SerializeToString,
+            ),
+            'GetMaintenanceOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMaintenanceOperation,
+                    request_deserializer=prefd_dot_v1_dot_health__pb2.GetMaintenanceOperationRequest.FromString,
+                    response_serializer=prefd_dot_v1_dot_health__pb2.GetMaintenanceOperationResponse.SerializeToString,
+            ),
+            'ListMaintenanceOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMaintenanceOperations,
+                    request_deserializer=prefd_dot_v1_dot_health__pb2.ListMaintenanceOperationsRequest.FromString,
+                    response_serializer=prefd_dot_v1_dot_health__pb2.ListMaintenanceOperationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -95,6 +172,114 @@ class HealthService:
             '/prefd.v1.HealthService/GetSystemHealth',
             prefd_dot_v1_dot_health__pb2.GetSystemHealthRequest.SerializeToString,
             prefd_dot_v1_dot_health__pb2.GetSystemHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDatabaseHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefd.v1.HealthService/GetDatabaseHealth',
+            prefd_dot_v1_dot_health__pb2.GetDatabaseHealthRequest.SerializeToString,
+            prefd_dot_v1_dot_health__pb2.GetDatabaseHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunMaintenance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefd.v1.HealthService/RunMaintenance',
+            prefd_dot_v1_dot_health__pb2.RunMaintenanceRequest.SerializeToString,
+            prefd_dot_v1_dot_health__pb2.RunMaintenanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMaintenanceOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefd.v1.HealthService/GetMaintenanceOperation',
+            prefd_dot_v1_dot_health__pb2.GetMaintenanceOperationRequest.SerializeToString,
+            prefd_dot_v1_dot_health__pb2.GetMaintenanceOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMaintenanceOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prefd.v1.HealthService/ListMaintenanceOperations',
+            prefd_dot_v1_dot_health__pb2.ListMaintenanceOperationsRequest.SerializeToString,
+            prefd_dot_v1_dot_health__pb2.ListMaintenanceOperationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

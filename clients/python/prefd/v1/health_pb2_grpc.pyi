@@ -40,6 +40,26 @@ class HealthServiceStub:
     critical component (PostgreSQL) is down, DEGRADED if a non-critical one (Redis, the change
     feed) is, HEALTHY otherwise. Never hangs on a hung dependency.
     """
+    GetDatabaseHealth: _grpc.UnaryUnaryMultiCallable[_health_pb2.GetDatabaseHealthRequest, _health_pb2.GetDatabaseHealthResponse]
+    """Reports PostgreSQL's state from its statistics views: database totals, each prefd table and
+    index, connections against max_connections and the pool, slow statements (from
+    pg_stat_statements when installed, otherwise marked unavailable with the reason) and alerts.
+    Admin only: PERMISSION_DENIED otherwise; UNAVAILABLE when PostgreSQL is unreachable;
+    INVALID_ARGUMENT for a negative slow_query_threshold.
+    """
+    RunMaintenance: _grpc.UnaryUnaryMultiCallable[_health_pb2.RunMaintenanceRequest, _health_pb2.RunMaintenanceResponse]
+    """Starts VACUUM, VACUUM ANALYZE, ANALYZE or REINDEX on one of prefd's own tables or indexes and
+    records it in the maintenance log (queued, running, completed or failed). Admin only
+    (PERMISSION_DENIED). INVALID_ARGUMENT for an unknown operation, a target outside the allowlist,
+    an operation the target does not take (VACUUM of an index), or full without confirm_full;
+    FAILED_PRECONDITION (MAINTENANCE_IN_PROGRESS) when an operation on the target is still running.
+    """
+    GetMaintenanceOperation: _grpc.UnaryUnaryMultiCallable[_health_pb2.GetMaintenanceOperationRequest, _health_pb2.GetMaintenanceOperationResponse]
+    """One maintenance operation. Admin only; NOT_FOUND for an unknown id."""
+    ListMaintenanceOperations: _grpc.UnaryUnaryMultiCallable[_health_pb2.ListMaintenanceOperationsRequest, _health_pb2.ListMaintenanceOperationsResponse]
+    """The maintenance log, newest first, keyset-paginated. Admin only; INVALID_ARGUMENT for a page
+    token from another query.
+    """
 
 @_typing.type_check_only
 class HealthServiceAsyncStub(HealthServiceStub):
@@ -52,6 +72,26 @@ class HealthServiceAsyncStub(HealthServiceStub):
     """Checks every component, each within its own timeout, and rolls them up: UNHEALTHY if a
     critical component (PostgreSQL) is down, DEGRADED if a non-critical one (Redis, the change
     feed) is, HEALTHY otherwise. Never hangs on a hung dependency.
+    """
+    GetDatabaseHealth: _aio.UnaryUnaryMultiCallable[_health_pb2.GetDatabaseHealthRequest, _health_pb2.GetDatabaseHealthResponse]  # type: ignore[assignment]
+    """Reports PostgreSQL's state from its statistics views: database totals, each prefd table and
+    index, connections against max_connections and the pool, slow statements (from
+    pg_stat_statements when installed, otherwise marked unavailable with the reason) and alerts.
+    Admin only: PERMISSION_DENIED otherwise; UNAVAILABLE when PostgreSQL is unreachable;
+    INVALID_ARGUMENT for a negative slow_query_threshold.
+    """
+    RunMaintenance: _aio.UnaryUnaryMultiCallable[_health_pb2.RunMaintenanceRequest, _health_pb2.RunMaintenanceResponse]  # type: ignore[assignment]
+    """Starts VACUUM, VACUUM ANALYZE, ANALYZE or REINDEX on one of prefd's own tables or indexes and
+    records it in the maintenance log (queued, running, completed or failed). Admin only
+    (PERMISSION_DENIED). INVALID_ARGUMENT for an unknown operation, a target outside the allowlist,
+    an operation the target does not take (VACUUM of an index), or full without confirm_full;
+    FAILED_PRECONDITION (MAINTENANCE_IN_PROGRESS) when an operation on the target is still running.
+    """
+    GetMaintenanceOperation: _aio.UnaryUnaryMultiCallable[_health_pb2.GetMaintenanceOperationRequest, _health_pb2.GetMaintenanceOperationResponse]  # type: ignore[assignment]
+    """One maintenance operation. Admin only; NOT_FOUND for an unknown id."""
+    ListMaintenanceOperations: _aio.UnaryUnaryMultiCallable[_health_pb2.ListMaintenanceOperationsRequest, _health_pb2.ListMaintenanceOperationsResponse]  # type: ignore[assignment]
+    """The maintenance log, newest first, keyset-paginated. Admin only; INVALID_ARGUMENT for a page
+    token from another query.
     """
 
 class HealthServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -68,6 +108,50 @@ class HealthServiceServicer(metaclass=_abc_1.ABCMeta):
         """Checks every component, each within its own timeout, and rolls them up: UNHEALTHY if a
         critical component (PostgreSQL) is down, DEGRADED if a non-critical one (Redis, the change
         feed) is, HEALTHY otherwise. Never hangs on a hung dependency.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDatabaseHealth(
+        self,
+        request: _health_pb2.GetDatabaseHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_health_pb2.GetDatabaseHealthResponse, _abc.Awaitable[_health_pb2.GetDatabaseHealthResponse]]:
+        """Reports PostgreSQL's state from its statistics views: database totals, each prefd table and
+        index, connections against max_connections and the pool, slow statements (from
+        pg_stat_statements when installed, otherwise marked unavailable with the reason) and alerts.
+        Admin only: PERMISSION_DENIED otherwise; UNAVAILABLE when PostgreSQL is unreachable;
+        INVALID_ARGUMENT for a negative slow_query_threshold.
+        """
+
+    @_abc_1.abstractmethod
+    def RunMaintenance(
+        self,
+        request: _health_pb2.RunMaintenanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_health_pb2.RunMaintenanceResponse, _abc.Awaitable[_health_pb2.RunMaintenanceResponse]]:
+        """Starts VACUUM, VACUUM ANALYZE, ANALYZE or REINDEX on one of prefd's own tables or indexes and
+        records it in the maintenance log (queued, running, completed or failed). Admin only
+        (PERMISSION_DENIED). INVALID_ARGUMENT for an unknown operation, a target outside the allowlist,
+        an operation the target does not take (VACUUM of an index), or full without confirm_full;
+        FAILED_PRECONDITION (MAINTENANCE_IN_PROGRESS) when an operation on the target is still running.
+        """
+
+    @_abc_1.abstractmethod
+    def GetMaintenanceOperation(
+        self,
+        request: _health_pb2.GetMaintenanceOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_health_pb2.GetMaintenanceOperationResponse, _abc.Awaitable[_health_pb2.GetMaintenanceOperationResponse]]:
+        """One maintenance operation. Admin only; NOT_FOUND for an unknown id."""
+
+    @_abc_1.abstractmethod
+    def ListMaintenanceOperations(
+        self,
+        request: _health_pb2.ListMaintenanceOperationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_health_pb2.ListMaintenanceOperationsResponse, _abc.Awaitable[_health_pb2.ListMaintenanceOperationsResponse]]:
+        """The maintenance log, newest first, keyset-paginated. Admin only; INVALID_ARGUMENT for a page
+        token from another query.
         """
 
 def add_HealthServiceServicer_to_server(servicer: HealthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
