@@ -36,6 +36,7 @@ from server.store.ai_writes import AIConfigStore
 from server.store.audit import AuditStore, pseudonym_key
 from server.store.db import create_pool, migrate
 from server.store.db_health import DatabaseHealthStore
+from server.store.maintenance import MaintenanceStore
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter, install_definitions
 
@@ -171,6 +172,7 @@ class App:
         self._notifier: WakeupNotifier | None = None
         self._metrics_server: Any = None
         self.metrics_port = 0
+        self._maintenance: MaintenanceStore | None = None
 
     async def __aenter__(self) -> App:
         try:
@@ -225,6 +227,7 @@ class App:
         async with self._pool.acquire() as conn:
             pseudonym_secret = await pseudonym_key(conn)
         audit_store = AuditStore(self._pool)
+        self._maintenance = MaintenanceStore(self._pool, self.dsn, fanout.feed_appended)
 
         def user_erased(user_id: str, xid: int | None) -> None:
             fanout.user_erased(Scope(ScopeKind.USER, user_id), xid)
@@ -274,6 +277,7 @@ class App:
             HealthService(
                 HealthChecker(self._pool, redis, self.feed, settings.health_timeout_s),
                 DatabaseHealthStore(self._pool, settings.long_transaction_alert_s),
+                self._maintenance,
                 settings.slow_query_threshold_ms / 1000,
             ),
         )
@@ -306,6 +310,9 @@ class App:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._maintenance is not None:
+            await self._maintenance.stop(grace or 0)
+            self._maintenance = None
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None

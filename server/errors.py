@@ -177,6 +177,28 @@ class SecretUnreadable(PrefdError):
     reason = "SECRET_UNREADABLE"
 
 
+class MaintenanceInProgress(PrefdError):
+    """An operation on the same target has not finished."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MAINTENANCE_IN_PROGRESS"
+
+    def __init__(self, target: str, operation_id: int | None) -> None:
+        super().__init__(
+            f"maintenance operation {operation_id} on {target} has not finished; wait for it",
+            target=target,
+            operation_id=str(operation_id),
+        )
+
+
+class MaintenanceNotFound(PrefdError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MAINTENANCE_OPERATION_NOT_FOUND"
+
+    def __init__(self, operation_id: int) -> None:
+        super().__init__(f"maintenance operation {operation_id} does not exist", id=str(operation_id))
+
+
 class DatabaseUnavailable(PrefdError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "DATABASE_UNAVAILABLE"

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import datetime
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from prefd.v1 import health_pb2, health_pb2_grpc
 from server import __version__
-from server.auth import current_principal
-from server.errors import invalid
+from server.auth import current_call, current_principal
+from server.errors import ValidationFailed, invalid
 from server.health import HealthChecker
+from server.model import FieldViolation
+from server.paging import decode_token, encode_token, page_size
+from server.services.convert import check_reason
 from server.services.database_health import database_health_to_pb
 from server.store.db_health import DatabaseHealthStore
+from server.store.maintenance import MaintenanceRecord, MaintenanceStore, Operation
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+OPERATIONS = {
+    health_pb2.MAINTENANCE_OPERATION_VACUUM: Operation.VACUUM,
+    health_pb2.MAINTENANCE_OPERATION_VACUUM_ANALYZE: Operation.VACUUM_ANALYZE,
+    health_pb2.MAINTENANCE_OPERATION_ANALYZE: Operation.ANALYZE,
+    health_pb2.MAINTENANCE_OPERATION_REINDEX: Operation.REINDEX,
+}
+OPERATION_PB = {operation: number for number, operation in OPERATIONS.items()}
+STATUS_PB = {
+    "queued": health_pb2.MAINTENANCE_STATUS_QUEUED,
+    "running": health_pb2.MAINTENANCE_STATUS_RUNNING,
+    "completed": health_pb2.MAINTENANCE_STATUS_COMPLETED,
+    "failed": health_pb2.MAINTENANCE_STATUS_FAILED,
+}
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -24,12 +45,44 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return value
 
 
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def maintenance_to_pb(record: MaintenanceRecord) -> health_pb2.MaintenanceRecord:
+    return health_pb2.MaintenanceRecord(
+        id=record.id,
+        operation=OPERATION_PB[record.operation],
+        target=record.target,
+        full=record.full,
+        status=STATUS_PB[record.status],
+        initiator=record.initiator,
+        reason=record.reason,
+        create_time=_timestamp(record.created_at),
+        start_time=_timestamp(record.started_at),
+        end_time=_timestamp(record.finished_at),
+        duration=_duration(record.duration_ms / 1000) if record.duration_ms is not None else None,
+        error=record.error,
+    )
+
+
 class HealthService(health_pb2_grpc.HealthServiceServicer):
     """System health with per-component detail."""
 
-    def __init__(self, checker: HealthChecker, database: DatabaseHealthStore, slow_query_threshold_s: float) -> None:
+    def __init__(
+        self,
+        checker: HealthChecker,
+        database: DatabaseHealthStore,
+        maintenance: MaintenanceStore,
+        slow_query_threshold_s: float,
+    ) -> None:
         self._checker = checker
         self._database = database
+        self._maintenance = maintenance
         self._slow_query_threshold_s = slow_query_threshold_s
 
     async def GetSystemHealth(
@@ -63,3 +116,57 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
             if threshold_s < 0:
                 raise invalid("slow_query_threshold", "must not be negative")
         return database_health_to_pb(await self._database.report(threshold_s))
+
+    # --- maintenance ---------------------------------------------------------------------
+
+    async def RunMaintenance(
+        self, request: health_pb2.RunMaintenanceRequest, context: Context
+    ) -> health_pb2.RunMaintenanceResponse:
+        current_principal().require_admin("RunMaintenance")
+        violations = []
+        operation = OPERATIONS.get(request.operation)
+        if operation is None:
+            violations.append(FieldViolation("operation", "must be VACUUM, VACUUM_ANALYZE, ANALYZE or REINDEX"))
+        if not request.target:
+            violations.append(FieldViolation("target", "is required: one of prefd's tables or indexes"))
+        if request.full and operation not in (Operation.VACUUM, Operation.VACUUM_ANALYZE):
+            violations.append(FieldViolation("full", "only VACUUM and VACUUM_ANALYZE can be FULL"))
+        elif request.full and not request.confirm_full:
+            violations.append(
+                FieldViolation(
+                    "confirm_full",
+                    "VACUUM FULL rewrites the table under an ACCESS EXCLUSIVE lock (its reads and writes "
+                    "wait until it ends); set confirm_full to run it",
+                )
+            )
+        if violations:
+            raise ValidationFailed(violations)
+        assert operation is not None
+        reason = check_reason(request.reason)
+        record, task = await self._maintenance.start(operation, request.target, request.full, current_call(), reason)
+        if request.wait:
+            # Shielded: a caller that gives up (deadline, cancel) does not interrupt the operation.
+            record = await asyncio.shield(task)
+        return health_pb2.RunMaintenanceResponse(operation=maintenance_to_pb(record))
+
+    async def GetMaintenanceOperation(
+        self, request: health_pb2.GetMaintenanceOperationRequest, context: Context
+    ) -> health_pb2.GetMaintenanceOperationResponse:
+        current_principal().require_admin("GetMaintenanceOperation")
+        if request.id <= 0:
+            raise invalid("id", "must be positive")
+        record = await self._maintenance.get(request.id)
+        return health_pb2.GetMaintenanceOperationResponse(operation=maintenance_to_pb(record))
+
+    async def ListMaintenanceOperations(
+        self, request: health_pb2.ListMaintenanceOperationsRequest, context: Context
+    ) -> health_pb2.ListMaintenanceOperationsResponse:
+        current_principal().require_admin("ListMaintenanceOperations")
+        size = page_size(request.page_size)
+        query = {"rpc": "ListMaintenanceOperations", "target": request.target}
+        after = decode_token(request.page_token, query)
+        records = await self._maintenance.page(request.target, int(after) if after else None, size + 1)
+        next_token = encode_token(query, str(records[size - 1].id)) if len(records) > size else ""
+        return health_pb2.ListMaintenanceOperationsResponse(
+            operations=[maintenance_to_pb(r) for r in records[:size]], next_page_token=next_token
+        )
