@@ -12,6 +12,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, audit_pb2, audit_pb2_grpc, preferences_pb2, preferences_pb2_grpc
 from prefd.v1 import health_pb2 as prefd_health_pb2
@@ -26,6 +27,7 @@ from server.feed import FeedReader, WakeupNotifier
 from server.health import HealthChecker
 from server.metrics import serve_metrics
 from server.model import CallInfo, Scope, ScopeKind
+from server.rpc_metrics import RpcMetrics
 from server.secretbox import SecretBox
 from server.services.ai_config import AIConfigService
 from server.services.audit import AuditService
@@ -238,7 +240,8 @@ class App:
             options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
         )
         # prefd's services need a token; grpc.health.v1 and reflection do not.
-        authenticator = Authenticator(verifier)
+        registry = CollectorRegistry()
+        authenticator = Authenticator(verifier, RpcMetrics(registry))
         authenticator.add_service(
             server,
             preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,
@@ -291,7 +294,9 @@ class App:
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
         if settings.metrics_port is not None:
-            self._metrics_server = serve_metrics(settings.metrics_port, settings.metrics_host, self.feed, self.cache)
+            self._metrics_server = serve_metrics(
+                registry, settings.metrics_port, settings.metrics_host, self.feed, self.cache, self._pool
+            )
             self.metrics_port = self._metrics_server.server_port
         monitor = HealthMonitor(self._pool, self._health, settings)
         await monitor.check_once()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
 import itertools
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -15,9 +17,12 @@ from typing import Any
 import grpc
 import jwt
 
-from server.errors import PermissionDenied, PrefdError, Unauthenticated, to_status
+from server.errors import PermissionDenied, PrefdError, Unauthenticated, ValidationFailed, to_status
 from server.model import CallInfo, Scope, ScopeKind, Subject
+from server.rpc_metrics import MethodObserver, RpcMetrics
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 MAX_VERIFIED_TOKENS = 10_000
 
@@ -121,6 +126,14 @@ class _Call:
 
 
 _current_call: contextvars.ContextVar[_Call] = contextvars.ContextVar("prefd_call")
+# (request id, full method name) of the RPC being handled, set before authentication so that every
+# log line of a call, a refused one included, carries them.
+_current_request: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("prefd_request")
+
+
+def current_request() -> tuple[str, str] | None:
+    """(request id, method) of the RPC being handled in this context, if any."""
+    return _current_request.get(None)
 
 
 def current_principal() -> Principal:
@@ -270,71 +283,134 @@ class _HandlerCapture:
 
 
 class Authenticator:
-    """Wraps every method of a service once, at registration: bearer token -> Principal for the
-    handler, domain errors -> rpc Status, prebuilt bytes responses sent as they are."""
+    """Wraps every method of a service once, at registration: request id (from `x-request-id` or
+    generated, returned in trailing metadata), bearer token -> Principal for the handler, domain
+    errors -> rpc Status, prebuilt bytes responses sent as they are, and per-method call metrics."""
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, metrics: RpcMetrics) -> None:
         self._verifier = verifier
+        self._metrics = metrics
 
     def add_service(self, server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
         """Register `servicer` (via its generated add_*_to_server function) with authentication."""
         capture = _HandlerCapture()
         add_to_server(servicer, capture)
         raw: frozenset[str] = getattr(servicer, "RAW_REQUEST_METHODS", frozenset())
-        wrapped = {name: self._wrap(handler, name in raw) for name, handler in capture.handlers.items()}
+        wrapped = {
+            name: self._wrap(handler, f"/{capture.service}/{name}", name in raw)
+            for name, handler in capture.handlers.items()
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, wrapped),))
         server.add_registered_method_handlers(capture.service, wrapped)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], raw_request: bool) -> grpc.RpcMethodHandler[Any, Any]:
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str, raw_request: bool
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         """`raw_request`: the servicer parses the request bytes itself (it caches parses on a hot path)."""
         serializer = _bytes_passthrough(handler.response_serializer)
+        observer = self._metrics.method(method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary),
+                self._wrap_unary(handler.unary_unary, method, observer),
                 request_deserializer=None if raw_request else handler.request_deserializer,
                 response_serializer=serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream),
+                self._wrap_stream(handler.unary_stream, method, observer),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=serializer,
             )
         raise TypeError("prefd services are unary or server-streaming")
 
-    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> _Call:
+    def _begin(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
+        """Take or make the request id, return it in trailing metadata, then authenticate."""
         header = request_id = ""
         for name, value in context.invocation_metadata() or ():
             if name == "authorization" and isinstance(value, str):
                 header = value
             elif name == "x-request-id" and isinstance(value, str):
                 request_id = value[:128]
+        request_id = request_id or f"{_REQUEST_ID_PREFIX}-{next(_request_counter):x}"
+        _current_request.set((request_id, method))
+        context.set_trailing_metadata((("x-request-id", request_id),))
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if not token or scheme.lower() != "bearer":
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        principal = self._verifier.verify(token)
-        request_id = request_id or f"{_REQUEST_ID_PREFIX}-{next(_request_counter):x}"
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        return _Call(principal, context, request_id)
+        _current_call.set(_Call(self._verifier.verify(token), context, request_id))
 
-    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _wrap_unary(
+        self, behavior: Callable[..., Awaitable[Any]], method: str, observer: MethodObserver
+    ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
             try:
-                _current_call.set(self._authenticate(context))
+                self._begin(context, method)
                 return await behavior(request, context)
             except PrefdError as error:
-                await context.abort_with_status(to_status(error))
+                code = error.code
+                _log_refusal(error)
+                await context.abort_with_status(to_status(error, _request_id_trailer()))
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                observer.observe(code, elapsed)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s %s in %.2f ms", method, code.name, elapsed * 1000)
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_stream(self, behavior: Callable[..., Any], method: str, observer: MethodObserver) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
             try:
-                _current_call.set(self._authenticate(context))
+                self._begin(context, method)
                 async for response in behavior(request, context):
                     yield response
             except PrefdError as error:
-                await context.abort_with_status(to_status(error))
+                code = error.code
+                _log_refusal(error)
+                await context.abort_with_status(to_status(error, _request_id_trailer()))
+            except BaseException as exc:
+                code = _code_of(exc, context)
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                observer.observe(code, elapsed)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s %s in %.2f ms", method, code.name, elapsed * 1000)
 
         return wrapped
+
+
+def _request_id_trailer() -> tuple[tuple[str, str], ...]:
+    """Trailing metadata returning the call's request id (an abort replaces what was set before)."""
+    request = current_request()
+    return (("x-request-id", request[0]),) if request is not None else ()
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status a call ends with when its handler raised something other than a domain error."""
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code()
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    log.exception("unexpected error")
+    return grpc.StatusCode.UNKNOWN
+
+
+def _log_refusal(error: PrefdError) -> None:
+    """One line per refused call: code and reason, and the fields of a validation failure, never the
+    values (a message may quote a request's value, which may be sensitive)."""
+    if isinstance(error, ValidationFailed):
+        log.info("refused %s %s fields=%s", error.code.name, error.reason, [v.field for v in error.violations])
+    elif error.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS):
+        log.error("failed %s %s", error.code.name, error.reason)
+    else:
+        log.info("refused %s %s", error.code.name, error.reason)

@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from server.logs import configure_logging
 from server.model import CallInfo
 from server.settings import Settings
 
@@ -28,16 +29,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "workers", None) is not None:
         overrides["workers"] = args.workers
     return Settings(**overrides)
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # pgserver narrates every command it runs at INFO; keep its warnings only.
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
 
 
 def _print_quickstart(settings: Settings, port: int, announce: bool = True) -> None:
@@ -62,7 +53,7 @@ def _print_quickstart(settings: Settings, port: int, announce: bool = True) -> N
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
         return serve_workers(settings)
     from server.app import serve_until_signalled
@@ -136,7 +127,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from server.embedded import EmbeddedPostgres
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     async def run() -> list[str]:
         embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
@@ -201,7 +192,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from server.store.feed import compact
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     async def run() -> tuple[int, Any]:
         embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
@@ -242,7 +233,7 @@ def cmd_rotate_master_key(args: argparse.Namespace) -> int:
     from server.store.db import create_pool
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     file_ring = settings.secret_key is None and settings.embedded
     if not file_ring and settings.secret_key is None:
         print("no master key configured: set PREFD_SECRET_KEY (new key first, then the old ones)", file=sys.stderr)

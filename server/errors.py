@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -228,8 +229,18 @@ class DatabaseError(PrefdError):
     reason = "DATABASE_ERROR"
 
 
-def to_status(error: PrefdError) -> grpc.Status:
-    """The grpc.Status (code, message, google.rpc.Status details) for a domain error."""
+class _Status(grpc.Status):
+    """A grpc.Status with chosen trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, Any], ...]) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+def to_status(error: PrefdError, trailing: tuple[tuple[str, str], ...] = ()) -> grpc.Status:
+    """The grpc.Status (code, message, google.rpc.Status details, plus `trailing` metadata) for a
+    domain error."""
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata))
     status = status_pb2.Status(
@@ -238,4 +249,6 @@ def to_status(error: PrefdError) -> grpc.Status:
         details=[*error.details(), info],
     )
     converted: grpc.Status = rpc_status.to_status(status)
-    return converted
+    if not trailing:
+        return converted
+    return _Status(converted.code, converted.details, (*converted.trailing_metadata, *trailing))

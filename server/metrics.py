@@ -1,4 +1,5 @@
-"""Prometheus metrics read from the live feed reader and caches at scrape time (no hot-path cost)."""
+"""The Prometheus endpoint: RPC metrics (rpc_metrics.py) plus figures read from the live feed
+reader, caches and pool at scrape time (no hot-path cost)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,24 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.cache import EffectiveCache
 from server.feed import FeedReader
+from server.store.db import pool_stats
 
 
 class PrefdCollector(Collector):
-    """Feed lag and position, open watch streams, cache hits and misses per layer, Redis errors."""
+    """Feed lag and position, open watch streams, cache hits and misses per layer, the database pool,
+    Redis errors."""
 
-    def __init__(self, feed: FeedReader, cache: EffectiveCache) -> None:
+    def __init__(self, feed: FeedReader, cache: EffectiveCache, pool: asyncpg.Pool) -> None:
         self._feed = feed
         self._cache = cache
+        self._pool = pool
 
     def collect(self) -> Iterator[Any]:
         yield GaugeMetricFamily(
@@ -42,13 +47,21 @@ class PrefdCollector(Collector):
             misses.add_metric([layer], count)
         yield hits
         yield misses
+        pool = pool_stats(self._pool)
+        connections = GaugeMetricFamily("prefd_db_pool_connections", "Pool connections by state", labels=["state"])
+        connections.add_metric(["in_use"], pool.in_use)
+        connections.add_metric(["idle"], pool.idle)
+        yield connections
+        yield GaugeMetricFamily("prefd_db_pool_waiting", "Callers waiting for a pool connection", value=pool.waiting)
+        yield GaugeMetricFamily("prefd_db_pool_max", "The pool's upper bound", value=pool.max_size)
         if self._cache.redis is not None:
             yield CounterMetricFamily("prefd_redis_errors", "Failed Redis operations", value=self._cache.redis.errors)
 
 
-def serve_metrics(port: int, host: str, feed: FeedReader, cache: EffectiveCache) -> Any:
+def serve_metrics(
+    registry: CollectorRegistry, port: int, host: str, feed: FeedReader, cache: EffectiveCache, pool: asyncpg.Pool
+) -> Any:
     """Start the /metrics HTTP endpoint on its own port; returns the HTTP server (call shutdown())."""
-    registry = CollectorRegistry()
-    registry.register(PrefdCollector(feed, cache))
+    registry.register(PrefdCollector(feed, cache, pool))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,6 +44,8 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     definitions_file: Path | None = None
     log_level: str = "INFO"
+    # "json" (one object per line, with the request id) or "text".
+    log_format: Literal["json", "text"] = "json"
     print_token: bool = True
     # AES-GCM master keys for API keys: comma-separated base64url 32-byte keys, the first current.
     secret_key: SecretStr | None = None

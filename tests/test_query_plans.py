@@ -59,7 +59,10 @@ async def test_list_changes_pages_are_index_walks(db, name: str, newest_first: b
     sql, params = list_changes_query(where, HORIZON, after, newest_first, 101)
     nodes = await _plan_nodes(db, sql, *params)
     assert "Sort" not in nodes and "Incremental Sort" not in nodes, nodes
-    assert any(node.endswith(f" on {index}") for node in nodes), nodes
+    if after is None:
+        # From the start of the feed the filter's own index is the cheap walk; with a selective
+        # cursor bound the planner may as well walk the feed index, in the same order.
+        assert any(node.endswith(f" on {index}") for node in nodes), nodes
 
 
 async def test_feed_reads_are_index_walks(db) -> None:  # type: ignore[no-untyped-def]
