@@ -24,7 +24,7 @@ from server.builtin import Catalog, load_catalog
 from server.cache import EffectiveCache, RedisLayers
 from server.embedded import EmbeddedPostgres
 from server.feed import FeedReader, WakeupNotifier
-from server.health import HealthChecker
+from server.health import HealthChecker, within
 from server.metrics import serve_metrics
 from server.model import CallInfo, Scope, ScopeKind
 from server.rpc_metrics import RpcMetrics
@@ -91,9 +91,7 @@ class HealthMonitor:
     async def check_once(self) -> bool:
         """Probe PostgreSQL once and publish the result."""
         try:
-            async with asyncio.timeout(self._timeout):
-                async with self._pool.acquire() as conn:
-                    await conn.fetchval("SELECT 1")
+            await within(self._timeout, self._probe())
             ok = True
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             ok = False
@@ -104,6 +102,10 @@ class HealthMonitor:
         for name in ("", *SERVICE_NAMES):
             await self._servicer.set(name, status)
         return ok
+
+    async def _probe(self) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
 
     async def run(self) -> None:
         while True:
@@ -333,7 +335,12 @@ class App:
             await asyncio.gather(self._monitor_task, return_exceptions=True)
             self._monitor_task = None
         if self._pool is not None:
-            await self._pool.close()
+            try:
+                # Connections stuck on a hung server never come back: close what can be closed.
+                async with asyncio.timeout(max(grace or 0, 1.0)):
+                    await self._pool.close()
+            except TimeoutError:
+                self._pool.terminate()
             self._pool = None
         if self._embedded is not None:
             await self._embedded.stop()

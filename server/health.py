@@ -8,11 +8,43 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import asyncpg
 
 from server.cache import RedisLayers
 from server.feed import FeedReader
+
+T = TypeVar("T")
+# Probes given up on at their timeout, still unwinding (kept referenced until they end).
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+async def within(timeout_s: float, probe: Awaitable[T]) -> T:
+    """`probe`'s result if it comes within `timeout_s`, else TimeoutError at once.
+
+    Unlike asyncio.timeout, this does not wait for the cancelled probe to unwind: against a hung
+    server its cleanup (asyncpg cancelling the query over a new connection, releasing it to the
+    pool) can hang as well, and a health check must answer on time regardless.
+    """
+    task = asyncio.ensure_future(probe)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(_release)
+    raise TimeoutError
+
+
+def _release(task: asyncio.Future[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure after the timeout is not news
 
 
 class Status(enum.IntEnum):
@@ -84,8 +116,7 @@ class HealthChecker:
         bad = Status.UNHEALTHY if critical else Status.DEGRADED
         start = time.monotonic()
         try:
-            async with asyncio.timeout(self._timeout_s):
-                status, details = await check()
+            status, details = await within(self._timeout_s, check())
             error = "" if status is Status.HEALTHY else details.pop("error", "")
         except TimeoutError:
             status, details, error = bad, {}, f"no answer within {self._timeout_s:.1f} s"

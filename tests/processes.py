@@ -58,7 +58,8 @@ async def prefd_process(
 
 
 class PgProxy:
-    """Forwards TCP connections to PostgreSQL; stop() cuts every connection and refuses new ones."""
+    """Forwards TCP connections to PostgreSQL; stop() cuts every connection and refuses new ones;
+    freeze() keeps every connection open but forwards nothing (a hung server) until thaw()."""
 
     def __init__(self, server_url: str) -> None:
         parsed = urlparse(server_url)
@@ -69,6 +70,14 @@ class PgProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def url(self, database: str) -> str:
         return f"postgresql://{self._user}@127.0.0.1:{self.port}/{database}"
@@ -86,6 +95,7 @@ class PgProxy:
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
         if self._target_unix:
             up_reader, up_writer = await asyncio.open_unix_connection(self._target_unix)
         else:
@@ -95,6 +105,7 @@ class PgProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):

@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from prefd.v1 import health_pb2 as prefd_health_pb2
+from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
 from server.app import App
 from tests.conftest import SECRET, auth, make_settings, unique
 from tests.helpers import set_request, user
@@ -83,7 +85,7 @@ async def test_health_follows_postgresql_reachability(server_url, fresh_database
             stream = health.Watch(health_pb2.HealthCheckRequest(service="prefd.v1.PreferencesService"))
             assert await next_status(stream, SERVING, 5) < 1
             await proxy.stop()
-            assert await next_status(stream, NOT_SERVING, 5) < 2
+            assert await next_status(stream, NOT_SERVING, 5) < 1
             assert (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.GetEffectivePreferences(
@@ -93,13 +95,43 @@ async def test_health_follows_postgresql_reachability(server_url, fresh_database
                 )
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             await proxy.start()
-            assert await next_status(stream, SERVING, 5) < 2
+            assert await next_status(stream, SERVING, 5) < 1
             reply = await stub.GetEffectivePreferences(
                 preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id="u1")),
                 metadata=auth(),
             )
             assert reply.values
             stream.cancel()
+    await proxy.stop()
+
+
+async def test_a_hung_postgresql_never_hangs_health(server_url, fresh_database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL stops answering without closing anything: each check gives up at its timeout."""
+    database = urlparse(await fresh_database()).path.lstrip("/")
+    proxy = PgProxy(server_url)
+    await proxy.start()
+    timeout_s = 0.5
+    settings = make_settings(proxy.url(database), tmp_path, health_timeout_s=timeout_s, health_interval_s=0.2)
+    async with App(settings) as app, grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        system = prefd_health_pb2_grpc.HealthServiceStub(channel)
+        stream = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert await next_status(stream, SERVING, 5) < 1
+        proxy.freeze()
+        assert await next_status(stream, NOT_SERVING, 5) < 1
+        started = time.monotonic()
+        report = await system.GetSystemHealth(prefd_health_pb2.GetSystemHealthRequest(), metadata=auth(), timeout=10)
+        assert time.monotonic() - started < timeout_s + 0.5
+        components = {c.name: c for c in report.components}
+        assert report.status == prefd_health_pb2.HEALTH_STATUS_UNHEALTHY
+        assert components["postgresql"].status == prefd_health_pb2.HEALTH_STATUS_UNHEALTHY
+        assert "no answer within" in components["postgresql"].error
+        assert components["postgresql"].latency.ToNanoseconds() < (timeout_s + 0.2) * 1e9
+        proxy.thaw()
+        assert await next_status(stream, SERVING, 5) < 1
+        report = await system.GetSystemHealth(prefd_health_pb2.GetSystemHealthRequest(), metadata=auth(), timeout=10)
+        assert {c.name: c.status for c in report.components}["postgresql"] == prefd_health_pb2.HEALTH_STATUS_HEALTHY
+        stream.cancel()
     await proxy.stop()
 
 
