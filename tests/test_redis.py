@@ -75,7 +75,7 @@ async def test_redis_outage_and_recovery(fresh_database, tmp_path) -> None:  # t
             assert standard.status == grpc_health_pb2.HealthCheckResponse.SERVING
 
             await redis_server.start()
-            await eventually(lambda: redis_healthy(channel), 10, 0.1)
+            await eventually(lambda: redis_healthy(channel), 1, 0.05)  # healthy again within 1 s
             third = unique("u")
             await stub.GetEffectivePreferences(
                 preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id=third)),
