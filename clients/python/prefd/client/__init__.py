@@ -1,10 +1,30 @@
-"""prefd.client: a thin, typed layer over the generated stubs.
+"""prefd.client: typed calls and live views over the generated stubs.
 
-async with AsyncPrefdClient("localhost:50051", token=os.environ["PREFD_TOKEN"]) as client:
-    reply = await client.get_effective("alice", org_id="acme", categories=["display"])
+    async with AsyncPrefdClient("localhost:50051", token=os.environ["PREFD_TOKEN"]) as client:
+        view = await client.preferences("alice", org_id="acme")
+        view.get("display.theme")          # from memory, no I/O
+        view.on_change(lambda changes: ...)
+        await client.set_preferences(request)  # one method per RPC, typed errors
+
+`PrefdClient` is the same for threaded code (blocking calls, the same views).
 """
 
 from prefd.client.channel import SERVICE_CONFIG, AsyncPrefdClient, channel_options
 from prefd.client.errors import PrefdError, ValidationError, from_rpc_error
+from prefd.client.sync import PrefdClient
+from prefd.client.views import AIConfigView, Backoff, KeyChange, PreferencesView, StaleViewError
 
-__all__ = ["SERVICE_CONFIG", "AsyncPrefdClient", "PrefdError", "ValidationError", "channel_options", "from_rpc_error"]
+__all__ = [
+    "SERVICE_CONFIG",
+    "AIConfigView",
+    "AsyncPrefdClient",
+    "Backoff",
+    "KeyChange",
+    "PrefdClient",
+    "PrefdError",
+    "PreferencesView",
+    "StaleViewError",
+    "ValidationError",
+    "channel_options",
+    "from_rpc_error",
+]

@@ -3,29 +3,57 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from prefd.client.errors import from_rpc_error
-from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from prefd.client.rpcs import AsyncRpcs
+from prefd.client.views import AIConfigView, Backoff, PreferencesView
+from prefd.v1 import (
+    ai_config_pb2_grpc,
+    audit_pb2_grpc,
+    common_pb2,
+    health_pb2_grpc,
+    preferences_pb2,
+    preferences_pb2_grpc,
+)
 
-# Retries idempotent reads on UNAVAILABLE (a restarting or briefly unreachable server).
+# Idempotent reads retried on UNAVAILABLE (a restarting or briefly unreachable server).
+_RETRYABLE_READS = {
+    "prefd.v1.PreferencesService": (
+        "GetEffectivePreferences",
+        "BatchGetEffectivePreferences",
+        "ListPreferences",
+        "GetDefinition",
+        "ListDefinitions",
+    ),
+    "prefd.v1.AIConfigService": (
+        "GetAIConfig",
+        "ListAIConfigs",
+        "GetEffectiveAIConfig",
+        "ListModels",
+        "EstimateCost",
+        "GetBudgetStatus",
+    ),
+    "prefd.v1.AuditService": ("ListChanges", "GetChange", "DiffScope", "PreviewRollback", "ExportUserData"),
+    "prefd.v1.HealthService": (
+        "GetSystemHealth",
+        "GetDatabaseHealth",
+        "GetMaintenanceOperation",
+        "ListMaintenanceOperations",
+    ),
+}
 SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
                 "name": [
-                    {"service": "prefd.v1.PreferencesService", "method": m}
-                    for m in (
-                        "GetEffectivePreferences",
-                        "BatchGetEffectivePreferences",
-                        "ListPreferences",
-                        "GetDefinition",
-                        "ListDefinitions",
-                    )
+                    {"service": service, "method": method}
+                    for service, methods in _RETRYABLE_READS.items()
+                    for method in methods
                 ],
                 "retryPolicy": {
                     "maxAttempts": 4,
@@ -39,8 +67,13 @@ SERVICE_CONFIG = json.dumps(
     }
 )
 
-Response = TypeVar("Response")
 TokenProvider = Callable[[], str]
+_STUBS: dict[str, Callable[[grpc.aio.Channel], Any]] = {
+    "prefd.v1.PreferencesService": preferences_pb2_grpc.PreferencesServiceStub,
+    "prefd.v1.AIConfigService": ai_config_pb2_grpc.AIConfigServiceStub,
+    "prefd.v1.AuditService": audit_pb2_grpc.AuditServiceStub,
+    "prefd.v1.HealthService": health_pb2_grpc.HealthServiceStub,
+}
 
 
 def channel_options() -> list[tuple[str, Any]]:
@@ -54,8 +87,13 @@ def channel_options() -> list[tuple[str, Any]]:
     ]
 
 
-class AsyncPrefdClient:
-    """An async prefd client: one channel, a bearer token on every call, a default deadline."""
+class AsyncPrefdClient(AsyncRpcs):
+    """An async prefd client: one channel, a bearer token on every call, a default deadline on
+    every unary call, typed errors (PrefdError / ValidationError), one method per RPC
+    (`await client.set_preferences(request)`), and live views (`await client.preferences(user_id)`).
+
+    `credentials`: grpc.ssl_channel_credentials(...) for TLS; None for a plaintext channel.
+    """
 
     def __init__(
         self,
@@ -64,16 +102,18 @@ class AsyncPrefdClient:
         *,
         timeout_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._token = token if callable(token) else (lambda: token)
         self._timeout_s = timeout_s
-        options = channel_options()
+        merged = [*channel_options(), *options]
         self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options)
+            grpc.aio.secure_channel(target, credentials, options=merged)
             if credentials
-            else grpc.aio.insecure_channel(target, options=options)
+            else grpc.aio.insecure_channel(target, options=merged)
         )
-        self.preferences = preferences_pb2_grpc.PreferencesServiceStub(self._channel)
+        self._stubs = {name: make(self._channel) for name, make in _STUBS.items()}
+        self._views: list[PreferencesView | AIConfigView] = []
 
     async def __aenter__(self) -> AsyncPrefdClient:
         return self
@@ -84,16 +124,34 @@ class AsyncPrefdClient:
         await self.close()
 
     async def close(self) -> None:
+        """Stop every view this client opened and close the channel."""
+        for view in self._views:
+            await view.close()
         await self._channel.close()
 
-    async def call(self, method: Callable[..., Awaitable[Response]], request: Any) -> Response:
-        """Invoke a stub method with the token and deadline; raises PrefdError / ValidationError."""
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._token()}"),)
+
+    async def _unary(self, service: str, method: str, request: Any, timeout: float | None = None) -> Any:
+        call = getattr(self._stubs[service], method)
         try:
-            return await method(
-                request, metadata=(("authorization", f"Bearer {self._token()}"),), timeout=self._timeout_s
-            )
+            return await call(request, metadata=self._metadata(), timeout=timeout or self._timeout_s)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
+
+    async def _stream(
+        self, service: str, method: str, request: Any, timeout: float | None = None
+    ) -> AsyncIterator[Any]:
+        call = getattr(self._stubs[service], method)(request, metadata=self._metadata(), timeout=timeout)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()
+
+    # --- conveniences ----------------------------------------------------------------------
 
     async def get_effective(
         self, user_id: str, org_id: str = "", *, key_prefixes: Sequence[str] = (), categories: Sequence[str] = ()
@@ -104,10 +162,54 @@ class AsyncPrefdClient:
             key_prefixes=list(key_prefixes),
             categories=list(categories),
         )
-        return await self.call(self.preferences.GetEffectivePreferences, request)
+        return await self.get_effective_preferences(request)
 
-    async def set_preferences(
-        self, request: preferences_pb2.SetPreferencesRequest
-    ) -> preferences_pb2.SetPreferencesResponse:
-        """SetPreferences with typed errors."""
-        return await self.call(self.preferences.SetPreferences, request)
+    # --- live views ------------------------------------------------------------------------
+
+    async def preferences(
+        self,
+        user_id: str,
+        org_id: str = "",
+        *,
+        key_prefixes: Sequence[str] = (),
+        grace_s: float = 5.0,
+        raise_when_stale: bool = False,
+        backoff: Backoff | None = None,
+    ) -> PreferencesView:
+        """A live view of a subject's effective preferences: returned once its snapshot is loaded and
+        its watch is running; raises PrefdError at once for a bad token, a subject the token may not
+        read, or an unreachable server."""
+        view = PreferencesView(
+            self._unary,
+            self._stream,
+            common_pb2.Subject(user_id=user_id, org_id=org_id),
+            key_prefixes,
+            grace_s=grace_s,
+            raise_when_stale=raise_when_stale,
+            backoff=backoff or Backoff(),
+        )
+        await view.start()
+        self._views.append(view)
+        return view
+
+    async def ai_config(
+        self,
+        user_id: str,
+        org_id: str = "",
+        *,
+        grace_s: float = 5.0,
+        raise_when_stale: bool = False,
+        backoff: Backoff | None = None,
+    ) -> AIConfigView:
+        """A live view of a subject's effective AI configuration and its budget events."""
+        view = AIConfigView(
+            self._unary,
+            self._stream,
+            common_pb2.Subject(user_id=user_id, org_id=org_id),
+            grace_s=grace_s,
+            raise_when_stale=raise_when_stale,
+            backoff=backoff or Backoff(),
+        )
+        await view.start()
+        self._views.append(view)
+        return view
