@@ -43,7 +43,9 @@ class StaleViewError(PrefdError):
 
 @dataclass(frozen=True, slots=True)
 class KeyChange:
-    """One key whose effective value changed: `old` / `new` are None when absent."""
+    """One key whose effective value changed, as the view saw it: `old` / `new` are None when absent.
+    Each change event carries the key's effective value when it is sent, so changes replayed after
+    a reconnect (or replaced by a re-snapshot) arrive as one step to the latest value."""
 
     key: str
     old: Any
@@ -227,6 +229,7 @@ class PreferencesView(_LiveView):
         # Highest version applied per (kind, scope, key): the view never goes back.
         self._versions: dict[tuple[int, str, str], int] = {}
         self._callbacks: list[Callable[[list[KeyChange]], None]] = []
+        self.changes_applied = 0
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -313,6 +316,7 @@ class PreferencesView(_LiveView):
             self._cursor = event.cursor.token  # already reflected (a resumed stream's overlap)
             return
         self._versions[slot] = event.version
+        self.changes_applied += 1
         key = event.key
         old = self._values.get(key, _MISSING)
         if event.HasField("effective"):
