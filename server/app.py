@@ -24,7 +24,7 @@ from server.builtin import Catalog, load_catalog
 from server.cache import EffectiveCache, RedisLayers
 from server.embedded import EmbeddedPostgres
 from server.feed import FeedReader, WakeupNotifier
-from server.health import HealthChecker, within
+from server.health import HealthChecker, Probe
 from server.metrics import serve_metrics
 from server.model import CallInfo, Scope, ScopeKind
 from server.rpc_metrics import RpcMetrics
@@ -86,12 +86,13 @@ class HealthMonitor:
         self._servicer = servicer
         self._interval = settings.health_interval_s
         self._timeout = settings.health_timeout_s
+        self._probe = Probe(self._select_one)
         self.database_ok = False
 
     async def check_once(self) -> bool:
         """Probe PostgreSQL once and publish the result."""
         try:
-            await within(self._timeout, self._probe())
+            await self._probe.run(self._timeout)
             ok = True
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             ok = False
@@ -103,7 +104,7 @@ class HealthMonitor:
             await self._servicer.set(name, status)
         return ok
 
-    async def _probe(self) -> None:
+    async def _select_one(self) -> None:
         async with self._pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
 

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 
@@ -16,35 +16,45 @@ from server.cache import RedisLayers
 from server.feed import FeedReader
 
 T = TypeVar("T")
-# Probes given up on at their timeout, still unwinding (kept referenced until they end).
-_abandoned: set[asyncio.Future[Any]] = set()
 
 
-async def within(timeout_s: float, probe: Awaitable[T]) -> T:
-    """`probe`'s result if it comes within `timeout_s`, else TimeoutError at once.
+class Probe(Generic[T]):
+    """A dependency check bounded by a timeout that never waits for a hung check to unwind.
 
-    Unlike asyncio.timeout, this does not wait for the cancelled probe to unwind: against a hung
-    server its cleanup (asyncpg cancelling the query over a new connection, releasing it to the
-    pool) can hang as well, and a health check must answer on time regardless.
+    asyncio.timeout would wait for the cancelled check's cleanup, and against a hung server that
+    cleanup (asyncpg cancelling the query over a new connection, releasing it to the pool) hangs
+    too. Instead a check still running when its caller gives up is left running, and the next call
+    waits on it again rather than starting another, so hung checks never pile up; one older than
+    `abandon_after_s` is cancelled and replaced, in case its connection will never answer.
     """
-    task = asyncio.ensure_future(probe)
-    try:
+
+    def __init__(self, check: Callable[[], Awaitable[T]], abandon_after_s: float = 10.0) -> None:
+        self._check = check
+        self._abandon_after_s = abandon_after_s
+        self._task: asyncio.Future[T] | None = None
+        self._started = 0.0
+
+    async def run(self, timeout_s: float) -> T:
+        """The check's result if it comes within `timeout_s`, else TimeoutError at once."""
+        task = self._task
+        now = time.monotonic()
+        if task is None or task.done() or now - self._started > self._abandon_after_s:
+            if task is not None and not task.done():
+                task.cancel()
+            task = self._task = asyncio.ensure_future(self._check())
+            task.add_done_callback(_retrieve)
+            self._started = now
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if task in done:
+        if not done:
+            raise TimeoutError
+        if self._task is task:
+            self._task = None
         return task.result()
-    task.cancel()
-    _abandoned.add(task)
-    task.add_done_callback(_release)
-    raise TimeoutError
 
 
-def _release(task: asyncio.Future[Any]) -> None:
-    _abandoned.discard(task)
+def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
-        task.exception()  # retrieved: a failure after the timeout is not news
+        task.exception()  # a failure nobody waited for any more is not news
 
 
 class Status(enum.IntEnum):
@@ -93,13 +103,18 @@ class HealthChecker:
         self._timeout_s = timeout_s
         self._feed_degraded_after_s = feed_degraded_after_s
         self._started = time.monotonic()
+        self._probes = {
+            "postgresql": Probe(self._check_postgresql),
+            "redis": Probe(self._check_redis),
+            "change_feed": Probe(self._check_feed),
+        }
 
     async def report(self) -> SystemReport:
         components = list(
             await asyncio.gather(
-                self._timed("postgresql", True, self._check_postgresql),
-                self._timed("redis", False, self._check_redis),
-                self._timed("change_feed", False, self._check_feed),
+                self._timed("postgresql", True),
+                self._timed("redis", False),
+                self._timed("change_feed", False),
             )
         )
         if any(c.critical and c.status is not Status.HEALTHY for c in components):
@@ -110,13 +125,12 @@ class HealthChecker:
             overall = Status.HEALTHY
         return SystemReport(overall, components, time.monotonic() - self._started)
 
-    async def _timed(
-        self, name: str, critical: bool, check: Callable[[], Awaitable[tuple[Status, dict[str, str]]]]
-    ) -> ComponentReport:
+    async def _timed(self, name: str, critical: bool) -> ComponentReport:
         bad = Status.UNHEALTHY if critical else Status.DEGRADED
         start = time.monotonic()
         try:
-            status, details = await within(self._timeout_s, check())
+            status, shared = await self._probes[name].run(self._timeout_s)
+            details = dict(shared)  # concurrent reports may share one check's result
             error = "" if status is Status.HEALTHY else details.pop("error", "")
         except TimeoutError:
             status, details, error = bad, {}, f"no answer within {self._timeout_s:.1f} s"

@@ -19,6 +19,7 @@ from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd.v1 import health_pb2 as prefd_health_pb2
 from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
 from server.app import App
+from server.health import Probe
 from tests.conftest import SECRET, auth, make_settings, unique
 from tests.helpers import set_request, user
 from tests.processes import PgProxy, prefd_process
@@ -211,3 +212,33 @@ async def test_embedded_mode_prints_a_working_token_and_grpcurl_line(tmp_path) -
     finally:
         if saved is not None:
             os.environ["DATABASE_URL"] = saved
+
+
+async def test_a_hung_check_is_awaited_again_not_started_again() -> None:
+    release = asyncio.Event()
+    started = 0
+
+    async def check() -> str:
+        nonlocal started
+        started += 1
+        await release.wait()
+        return "answered"
+
+    probe = Probe(check, abandon_after_s=60)
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            await probe.run(0.01)
+    assert started == 1
+    release.set()
+    assert await probe.run(1) == "answered"
+    release.clear()
+    with pytest.raises(TimeoutError):
+        await probe.run(0.01)
+    assert started == 2  # a finished check is not reused
+
+    stuck = Probe(check, abandon_after_s=0)
+    for _ in range(2):
+        with pytest.raises(TimeoutError):
+            await stuck.run(0.01)
+    assert started == 4  # past abandon_after_s a hung check is replaced
+    release.set()
