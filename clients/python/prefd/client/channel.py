@@ -187,6 +187,7 @@ class AsyncPrefdClient(AsyncRpcs):
             grace_s=grace_s,
             raise_when_stale=raise_when_stale,
             backoff=backoff or Backoff(),
+            open_timeout_s=self._timeout_s,
         )
         await view.start()
         self._views.append(view)
@@ -209,6 +210,7 @@ class AsyncPrefdClient(AsyncRpcs):
             grace_s=grace_s,
             raise_when_stale=raise_when_stale,
             backoff=backoff or Backoff(),
+            open_timeout_s=self._timeout_s,
         )
         await view.start()
         self._views.append(view)

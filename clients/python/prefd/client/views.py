@@ -95,12 +95,14 @@ class _LiveView(abc.ABC):
         grace_s: float,
         raise_when_stale: bool,
         backoff: Backoff,
+        open_timeout_s: float,
     ) -> None:
         self._unary = unary
         self._stream = stream
         self._grace_s = grace_s
         self._raise_when_stale = raise_when_stale
         self._backoff = backoff
+        self._open_timeout_s = open_timeout_s
         self._cursor = ""
         self._unhealthy_since: float | None = time.monotonic()
         self._started = asyncio.get_running_loop().create_future()
@@ -136,7 +138,12 @@ class _LiveView(abc.ABC):
         await self._snapshot()
         self._task = asyncio.create_task(self._run(), name=f"prefd-{self._kind}-view")
         try:
-            await asyncio.shield(self._started)
+            await asyncio.wait_for(asyncio.shield(self._started), self._open_timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise PrefdError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"the watch did not start within {self._open_timeout_s} s"
+            ) from None
         except BaseException:
             await self.close()
             raise
@@ -154,6 +161,7 @@ class _LiveView(abc.ABC):
         attempt = 0
         resnapshot = False
         while not self._closed:
+            failed = False
             try:
                 if resnapshot:
                     await self._snapshot()
@@ -169,8 +177,14 @@ class _LiveView(abc.ABC):
                     else:
                         self._apply(which, message)
                 self._unhealthy()
-            except PrefdError as error:
+            except Exception as exc:
+                failed = True
                 self._unhealthy()
+                if isinstance(exc, PrefdError):
+                    error = exc
+                else:
+                    log.exception("%s view: unexpected error; retrying", self._kind)
+                    error = PrefdError(grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
                 self.last_error = error
                 if not self._started.done():
                     self._started.set_exception(error)
@@ -179,7 +193,7 @@ class _LiveView(abc.ABC):
                     log.warning("%s view: %s; retrying", self._kind, error)
             if self._closed:
                 return
-            if not resnapshot:
+            if failed or not resnapshot:  # a compacted cursor re-snapshots at once
                 self.reconnects += 1
                 await asyncio.sleep(self._backoff.delay(attempt))
                 attempt += 1
