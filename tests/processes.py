@@ -50,7 +50,20 @@ async def prefd_process(
                         lines.append(raw.decode())
                         if lines[-1].startswith("grpcurl "):
                             break
-        yield proc, port, lines
+
+        async def drain() -> None:
+            # Keep reading so a chatty server never blocks on a full pipe.
+            assert proc.stdout is not None
+            while raw := await proc.stdout.readline():
+                lines.append(raw.decode())
+
+        drainer = asyncio.create_task(drain())
+        try:
+            yield proc, port, lines
+        finally:
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
     finally:
         if proc.returncode is None:
             proc.kill()
