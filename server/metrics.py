@@ -37,7 +37,9 @@ class PrefdCollector(Collector):
             "Time since this process's feed reader last caught up with the change table",
             value=time.monotonic() - self._feed.last_read_monotonic,
         )
-        yield GaugeMetricFamily("prefd_watch_streams", "Open WatchPreferences streams", value=self._feed.watchers)
+        yield GaugeMetricFamily(
+            "prefd_watch_streams", "Open watch streams (WatchPreferences and WatchAIConfig)", value=self._feed.watchers
+        )
         hits = CounterMetricFamily("prefd_cache_hits", "Cache hits by layer", labels=["layer"])
         misses = CounterMetricFamily("prefd_cache_misses", "Cache misses by layer", labels=["layer"])
         hit_counts, miss_counts = self._cache.stats.by_layer()
