@@ -357,10 +357,7 @@ class Authenticator:
                 code = _code_of(exc, context)
                 raise
             finally:
-                elapsed = time.perf_counter() - started
-                observer.observe(code, elapsed)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s %s in %.2f ms", method, code.name, elapsed * 1000)
+                _finished(method, observer, code, started)
 
         return wrapped
 
@@ -380,12 +377,17 @@ class Authenticator:
                 code = _code_of(exc, context)
                 raise
             finally:
-                elapsed = time.perf_counter() - started
-                observer.observe(code, elapsed)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s %s in %.2f ms", method, code.name, elapsed * 1000)
+                _finished(method, observer, code, started)
 
         return wrapped
+
+
+def _finished(method: str, observer: MethodObserver, code: grpc.StatusCode, started: float) -> None:
+    """Count and time an ended call (one DEBUG line per call when enabled)."""
+    elapsed = time.perf_counter() - started
+    observer.observe(code, elapsed)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s in %.2f ms", method, code.name, elapsed * 1000)
 
 
 def _request_id_trailer() -> tuple[tuple[str, str], ...]:

@@ -130,6 +130,24 @@ class PgProxy:
         self._writers.difference_update((writer, up_writer))
 
 
+async def purge(database_url: str, older_than: str = "0s") -> str:
+    """Run `prefd purge --older-than ...` against the database; its output (it must succeed)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "purge",
+        "--older-than",
+        older_than,
+        env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0, out.decode()
+    return out.decode()
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     import socket

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 import grpc
@@ -15,7 +14,7 @@ from server.app import App
 from server.cursor import FeedCursor
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import field_violations
-from tests.processes import ROOT
+from tests.processes import purge
 from tests.test_ai_config import (
     ADMIN,
     config_source,
@@ -232,19 +231,7 @@ async def test_a_compacted_cursor_gets_an_explicit_answer(fresh_database, tmp_pa
                 ),
                 metadata=ADMIN,
             )
-        purge = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            "purge",
-            "--older-than",
-            "0s",
-            env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        out, _ = await purge.communicate()
-        assert purge.returncode == 0 and out.decode().startswith("removed ")
+        assert (await purge(url)).startswith("removed ")
         call = stub.WatchAIConfig(watch_request(uid, start=old.cursor.token), metadata=ADMIN)
         answer = await call.read()
         assert answer.HasField("compacted") and answer.compacted.oldest_cursor.token

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from datetime import timedelta
-from pathlib import Path
 
 import asyncpg
 import grpc
@@ -18,9 +16,9 @@ from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, preferences_pb2, pre
 from server.app import App
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import field_violations, set_request, user
+from tests.processes import purge
 from tests.test_ai_config import create_config
 
-ROOT = Path(__file__).resolve().parent.parent
 ADMIN = auth("admin")
 WRITERS = 8
 
@@ -160,23 +158,6 @@ async def test_export_holds_overrides_ai_configs_masked_and_history(stub, audit,
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "user_id" in field_violations(err.value)
 
 
-async def _purge(url: str, older_than: str) -> str:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        "purge",
-        "--older-than",
-        older_than,
-        env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await process.communicate()
-    assert process.returncode == 0
-    return out.decode()
-
-
 async def test_purge_keeps_what_explains_current_values_and_refuses_points_before_it(fresh_database, tmp_path) -> None:  # type: ignore[no-untyped-def]
     url = await fresh_database()
     async with (
@@ -201,7 +182,7 @@ async def test_purge_keeps_what_explains_current_values_and_refuses_points_befor
             )
             latest = await conn.fetchval("SELECT max(id) FROM changes")
 
-            assert (await _purge(url, "0s")).startswith("removed 3 change rows")  # dark, light, items 10
+            assert (await purge(url)).startswith("removed 3 change rows")  # dark, light, items 10
 
             # Every current value is explained by a change row with its version and value.
             unexplained = await conn.fetchval(

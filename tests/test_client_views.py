@@ -5,7 +5,6 @@ re-snapshot, the blocking client from several threads, and typed errors at once 
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +21,7 @@ from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from server.app import App
 from tests.conftest import SECRET, auth, make_settings, token, unique
 from tests.helpers import eventually, py, set_request, user
-from tests.processes import ROOT, free_port, prefd_process
+from tests.processes import free_port, prefd_process, purge
 from tests.test_ai_budget import SMALL_BUDGET, usage
 from tests.test_ai_config import create_config
 
@@ -118,21 +117,6 @@ def _env(url: str, port: int, tmp_path: Path) -> dict[str, str]:
     }
 
 
-async def _purge(url: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server",
-        "purge",
-        "--older-than",
-        "0s",
-        env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
-        cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    assert await process.wait() == 0
-
-
 async def _until(check: Callable[[], bool], deadline_s: float) -> None:
     async def holds() -> bool:
         return check()
@@ -191,7 +175,7 @@ async def test_no_update_is_lost_across_a_server_kill_and_restart(fresh_database
 
 
 async def test_compaction_during_an_outage_forces_a_resnapshot_that_converges(fresh_database, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    async for view, recorder, expected in _outage_and_restart(fresh_database, tmp_path, _purge):
+    async for view, recorder, expected in _outage_and_restart(fresh_database, tmp_path, purge):
         assert view.snapshots == 2  # the resumed cursor was compacted away
         assert view.as_flat_dict() == expected
         assert recorder.values_of("display.items_per_page")[-1] == 16

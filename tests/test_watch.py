@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any
 
 import grpc
@@ -14,7 +13,7 @@ from server.app import App
 from server.cursor import FeedCursor
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import GLOBAL, error_reason, field_violations, org, py, set_request, user
-from tests.processes import ROOT
+from tests.processes import purge
 
 ADMIN = auth("admin")
 
@@ -136,19 +135,7 @@ async def test_compacted_cursor_gets_an_explicit_answer_and_resnapshot_converges
         )
         for size in (20, 30):
             await stub.SetPreferences(set_request(user(uid), {"display.items_per_page": size}), metadata=ADMIN)
-        purge = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server",
-            "purge",
-            "--older-than",
-            "0s",
-            env={"DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        out, _ = await purge.communicate()
-        assert purge.returncode == 0 and out.decode().startswith("removed ")
+        assert (await purge(url)).startswith("removed ")
         call = stub.WatchPreferences(subject_watch(uid, start=old.cursor.token), metadata=ADMIN)
         answer = await call.read()
         assert answer.HasField("compacted") and answer.compacted.oldest_cursor.token

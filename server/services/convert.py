@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from prefd.v1 import common_pb2, preferences_pb2
 from server.cursor import FeedCursor
@@ -89,6 +89,13 @@ def value_to_pb(value: JsonValue) -> common_pb2.TypedValue:
 
 def optional_value_to_pb(value: JsonValue | None) -> common_pb2.TypedValue | None:
     return None if value is None else value_to_pb(value)
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """Seconds as google.protobuf.Duration (to the nanosecond)."""
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(round(seconds * 1e9))
+    return value
 
 
 def timestamp(moment: datetime | None) -> timestamp_pb2.Timestamp | None:

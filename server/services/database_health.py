@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from google.protobuf import duration_pb2
-
 from prefd.v1 import health_pb2
 from server.services import convert
 from server.store.db import PoolStats
@@ -36,12 +34,6 @@ def database_health_to_pb(report: DatabaseReport) -> health_pb2.GetDatabaseHealt
         alerts=[_alert_to_pb(alert) for alert in report.alerts],
         collect_time=convert.timestamp(report.collected_at),
     )
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(round(seconds * 1e9))
-    return value
 
 
 def _database_to_pb(database: DatabaseSummary) -> health_pb2.DatabaseSummary:
@@ -111,9 +103,9 @@ def _slow_query_to_pb(query: SlowQuery) -> health_pb2.SlowQuery:
     return health_pb2.SlowQuery(
         query=query.query,
         calls=query.calls,
-        mean_time=_duration(query.mean_s),
-        max_time=_duration(query.max_s),
-        total_time=_duration(query.total_s),
+        mean_time=convert.duration(query.mean_s),
+        max_time=convert.duration(query.max_s),
+        total_time=convert.duration(query.total_s),
         rows=query.rows,
     )
 
@@ -122,7 +114,7 @@ def _slow_queries_to_pb(report: SlowQueryReport) -> health_pb2.SlowQueryReport:
     return health_pb2.SlowQueryReport(
         available=report.available,
         unavailable_reason=report.unavailable_reason,
-        threshold=_duration(report.threshold_s),
+        threshold=convert.duration(report.threshold_s),
         queries=[_slow_query_to_pb(query) for query in report.queries],
     )
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from prefd.v1 import health_pb2, health_pb2_grpc
 from server import __version__
@@ -16,7 +14,7 @@ from server.errors import ValidationFailed, invalid
 from server.health import HealthChecker
 from server.model import FieldViolation
 from server.paging import decode_token, encode_token, page_size
-from server.services.convert import check_reason
+from server.services import convert
 from server.services.database_health import database_health_to_pb
 from server.store.db_health import DatabaseHealthStore
 from server.store.maintenance import MaintenanceRecord, MaintenanceStore, Operation
@@ -39,20 +37,6 @@ STATUS_PB = {
 }
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
-
-
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
 def maintenance_to_pb(record: MaintenanceRecord) -> health_pb2.MaintenanceRecord:
     return health_pb2.MaintenanceRecord(
         id=record.id,
@@ -62,10 +46,10 @@ def maintenance_to_pb(record: MaintenanceRecord) -> health_pb2.MaintenanceRecord
         status=STATUS_PB[record.status],
         initiator=record.initiator,
         reason=record.reason,
-        create_time=_timestamp(record.created_at),
-        start_time=_timestamp(record.started_at),
-        end_time=_timestamp(record.finished_at),
-        duration=_duration(record.duration_ms / 1000) if record.duration_ms is not None else None,
+        create_time=convert.timestamp(record.created_at),
+        start_time=convert.timestamp(record.started_at),
+        end_time=convert.timestamp(record.finished_at),
+        duration=convert.duration(record.duration_ms / 1000) if record.duration_ms is not None else None,
         error=record.error,
     )
 
@@ -96,14 +80,14 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
                     name=c.name,
                     status=int(c.status),  # type: ignore[arg-type]
                     critical=c.critical,
-                    latency=_duration(c.latency_s),
+                    latency=convert.duration(c.latency_s),
                     error=c.error,
                     details=c.details,
                 )
                 for c in report.components
             ],
             version=__version__,
-            uptime=_duration(report.uptime_s),
+            uptime=convert.duration(report.uptime_s),
         )
 
     async def GetDatabaseHealth(
@@ -142,7 +126,7 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
         if violations:
             raise ValidationFailed(violations)
         assert operation is not None
-        reason = check_reason(request.reason)
+        reason = convert.check_reason(request.reason)
         record, task = await self._maintenance.start(operation, request.target, request.full, current_call(), reason)
         if request.wait:
             # Shielded: a caller that gives up (deadline, cancel) does not interrupt the operation.

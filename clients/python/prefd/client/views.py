@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -26,6 +26,7 @@ from prefd.client.errors import PrefdError
 from prefd.v1 import ai_config_pb2, common_pb2, preferences_pb2
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Refusals that retrying cannot cure while the token and subject stay the same.
 _FATAL = frozenset(
@@ -346,13 +347,8 @@ class PreferencesView(_LiveView):
             self._notify([KeyChange(key, None if old is _MISSING else old, new)])
 
     def _notify(self, changes: list[KeyChange]) -> None:
-        if not changes:
-            return
-        for callback in self._callbacks:
-            try:
-                callback(changes)
-            except Exception:
-                log.exception("on_change callback failed")
+        if changes:
+            _call_each(self._callbacks, changes)
 
 
 class AIConfigView(_LiveView):
@@ -423,11 +419,7 @@ class AIConfigView(_LiveView):
                 self._notify_change()
         elif which == "budget":
             self._cursor = message.budget.cursor.token
-            for callback in self._on_budget:
-                try:
-                    callback(message.budget.crossed)
-                except Exception:
-                    log.exception("on_budget callback failed")
+            _call_each(self._on_budget, message.budget.crossed)
 
     def _set(
         self,
@@ -442,11 +434,16 @@ class AIConfigView(_LiveView):
         self._violations = list(violations)
 
     def _notify_change(self) -> None:
-        for callback in self._on_change:
-            try:
-                callback(self._configuration)
-            except Exception:
-                log.exception("on_change callback failed")
+        _call_each(self._on_change, self._configuration)
+
+
+def _call_each(callbacks: Sequence[Callable[[T], None]], argument: T) -> None:
+    """Call every callback; one that raises is logged and does not stop the others or the view."""
+    for callback in callbacks:
+        try:
+            callback(argument)
+        except Exception:
+            log.exception("view callback %r failed", callback)
 
 
 def _scope_key(scope: common_pb2.Scope) -> str:
