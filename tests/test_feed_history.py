@@ -722,8 +722,14 @@ async def test_a_read_that_starts_after_a_write_returned_sees_it(fresh_database:
             while not await conn.fetchval(query):  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
 
-    waits_on_table = """SELECT count(*) FROM pg_locks
-        WHERE relation = 'preference_values'::regclass AND NOT granted AND mode = $1"""
+    # pg_locks shows the whole cluster: count only waits in this test's database.
+    in_this_database = "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    waits_on_table = f"""SELECT count(*) FROM pg_locks
+        WHERE relation = 'preference_values'::regclass AND NOT granted AND mode = $1 AND {in_this_database}"""
+    # The gate's single-bigint advisory key 4242 shows as classid 0, objid 4242, objsubid 1.
+    waits_on_gate = f"""SELECT count(*) FROM pg_locks
+        WHERE locktype = 'advisory' AND NOT granted AND classid = 0 AND objid = 4242 AND objsubid = 1
+          AND {in_this_database}"""
     async with (
         App(make_settings(url, tmp_path)) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
@@ -741,7 +747,7 @@ async def test_a_read_that_starts_after_a_write_returned_sees_it(fresh_database:
             await gate.execute("SELECT pg_advisory_lock(4242)")
             write = asyncio.ensure_future(stub.SetPreferences(set_request(user(uid), {key: 20}), metadata=ADMIN))
             tasks.append(write)
-            await until_waiting(db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            await until_waiting(db, waits_on_gate)
             # An exclusive table lock queues behind W; every later read of the table queues behind it.
             held = locker.transaction()
             await held.start()

@@ -27,6 +27,13 @@ from tests.processes import PgProxy, prefd_process
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
+# Someone waits on the advisory lock hashtextextended($1, 0) in this connection's database.
+# pg_locks shows the cluster; an 8-byte advisory key is split into classid (high) and objid (low).
+WAITS_ON_ADVISORY_KEY = """SELECT count(*) FROM pg_locks
+    WHERE locktype = 'advisory' AND NOT granted AND objsubid = 1
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0)"""
+
 
 async def test_reflection_lists_and_describes_the_service(app: App) -> None:
     # The reflection client is synchronous; run it off the loop that serves the calls.
@@ -159,11 +166,10 @@ async def test_sigterm_lets_in_flight_calls_finish(fresh_database) -> None:  # t
                 in_flight = asyncio.ensure_future(
                     stub.SetPreferences(set_request(user(uid), {"display.theme": "dark"}), metadata=auth(), timeout=30)
                 )
-                # The server exposes no "call is waiting" event; poll the lock table under a deadline.
+                # The server exposes no "call is waiting" event; poll the lock table under a deadline
+                # for a wait on this very lock in this test's database (the server may be shared).
                 async with asyncio.timeout(10):
-                    while not await blocker.fetchval(  # noqa: ASYNC110
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                    ):
+                    while not await blocker.fetchval(WAITS_ON_ADVISORY_KEY, f"prefd:USER:{uid}"):  # noqa: ASYNC110
                         await asyncio.sleep(0.02)  # polling the lock table, bounded by the deadline
                 stream = health.Watch(health_pb2.HealthCheckRequest())
                 await next_status(stream, SERVING, 5)
