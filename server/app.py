@@ -97,7 +97,7 @@ class HealthMonitor:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             ok = False
         if ok != self.database_ok:
-            log.warning("database %s", "reachable" if ok else "unreachable")
+            log.log(logging.INFO if ok else logging.WARNING, "database %s", "reachable" if ok else "unreachable")
         self.database_ok = ok
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICE_NAMES):

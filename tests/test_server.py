@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import signal
@@ -82,7 +83,8 @@ async def next_status(stream, want: int, deadline_s: float) -> float:  # type: i
     raise AssertionError("stream ended")
 
 
-async def test_health_follows_postgresql_reachability(server_url, fresh_database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_health_follows_postgresql_reachability(server_url, fresh_database, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="server.app")
     database = urlparse(await fresh_database()).path.lstrip("/")
     proxy = PgProxy(server_url)
     await proxy.start()
@@ -111,6 +113,17 @@ async def test_health_follows_postgresql_reachability(server_url, fresh_database
             assert reply.values
             stream.cancel()
     await proxy.stop()
+    # Reaching the database is routine (INFO, also on every start); losing it is a WARNING.
+    transitions = [
+        (record.levelno, record.getMessage())
+        for record in caplog.records
+        if record.name == "server.app" and record.getMessage().startswith("database ")
+    ]
+    assert transitions == [
+        (logging.INFO, "database reachable"),
+        (logging.WARNING, "database unreachable"),
+        (logging.INFO, "database reachable"),
+    ]
 
 
 async def test_a_hung_postgresql_never_hangs_health(server_url, fresh_database, tmp_path) -> None:  # type: ignore[no-untyped-def]
