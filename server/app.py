@@ -41,6 +41,7 @@ from server.store.db_health import DatabaseHealthStore
 from server.store.maintenance import MaintenanceStore
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter, install_definitions
+from server.tokens import TokenKey
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ class App:
         ai_store = AIConfigStore(self._pool, box, ai_env, fanout)
         async with self._pool.acquire() as conn:
             pseudonym_secret = await pseudonym_key(conn)
+        tokens = TokenKey.derive(installation, pseudonym_secret)
         audit_store = AuditStore(self._pool)
         self._maintenance = MaintenanceStore(self._pool, self.dsn, fanout.feed_appended)
 
@@ -253,7 +255,7 @@ class App:
                 writer,
                 self.cache,
                 self.feed,
-                installation,
+                tokens,
                 settings.watch_progress_interval_s,
                 pseudonym_secret,
             ),
@@ -261,7 +263,7 @@ class App:
         authenticator.add_service(
             server,
             audit_pb2_grpc.add_AuditServiceServicer_to_server,
-            AuditService(audit_store, writer, self.cache, installation, user_erased),
+            AuditService(audit_store, writer, self.cache, tokens, user_erased),
         )
         authenticator.add_service(
             server,
@@ -271,7 +273,7 @@ class App:
                 self.ai_cache,
                 self.feed,
                 redis,
-                installation,
+                tokens,
                 settings.watch_progress_interval_s,
                 fanout.feed_appended,
                 pseudonym_secret,
@@ -285,6 +287,7 @@ class App:
                 DatabaseHealthStore(self._pool, settings.long_transaction_alert_s),
                 self._maintenance,
                 settings.slow_query_threshold_ms / 1000,
+                tokens,
             ),
         )
         self._health = health.aio.HealthServicer()

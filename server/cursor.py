@@ -1,12 +1,25 @@
-"""FeedCursor: an opaque, installation-bound position in the change feed."""
+"""FeedCursor: an opaque, sealed, installation-bound position in the change feed."""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import re
 from dataclasses import dataclass
 
-_PREFIX = "c1"
+from server.tokens import TokenKey
+
+_PREFIX = "c2"
+# xid8 values and change ids as the feed stores them (bigint): decimal digits, no sign, no padding.
+_POSITION = re.compile(r"(0|[1-9][0-9]{0,18})")
+INT64_MAX = 2**63 - 1
+
+
+def _position(text: str) -> int:
+    if not _POSITION.fullmatch(text):
+        raise ValueError("malformed cursor")
+    value = int(text)
+    if value > INT64_MAX:
+        raise ValueError("malformed cursor")
+    return value
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -21,27 +34,17 @@ class FeedCursor:
         """The cursor of a snapshot whose oldest running transaction is `xmin`."""
         return cls(xmin, 0)
 
-    def encode(self, installation: str) -> str:
+    def encode(self, key: TokenKey) -> str:
         """The opaque token handed to clients."""
-        raw = f"{_PREFIX}.{installation}.{self.xid}.{self.change_id}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return key.seal(f"{_PREFIX}.{key.installation}.{self.xid}.{self.change_id}")
 
     @classmethod
-    def decode(cls, token: str, installation: str) -> FeedCursor:
-        """Parse a token; ValueError if it is malformed or from another installation."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        except (binascii.Error, UnicodeDecodeError) as exc:
-            raise ValueError("malformed cursor") from exc
-        parts = raw.split(".")
-        if len(parts) != 4 or parts[0] != _PREFIX:
-            raise ValueError("malformed cursor")
-        if parts[1] != installation:
-            raise ValueError("cursor belongs to another prefd installation")
-        try:
-            xid, change_id = int(parts[2]), int(parts[3])
-        except ValueError as exc:
-            raise ValueError("malformed cursor") from exc
-        if xid < 0 or change_id < 0:
-            raise ValueError("malformed cursor")
-        return cls(xid, change_id)
+    def decode(cls, token: str, key: TokenKey) -> FeedCursor:
+        """Parse a token; ValueError if it is malformed, edited or from another installation."""
+        payload = key.open(token)
+        if payload is None:
+            raise ValueError("is not a cursor this prefd installation issued")
+        parts = payload.split(".")
+        if len(parts) != 4 or parts[0] != _PREFIX or parts[1] != key.installation:
+            raise ValueError("is not a cursor this prefd installation issued")
+        return cls(_position(parts[2]), _position(parts[3]))

@@ -1,17 +1,20 @@
-"""Opaque keyset page tokens bound to the query that produced them."""
+"""Opaque keyset page tokens, sealed by the installation's token key and bound to the query that
+produced them."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
+import re
 from typing import Any
 
 from server.errors import invalid
+from server.tokens import TokenKey
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+_INT64 = re.compile(r"(0|[1-9][0-9]{0,18})")
+INT64_MAX = 2**63 - 1
 
 
 def page_size(requested: int) -> int:
@@ -25,21 +28,31 @@ def _fingerprint(query: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(query, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def encode_token(query: dict[str, Any], after: str) -> str:
+def encode_token(query: dict[str, Any], after: str, tokens: TokenKey) -> str:
     """A token meaning "the same query, after this sort key"."""
-    raw = json.dumps({"q": _fingerprint(query), "after": after}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return tokens.seal(json.dumps({"q": _fingerprint(query), "after": after}, separators=(",", ":")))
 
 
-def decode_token(token: str, query: dict[str, Any]) -> str | None:
-    """The sort key to resume after; None for the first page. INVALID_ARGUMENT if foreign."""
+def decode_token(token: str, query: dict[str, Any], tokens: TokenKey) -> str | None:
+    """The sort key to resume after; None for the first page. INVALID_ARGUMENT if the token was not
+    issued by this installation, was edited, or belongs to another query."""
     if not token:
         return None
+    payload = tokens.open(token)
+    if payload is None:
+        raise invalid("page_token", "is not a page token this server issued; start again without one")
     try:
-        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        raw = json.loads(payload)
         fingerprint, after = raw["q"], raw["after"]
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise invalid("page_token", "is malformed") from exc
     if fingerprint != _fingerprint(query) or not isinstance(after, str):
         raise invalid("page_token", "belongs to another query; start again without a page_token")
     return after
+
+
+def parse_int64(text: str, field: str = "page_token") -> int:
+    """A non-negative int64 written by this server in a token; INVALID_ARGUMENT otherwise."""
+    if not _INT64.fullmatch(text) or int(text) > INT64_MAX:
+        raise invalid(field, "is malformed")
+    return int(text)

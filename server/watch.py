@@ -15,6 +15,7 @@ from server.model import Scope, ScopeKind, Subject
 from server.store import feed as feed_sql
 from server.store.db import translated_errors
 from server.store.feed import ChangeEvent
+from server.tokens import TokenKey
 
 HISTORY_PAGE = 1000
 WATCHED_KINDS = frozenset({"preference", "definition"})
@@ -79,7 +80,7 @@ async def watch(
     target: WatchTarget,
     start: FeedCursor | None,
     progress_interval_s: float,
-    installation: str,
+    tokens: TokenKey,
     kinds: frozenset[str] = WATCHED_KINDS,
 ) -> AsyncIterator[WatchItem]:
     """Every matching change of `kinds` after `start` (or after now), once each, in feed order."""
@@ -118,8 +119,8 @@ async def watch(
                 continue
             if queued is None:
                 if subscription.overflowed:
-                    raise WatchOverflow("watcher fell behind; resume from its cursor", cursor=last.encode(installation))
-                raise ServerStopping(subscription.closed_reason or "server stopping", cursor=last.encode(installation))
+                    raise WatchOverflow("watcher fell behind; resume from its cursor", cursor=last.encode(tokens))
+                raise ServerStopping(subscription.closed_reason or "server stopping", cursor=last.encode(tokens))
             if queued.position <= last:
                 continue
             if queued.kind == "erasure" and queued.scope == target.erased_scope:

@@ -11,6 +11,7 @@ import grpc
 from prefd.client import ValidationError, from_rpc_error
 from prefd.v1 import common_pb2, preferences_pb2
 from server.services import convert
+from server.tokens import TokenKey
 
 
 def tv(value: Any) -> common_pb2.TypedValue:
@@ -63,3 +64,9 @@ async def eventually(check: Callable[[], Awaitable[bool]], deadline_s: float, in
     async with asyncio.timeout(deadline_s):
         while not await check():  # noqa: ASYNC110  (the observed state lives outside this process)
             await asyncio.sleep(interval_s)
+
+
+async def token_key(db: Any) -> TokenKey:
+    """The key that seals this database's cursors and page tokens (as every server on it derives it)."""
+    row = await db.fetchrow("SELECT id, pseudonym_key FROM installation")
+    return TokenKey.derive(row["id"], row["pseudonym_key"])

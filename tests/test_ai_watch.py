@@ -12,6 +12,7 @@ from prefd.v1 import ai_config_pb2 as ai
 from prefd.v1 import ai_config_pb2_grpc, common_pb2
 from server.app import App
 from server.cursor import FeedCursor
+from server.tokens import TokenKey
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import field_violations
 from tests.processes import purge
@@ -182,7 +183,7 @@ async def test_idle_streams_get_bookmarks(ai_stub) -> None:  # type: ignore[no-u
 
 
 def _foreign_cursor() -> str:
-    return FeedCursor(5, 1).encode("another-install")
+    return FeedCursor(5, 1).encode(TokenKey("another-install", b"another secret"))
 
 
 @pytest.mark.parametrize("start", ["!!not-a-cursor", "abc", "_foreign_"], ids=["garbage", "short", "foreign"])

@@ -24,8 +24,9 @@ from server.cursor import FeedCursor
 from server.model import CallInfo, KeyChange, Scope, ScopeKind
 from server.store import preferences as preference_sql
 from server.store.db import init_connection
+from server.tokens import TokenKey
 from tests.conftest import SECRET, auth, make_settings, unique
-from tests.helpers import GLOBAL, org, py, set_request, user
+from tests.helpers import GLOBAL, org, py, set_request, token_key, user
 from tests.processes import prefd_process
 
 ADMIN = auth("admin")
@@ -179,7 +180,7 @@ class Watcher:
 
     name: str
     stub: preferences_pb2_grpc.PreferencesServiceStub
-    installation: str
+    tokens: TokenKey
     subject: common_pb2.Subject
     restart_every: int | None = None
     events: list[Applied] = field(default_factory=list)
@@ -193,7 +194,7 @@ class Watcher:
     stopped: BaseException | None = None
 
     def position(self, token: str) -> tuple[int, int]:
-        cursor = FeedCursor.decode(token, self.installation)
+        cursor = FeedCursor.decode(token, self.tokens)
         return cursor.xid, cursor.change_id
 
     async def run(self) -> None:
@@ -303,7 +304,7 @@ async def test_concurrent_writers_on_two_processes_give_every_watcher_a_gap_free
     seed = random.randrange(1 << 32)
     began = time.monotonic()
     async with App(make_settings(url, tmp_path)) as app_a, connect(url) as db:
-        installation = await db.fetchval("SELECT id FROM installation")
+        tokens = await token_key(db)
         await db.execute(JITTER_SQL)
         try:
             async with (
@@ -315,9 +316,9 @@ async def test_concurrent_writers_on_two_processes_give_every_watcher_a_gap_free
                 grpc.aio.insecure_channel(f"127.0.0.1:{app_a.port}") as watch_3,
             ):
                 watchers = [
-                    Watcher("W1@A", stub_for(watch_1), installation, subject),
-                    Watcher("W2@B", stub_for(watch_2), installation, subject),
-                    Watcher("W3@A-resuming", stub_for(watch_3), installation, subject, restart_every=2000),
+                    Watcher("W1@A", stub_for(watch_1), tokens, subject),
+                    Watcher("W2@B", stub_for(watch_2), tokens, subject),
+                    Watcher("W3@A-resuming", stub_for(watch_3), tokens, subject, restart_every=2000),
                 ]
                 tasks = [asyncio.create_task(w.run(), name=w.name) for w in watchers]
                 try:
@@ -414,10 +415,10 @@ async def test_feed_waits_behind_a_write_transaction_held_open(fresh_database: A
     ):
         assert app.feed is not None
         stub = stub_for(channel)
-        installation = await db.fetchval("SELECT id FROM installation")
+        tokens = await token_key(db)
 
         def position(token: str) -> FeedCursor:
-            return FeedCursor.decode(token, installation)
+            return FeedCursor.decode(token, tokens)
 
         call = stub.WatchPreferences(
             preferences_pb2.WatchPreferencesRequest(subject=common_pb2.Subject(user_id=uid, org_id=oid)),

@@ -11,6 +11,7 @@ import pytest
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from server.app import App
 from server.cursor import FeedCursor
+from server.tokens import TokenKey
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import GLOBAL, error_reason, field_violations, org, py, set_request, user
 from tests.processes import purge
@@ -183,7 +184,7 @@ async def test_shutdown_ends_streams_with_a_resumable_status(fresh_database, tmp
 
 
 def _foreign_cursor() -> str:
-    return FeedCursor(5, 1).encode("another-install")
+    return FeedCursor(5, 1).encode(TokenKey("another-install", b"another secret"))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
@@ -32,13 +33,14 @@ from server.cursor import FeedCursor
 from server.errors import PermissionDenied, ValidationFailed, invalid
 from server.feed import FeedReader
 from server.model import FieldViolation, Scope, ScopeKind, Subject
-from server.paging import decode_token, encode_token
+from server.paging import decode_token, encode_token, page_size
 from server.services import ai_convert, convert
 from server.store import ai_usage
 from server.store.ai_usage import reached
 from server.store.ai_writes import AIConfigStore, KeyUpdate, Mutation
 from server.store.audit import pseudonym_of
 from server.store.feed import ChangeEvent
+from server.tokens import TokenKey
 from server.validation import id_problem
 from server.watch import Compacted, Erased, Progress, Started, WatchTarget, watch
 
@@ -47,10 +49,9 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 MAX_REQUEST_ID = 128
 MAX_TOKENS_PER_CALL = 10**12
 MAX_PRICE_USD_PER_1K = 1000.0
-DEFAULT_PAGE = 50
-MAX_PAGE = 500
 # Distinct GetEffectiveAIConfig request encodings remembered (parsing is pure; this only bounds memory).
 MAX_PARSED_READS = 100_000
+_PRIORITY = re.compile(r"-?(0|[1-9][0-9]{0,9})")
 AI_WATCH_KINDS = frozenset({"ai_config", "budget"})
 AI_WATCH_PREFIXES = ("ai_config/", "budget/")
 # Mask paths below `configuration` and the flat paths each one covers.
@@ -170,6 +171,13 @@ def _mask_coverage(path: str) -> list[str]:
     raise invalid("update_mask.paths", f"{path!r} cannot be updated")
 
 
+def _parse_priority(text: str) -> int:
+    """A config priority (int32) as this server wrote it in a page token."""
+    if not _PRIORITY.fullmatch(text) or not -(2**31) <= int(text) < 2**31:
+        raise invalid("page_token", "is malformed")
+    return int(text)
+
+
 class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     """Named AI configs, their resolution, the catalog, API keys, usage and budgets."""
 
@@ -182,7 +190,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         cache: AIConfigCache,
         feed: FeedReader,
         redis: RedisLayers | None,
-        installation: str,
+        tokens: TokenKey,
         progress_interval_s: float,
         on_budget_commit: Callable[[int], None],
         pseudonym_key: str = "",
@@ -192,11 +200,11 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self._cache = cache
         self._feed = feed
         self._redis = redis
-        self._installation = installation
+        self._tokens = tokens
         self._progress_interval_s = progress_interval_s
         self._on_budget_commit = on_budget_commit
         self._counters_suspect: set[str] = set()  # users whose Redis mirror missed an update
-        self._cursor_field = convert.CursorField(ai_config_pb2.GetEffectiveAIConfigResponse, installation)
+        self._cursor_field = convert.CursorField(ai_config_pb2.GetEffectiveAIConfigResponse, tokens)
         self._parsed_reads: dict[bytes, tuple[str, str]] = {}
 
     # --- named configs -----------------------------------------------------------------
@@ -274,18 +282,20 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         _require_config_read(principal, scope)
         if request.page_size < 0:
             raise invalid("page_size", "must not be negative")
-        size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        size = page_size(request.page_size)
         query = {"rpc": "ListAIConfigs", "kind": scope.kind.value, "id": scope.id}
-        after_token = decode_token(request.page_token, query)
+        after_token = decode_token(request.page_token, query, self._tokens)
         after = None
         if after_token is not None:
-            priority, _, name = after_token.partition(":")
-            after = (int(priority), name)
+            priority, sep, name = after_token.partition(":")
+            if not sep or not name:
+                raise invalid("page_token", "is malformed")
+            after = (_parse_priority(priority), name)
         found = await self._writer.page(scope, after, size + 1)
         next_token = ""
         if len(found) > size:
             last = found[size - 1]
-            next_token = encode_token(query, f"{last.priority}:{last.name}")
+            next_token = encode_token(query, f"{last.priority}:{last.name}", self._tokens)
         return ai_config_pb2.ListAIConfigsResponse(
             configs=[await self._config_pb(r, principal) for r in found[:size]], next_page_token=next_token
         )
@@ -561,7 +571,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         start = None
         if request.HasField("start_cursor"):
             try:
-                start = FeedCursor.decode(request.start_cursor.token, self._installation)
+                start = FeedCursor.decode(request.start_cursor.token, self._tokens)
             except ValueError as exc:
                 raise invalid("start_cursor", str(exc)) from exc
         target = WatchTarget.for_subject(subject, AI_WATCH_PREFIXES, pseudonym_of(self._pseudonym_key, subject.user_id))
@@ -571,7 +581,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
             target,
             start,
             self._progress_interval_s,
-            self._installation,
+            self._tokens,
             kinds=AI_WATCH_KINDS,
         ):
             if isinstance(item, Started):
@@ -614,7 +624,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         return ai_config_pb2.WatchAIConfigResponse(config_changed=changed)
 
     def _encode(self, cursor: FeedCursor) -> common_pb2.Cursor:
-        return convert.cursor_to_pb(cursor, self._installation)
+        return convert.cursor_to_pb(cursor, self._tokens)
 
 
 # Budget counters outlive their period by a day (a month is at most 31 days).

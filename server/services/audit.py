@@ -17,11 +17,12 @@ from server.cache import EffectiveCache
 from server.cursor import FeedCursor
 from server.errors import PermissionDenied, UserErased, ValidationFailed, invalid
 from server.model import FieldViolation, KeyWrite, Scope, ScopeKind, Subject, WriteResult
-from server.paging import decode_token, encode_token, page_size
+from server.paging import decode_token, encode_token, page_size, parse_int64
 from server.services import convert
 from server.store.audit import AuditRow, AuditStore, ChangeFilter, KeyState, Point, state_at
 from server.store.preferences import current_versions
 from server.store.writes import PreferenceWriter
+from server.tokens import TokenKey
 from server.validation import id_problem, key_problem
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -60,7 +61,7 @@ def _json_value(value: Any) -> struct_pb2.Value:
     return struct_pb2.Value(list_value=items)
 
 
-def change_to_pb(row: AuditRow, installation: str) -> audit_pb2.AuditChange:
+def change_to_pb(row: AuditRow, tokens: TokenKey) -> audit_pb2.AuditChange:
     return audit_pb2.AuditChange(
         id=row.id,
         kind=KIND_PB.get(row.kind, preferences_pb2.CHANGE_KIND_UNSPECIFIED),
@@ -76,7 +77,7 @@ def change_to_pb(row: AuditRow, installation: str) -> audit_pb2.AuditChange:
         request_id=row.request_id,
         create_time=convert.timestamp(row.created_at),
         rollback_of=row.rollback_of,
-        cursor=convert.cursor_to_pb(row.position, installation),
+        cursor=convert.cursor_to_pb(row.position, tokens),
     )
 
 
@@ -104,13 +105,13 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         store: AuditStore,
         writer: PreferenceWriter,
         cache: EffectiveCache,
-        installation: str,
+        tokens: TokenKey,
         on_erased: Any,
     ) -> None:
         self._store = store
         self._writer = writer
         self._cache = cache
-        self._installation = installation
+        self._tokens = tokens
         self._on_erased = on_erased
 
     # --- history -------------------------------------------------------------------------
@@ -148,27 +149,27 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             "end": end.isoformat() if end else None,
             "newest_first": newest_first,
         }
-        token = decode_token(request.page_token, query)
+        token = decode_token(request.page_token, query, self._tokens)
         horizon = after = None
         if token is not None:
-            horizon_text, xid, change_id = token.split(":")
-            horizon, after = int(horizon_text), FeedCursor(int(xid), int(change_id))
+            parts = token.split(":")
+            if len(parts) != 3:
+                raise invalid("page_token", "is malformed")
+            horizon, after = parse_int64(parts[0]), FeedCursor(parse_int64(parts[1]), parse_int64(parts[2]))
         rows, horizon = await self._store.page(where, horizon, after, newest_first, size + 1)
         next_token = ""
         if len(rows) > size:
             last = rows[size - 1]
-            next_token = encode_token(query, f"{horizon}:{last.xid}:{last.id}")
+            next_token = encode_token(query, f"{horizon}:{last.xid}:{last.id}", self._tokens)
         return audit_pb2.ListChangesResponse(
-            changes=[change_to_pb(r, self._installation) for r in rows[:size]], next_page_token=next_token
+            changes=[change_to_pb(r, self._tokens) for r in rows[:size]], next_page_token=next_token
         )
 
     async def GetChange(self, request: audit_pb2.GetChangeRequest, context: Context) -> audit_pb2.GetChangeResponse:
         current_principal().require_admin("GetChange")
         if request.id <= 0:
             raise invalid("id", "must be positive")
-        return audit_pb2.GetChangeResponse(
-            change=change_to_pb(await self._store.change(request.id), self._installation)
-        )
+        return audit_pb2.GetChangeResponse(change=change_to_pb(await self._store.change(request.id), self._tokens))
 
     async def DiffScope(self, request: audit_pb2.DiffScopeRequest, context: Context) -> audit_pb2.DiffScopeResponse:
         current_principal().require_admin("DiffScope")

@@ -26,6 +26,7 @@ from server.model import (
 )
 from server.resolve import nest
 from server.store.feed import ChangeEvent
+from server.tokens import TokenKey
 from server.validation import id_problem
 
 _VALUE_TYPES = {
@@ -190,21 +191,21 @@ class CursorField:
     """The serialized `cursor` field of a response type, memoised per feed position (appended to
     prebuilt bodies on hot read paths)."""
 
-    def __init__(self, response_type: Any, installation: str) -> None:
+    def __init__(self, response_type: Any, tokens: TokenKey) -> None:
         self._response_type = response_type
-        self._installation = installation
+        self._tokens = tokens
         self._memo: tuple[FeedCursor | None, bytes] = (None, b"")
 
     def __call__(self, position: FeedCursor) -> bytes:
         memo = self._memo[0]
         if memo is not position and memo != position:
-            encoded = self._response_type(cursor=cursor_to_pb(position, self._installation)).SerializeToString()
+            encoded = self._response_type(cursor=cursor_to_pb(position, self._tokens)).SerializeToString()
             self._memo = (position, encoded)
         return self._memo[1]
 
 
-def cursor_to_pb(cursor: FeedCursor, installation: str) -> common_pb2.Cursor:
-    return common_pb2.Cursor(token=cursor.encode(installation))
+def cursor_to_pb(cursor: FeedCursor, tokens: TokenKey) -> common_pb2.Cursor:
+    return common_pb2.Cursor(token=cursor.encode(tokens))
 
 
 def definition_from_pb(message: preferences_pb2.Definition, field: str = "definition") -> Definition:

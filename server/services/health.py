@@ -13,11 +13,12 @@ from server.auth import current_call, current_principal
 from server.errors import ValidationFailed, invalid
 from server.health import HealthChecker
 from server.model import FieldViolation
-from server.paging import decode_token, encode_token, page_size
+from server.paging import decode_token, encode_token, page_size, parse_int64
 from server.services import convert
 from server.services.database_health import database_health_to_pb
 from server.store.db_health import DatabaseHealthStore
 from server.store.maintenance import MaintenanceRecord, MaintenanceStore, Operation
+from server.tokens import TokenKey
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -63,7 +64,9 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
         database: DatabaseHealthStore,
         maintenance: MaintenanceStore,
         slow_query_threshold_s: float,
+        tokens: TokenKey,
     ) -> None:
+        self._tokens = tokens
         self._checker = checker
         self._database = database
         self._maintenance = maintenance
@@ -148,9 +151,11 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
         current_principal().require_admin("ListMaintenanceOperations")
         size = page_size(request.page_size)
         query = {"rpc": "ListMaintenanceOperations", "target": request.target}
-        after = decode_token(request.page_token, query)
-        records = await self._maintenance.page(request.target, int(after) if after else None, size + 1)
-        next_token = encode_token(query, str(records[size - 1].id)) if len(records) > size else ""
+        after = decode_token(request.page_token, query, self._tokens)
+        records = await self._maintenance.page(
+            request.target, parse_int64(after) if after is not None else None, size + 1
+        )
+        next_token = encode_token(query, str(records[size - 1].id), self._tokens) if len(records) > size else ""
         return health_pb2.ListMaintenanceOperationsResponse(
             operations=[maintenance_to_pb(r) for r in records[:size]], next_page_token=next_token
         )

@@ -31,6 +31,7 @@ from server.services import convert
 from server.store.audit import pseudonym_of
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter
+from server.tokens import TokenKey
 from server.validation import definition_violations, id_problem, key_problem
 from server.watch import Compacted, Erased, Progress, Started, WatchItem, WatchTarget, watch
 
@@ -114,7 +115,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         writer: PreferenceWriter,
         cache: EffectiveCache,
         feed: FeedReader,
-        installation: str,
+        tokens: TokenKey,
         progress_interval_s: float,
         pseudonym_key: str = "",
     ) -> None:
@@ -123,9 +124,9 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         self._writer = writer
         self._cache = cache
         self._feed = feed
-        self._installation = installation
+        self._tokens = tokens
         self._progress_interval_s = progress_interval_s
-        self._cursor_field = convert.CursorField(preferences_pb2.GetEffectivePreferencesResponse, installation)
+        self._cursor_field = convert.CursorField(preferences_pb2.GetEffectivePreferencesResponse, tokens)
         self._parsed_reads: dict[bytes, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {}
 
     async def CreateDefinition(
@@ -171,9 +172,9 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     ) -> preferences_pb2.ListDefinitionsResponse:
         size = page_size(request.page_size)
         query = {"rpc": "ListDefinitions", "category": request.category}
-        after = decode_token(request.page_token, query)
+        after = decode_token(request.page_token, query, self._tokens)
         found: list[Definition] = await self._reader.definitions_page(request.category, after, size + 1)
-        next_token = encode_token(query, found[size - 1].key) if len(found) > size else ""
+        next_token = encode_token(query, found[size - 1].key, self._tokens) if len(found) > size else ""
         return preferences_pb2.ListDefinitionsResponse(
             definitions=[convert.definition_to_pb(d) for d in found[:size]], next_page_token=next_token
         )
@@ -264,13 +265,13 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         current_principal().require_read_scope(scope)
         size = page_size(request.page_size)
         query = {"rpc": "ListPreferences", "kind": scope.kind.value, "id": scope.id}
-        after = decode_token(request.page_token, query)
+        after = decode_token(request.page_token, query, self._tokens)
         found, cursor = await self._reader.overrides_page(scope, after, size + 1)
-        next_token = encode_token(query, found[size - 1].key) if len(found) > size else ""
+        next_token = encode_token(query, found[size - 1].key, self._tokens) if len(found) > size else ""
         return preferences_pb2.ListPreferencesResponse(
             preferences=[convert.stored_to_pb(v) for v in found[:size]],
             next_page_token=next_token,
-            cursor=convert.cursor_to_pb(cursor, self._installation),
+            cursor=convert.cursor_to_pb(cursor, self._tokens),
         )
 
     async def GetEffectivePreferences(  # type: ignore[override]  # raw request bytes in, prebuilt body out
@@ -339,7 +340,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
                 )
                 for subject, values in zip(subjects, results, strict=True)
             ],
-            cursor=convert.cursor_to_pb(cursor, self._installation),
+            cursor=convert.cursor_to_pb(cursor, self._tokens),
         )
 
     async def WatchPreferences(
@@ -363,12 +364,10 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         start = None
         if request.HasField("start_cursor"):
             try:
-                start = FeedCursor.decode(request.start_cursor.token, self._installation)
+                start = FeedCursor.decode(request.start_cursor.token, self._tokens)
             except ValueError as exc:
                 raise invalid("start_cursor", str(exc)) from exc
-        async for item in watch(
-            self._feed, self._reader.pool, target, start, self._progress_interval_s, self._installation
-        ):
+        async for item in watch(self._feed, self._reader.pool, target, start, self._progress_interval_s, self._tokens):
             yield await self._watch_message(item, target)
 
     async def _watch_message(self, item: WatchItem, target: WatchTarget) -> preferences_pb2.WatchPreferencesResponse:
@@ -398,4 +397,4 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         return preferences_pb2.WatchPreferencesResponse(change=change)
 
     def _encode(self, cursor: FeedCursor) -> common_pb2.Cursor:
-        return convert.cursor_to_pb(cursor, self._installation)
+        return convert.cursor_to_pb(cursor, self._tokens)
