@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -25,9 +25,16 @@ def _stored(row: Any) -> StoredValue:
     )
 
 
-async def lock_scope(conn: asyncpg.Connection, scope: Scope) -> None:
-    """Serialise writers of one scope until the transaction ends."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"prefd:{scope.kind}:{scope.id}")
+async def lock_scope(conn: asyncpg.Connection, scope: Scope) -> datetime:
+    """Serialise writers of one scope until the transaction ends.
+
+    Returns the transaction's timestamp (`now()`), which every row it writes is stamped with, so a
+    write can answer the times later reads return without another round trip.
+    """
+    written_at: datetime = await conn.fetchval(
+        "SELECT now() FROM pg_advisory_xact_lock(hashtextextended($1, 0))", f"prefd:{scope.kind}:{scope.id}"
+    )
+    return written_at
 
 
 async def horizon(conn: asyncpg.Connection) -> FeedCursor:
@@ -166,6 +173,9 @@ async def apply_changes(
     return xid
 
 
-def pending_value(scope: Scope, change: KeyChange, actor: str) -> StoredValue:
-    """The override a not-yet-stored change will leave (for resolving before commit)."""
-    return StoredValue(scope, change.key, change.new_value, change.new_version, datetime.now(UTC), actor)
+def pending_value(scope: Scope, change: KeyChange, actor: str, written_at: datetime) -> StoredValue:
+    """The override a not-yet-stored change will leave (for resolving before commit).
+
+    `written_at` is the writing transaction's `now()`, the time apply_changes stores.
+    """
+    return StoredValue(scope, change.key, change.new_value, change.new_version, written_at, actor)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 import asyncpg
@@ -111,8 +112,8 @@ class PreferenceWriter:
         # Advisory locks assign no xid, so the transaction's xid is assigned only once it holds
         # the scope: per-key versions then grow in the change feed's (xid, id) order.
         await definition_sql.lock_keys_shared(conn, keys)
-        await preference_sql.lock_scope(conn, scope)
-        return await self._write_held(conn, scope, writes, call, reason, dry_run, org_id, field)
+        written_at = await preference_sql.lock_scope(conn, scope)
+        return await self._write_held(conn, scope, writes, call, reason, dry_run, org_id, field, written_at)
 
     async def _write_held(
         self,
@@ -124,6 +125,7 @@ class PreferenceWriter:
         dry_run: bool,
         org_id: str,
         field: str,
+        written_at: datetime,
         rollback_of: str = "",
     ) -> tuple[WriteResult, int | None]:
         """Validate and apply writes at a scope whose lock (and its keys' definition locks) the caller holds."""
@@ -159,7 +161,7 @@ class PreferenceWriter:
                 continue
             changes.append(KeyChange(w.key, old_value, new_value, old_version, old_version + 1))
 
-        effective = await self._effective_after(conn, scope, org_id, definitions, changes, call.actor)
+        effective = await self._effective_after(conn, scope, org_id, definitions, changes, call.actor, written_at)
         broken = rule_violations(self._rules, {r.key: r.value for r in effective}, [c.key for c in changes])
         if broken:
             index = {w.key: i for i, w in enumerate(writes)}
@@ -178,8 +180,10 @@ class PreferenceWriter:
         definitions: dict[str, Definition],
         changes: Sequence[KeyChange],
         actor: str,
+        written_at: datetime,
     ) -> list[ResolvedValue]:
-        """Effective values at `scope` of the written keys and every rule key, as if the changes applied."""
+        """Effective values at `scope` of the written keys and every rule key, as if the changes were
+        stored at `written_at` (the transaction's time, which apply_changes stores)."""
         rule_keys = {k for rule in self._rules for k in rule.non_decreasing} - definitions.keys()
         wanted = {**definitions, **await definition_sql.get_many(conn, sorted(rule_keys))}
         layers = layers_for_scope(scope, org_id)
@@ -189,7 +193,7 @@ class PreferenceWriter:
             if change.new_value is None:
                 mine.pop(change.key, None)
             else:
-                mine[change.key] = preference_sql.pending_value(scope, change, actor)
+                mine[change.key] = preference_sql.pending_value(scope, change, actor, written_at)
         stored[scope] = mine
         return resolve(sorted(wanted.values(), key=lambda d: d.key), [(layer, s, stored[s]) for layer, s in layers])
 
@@ -221,7 +225,8 @@ class PreferenceWriter:
                     locked = sorted({w.key for writes in planned.values() for w in writes})
                     await definition_sql.lock_keys_shared(conn, locked)
                     for scope in ordered:
-                        await preference_sql.lock_scope(conn, scope)
+                        # The same transaction time from each: the time every row written here carries.
+                        written_at = await preference_sql.lock_scope(conn, scope)
                     planned = await plan(conn, ordered)  # again, now that nothing can move
                     extra = sorted({w.key for writes in planned.values() for w in writes} - set(locked))
                     await definition_sql.lock_keys_shared(conn, extra)
@@ -241,6 +246,7 @@ class PreferenceWriter:
                             dry_run,
                             org,
                             f"scopes[{n}].changes",
+                            written_at,
                             rollback_of,
                         )
                         results[scope] = result
