@@ -29,6 +29,67 @@ async def _effective(stub, user_id: str, org_id: str) -> dict[str, preferences_p
     return {v.key: v for v in read.values}
 
 
+def _without_time(value: preferences_pb2.EffectiveValue) -> preferences_pb2.EffectiveValue:
+    copy = preferences_pb2.EffectiveValue()
+    copy.CopyFrom(value)
+    copy.provenance.ClearField("updated_at")
+    return copy
+
+
+# --- a rollback of several scopes reports the state all of them leave ------------------
+
+
+@pytest.mark.parametrize("user_first", [True, False], ids=["user-then-org", "org-then-user"])
+async def test_multi_scope_rollback_reports_what_a_read_returns(stub, audit, db, user_first: bool) -> None:  # type: ignore[no-untyped-def]
+    org_id, user_id = unique("o"), unique("u")
+    await stub.SetPreferences(set_request(org(org_id), {"locale.timezone": "Asia/Tokyo"}), metadata=ADMIN)
+    await stub.SetPreferences(set_request(user(user_id), {"display.theme": "dark"}, org_id=org_id), metadata=ADMIN)
+    point: int = await db.fetchval("SELECT max(id) FROM changes")
+    await stub.SetPreferences(
+        set_request(user(user_id), {"display.theme": "system", "locale.timezone": "Europe/Paris"}, org_id=org_id),
+        metadata=ADMIN,
+    )
+    await stub.SetPreferences(
+        set_request(org(org_id), {"locale.timezone": "America/New_York", "display.theme": "light"}), metadata=ADMIN
+    )
+
+    scopes = [user(user_id), org(org_id)] if user_first else [org(org_id), user(user_id)]
+    target = audit_pb2.RollbackTarget(scopes=scopes, to=audit_pb2.HistoryPoint(change_id=point), org_id=org_id)
+    preview = await audit.PreviewRollback(audit_pb2.PreviewRollbackRequest(target=target), metadata=ADMIN)
+    done = await audit.Rollback(
+        audit_pb2.RollbackRequest(target=target, reason="undo both", preview_token=preview.preview_token),
+        metadata=ADMIN,
+    )
+
+    # The USER scope resolves through the ORG scope; the ORG scope is what a member without overrides reads.
+    reads = {
+        (common_pb2.SCOPE_KIND_USER, user_id): await _effective(stub, user_id, org_id),
+        (common_pb2.SCOPE_KIND_ORG, org_id): await _effective(stub, unique("nobody"), org_id),
+    }
+    for answer in (preview.scopes, done.scopes):
+        assert [s.scope for s in answer] == scopes
+    by_scope = {s.scope.kind: s for s in done.scopes}
+    mine = {v.key: v for v in by_scope[common_pb2.SCOPE_KIND_USER].effective_values}
+    assert py(mine["locale.timezone"].value) == "Asia/Tokyo"
+    assert mine["locale.timezone"].provenance.layer == common_pb2.LAYER_ORG
+    assert py(mine["display.theme"].value) == "dark"
+    assert mine["display.theme"].provenance.layer == common_pb2.LAYER_USER
+    theirs = {v.key: v for v in by_scope[common_pb2.SCOPE_KIND_ORG].effective_values}
+    assert py(theirs["locale.timezone"].value) == "Asia/Tokyo"
+    assert py(theirs["display.theme"].value) == "light"  # the definition default
+    assert theirs["display.theme"].provenance.layer == common_pb2.LAYER_DEFAULT
+
+    for result, planned in zip(done.scopes, preview.scopes, strict=True):
+        read = reads[(result.scope.kind, result.scope.id)]
+        assert {v.key for v in result.effective_values} == {"display.theme", "locale.timezone"}
+        for value in result.effective_values:
+            assert value == read[value.key], (result.scope, value.key)
+        # A preview cannot know the commit time of a rollback still to come; all else matches.
+        assert [_without_time(v) for v in planned.effective_values] == [
+            _without_time(read[v.key]) for v in planned.effective_values
+        ]
+
+
 # --- a write's response carries the stored timestamps ------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -44,6 +45,25 @@ RollbackPlan = Callable[[asyncpg.Connection, Sequence[Scope]], Awaitable[dict[Sc
 
 class _Rollback(Exception):
     """Raised inside a transaction to end a dry run without writing."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """Validated writes at one scope: the definitions of their keys and the changes they make."""
+
+    scope: Scope
+    # The org a USER scope resolves through ("" for none, and for other scopes).
+    org_id: str
+    # Where the writes sit in the request, for field violations ("writes", "scopes[1].changes").
+    field: str
+    keys: tuple[str, ...]
+    definitions: dict[str, Definition]
+    changes: tuple[KeyChange, ...]
+
+    def result(self, effective: Sequence[ResolvedValue], dry_run: bool) -> WriteResult:
+        """The write's answer: its changes and the effective values of the keys it names."""
+        written = set(self.keys)
+        return WriteResult(list(self.changes), [r for r in effective if r.key in written], dry_run)
 
 
 def layers_for_scope(scope: Scope, org_id: str) -> list[tuple[Layer, Scope]]:
@@ -113,22 +133,17 @@ class PreferenceWriter:
         # the scope: per-key versions then grow in the change feed's (xid, id) order.
         await definition_sql.lock_keys_shared(conn, keys)
         written_at = await preference_sql.lock_scope(conn, scope)
-        return await self._write_held(conn, scope, writes, call, reason, dry_run, org_id, field, written_at)
+        staged = await self._staged(conn, scope, writes, org_id, field)
+        effective = await self._effective_after(conn, staged, [staged], call.actor, written_at)
+        self._check_rules(staged, effective)
+        xid = None if dry_run else await preference_sql.apply_changes(conn, scope, staged.changes, call, reason)
+        return staged.result(effective, dry_run), xid
 
-    async def _write_held(
-        self,
-        conn: asyncpg.Connection,
-        scope: Scope,
-        writes: Sequence[KeyWrite],
-        call: CallInfo,
-        reason: str,
-        dry_run: bool,
-        org_id: str,
-        field: str,
-        written_at: datetime,
-        rollback_of: str = "",
-    ) -> tuple[WriteResult, int | None]:
-        """Validate and apply writes at a scope whose lock (and its keys' definition locks) the caller holds."""
+    async def _staged(
+        self, conn: asyncpg.Connection, scope: Scope, writes: Sequence[KeyWrite], org_id: str, field: str
+    ) -> _Staged:
+        """Validate writes at a scope whose lock (and its keys' definition locks) the caller holds,
+        and work out the changes they make (nothing is written yet)."""
         keys = [w.key for w in writes]
         definitions = await definition_sql.get_many(conn, keys)
         violations = []
@@ -160,41 +175,41 @@ class PreferenceWriter:
             if new_value == old_value and type(new_value) is type(old_value):
                 continue
             changes.append(KeyChange(w.key, old_value, new_value, old_version, old_version + 1))
+        return _Staged(scope, org_id, field, tuple(keys), definitions, tuple(changes))
 
-        effective = await self._effective_after(conn, scope, org_id, definitions, changes, call.actor, written_at)
-        broken = rule_violations(self._rules, {r.key: r.value for r in effective}, [c.key for c in changes])
+    def _check_rules(self, staged: _Staged, effective: Sequence[ResolvedValue]) -> None:
+        """ValidationFailed if the effective values after the changes break a cross-field rule."""
+        broken = rule_violations(self._rules, {r.key: r.value for r in effective}, [c.key for c in staged.changes])
         if broken:
-            index = {w.key: i for i, w in enumerate(writes)}
+            index = {key: i for i, key in enumerate(staged.keys)}
             raise ValidationFailed(
-                [FieldViolation(f"{field}[{index[key]}].value", rule.message) for rule, key in broken]
+                [FieldViolation(f"{staged.field}[{index[key]}].value", rule.message) for rule, key in broken]
             )
-        xid = None if dry_run else await preference_sql.apply_changes(conn, scope, changes, call, reason, rollback_of)
-        written = set(keys)
-        return WriteResult(changes, [r for r in effective if r.key in written], dry_run), xid
 
     async def _effective_after(
         self,
         conn: asyncpg.Connection,
-        scope: Scope,
-        org_id: str,
-        definitions: dict[str, Definition],
-        changes: Sequence[KeyChange],
+        staged: _Staged,
+        pending: Sequence[_Staged],
         actor: str,
         written_at: datetime,
     ) -> list[ResolvedValue]:
-        """Effective values at `scope` of the written keys and every rule key, as if the changes were
-        stored at `written_at` (the transaction's time, which apply_changes stores)."""
-        rule_keys = {k for rule in self._rules for k in rule.non_decreasing} - definitions.keys()
-        wanted = {**definitions, **await definition_sql.get_many(conn, sorted(rule_keys))}
-        layers = layers_for_scope(scope, org_id)
+        """Effective values at a staged scope of its written keys and every rule key, as if all the
+        `pending` changes (this transaction's, at any scope) were stored at `written_at`."""
+        rule_keys = {k for rule in self._rules for k in rule.non_decreasing} - staged.definitions.keys()
+        wanted = {**staged.definitions, **await definition_sql.get_many(conn, sorted(rule_keys))}
+        layers = layers_for_scope(staged.scope, staged.org_id)
         stored = await preference_sql.overrides(conn, [s for _, s in layers])
-        mine = dict(stored[scope])
-        for change in changes:
-            if change.new_value is None:
-                mine.pop(change.key, None)
-            else:
-                mine[change.key] = preference_sql.pending_value(scope, change, actor, written_at)
-        stored[scope] = mine
+        for other in pending:
+            if other.scope not in stored or not other.changes:
+                continue
+            overlaid = dict(stored[other.scope])
+            for change in other.changes:
+                if change.new_value is None:
+                    overlaid.pop(change.key, None)
+                else:
+                    overlaid[change.key] = preference_sql.pending_value(other.scope, change, actor, written_at)
+            stored[other.scope] = overlaid
         return resolve(sorted(wanted.values(), key=lambda d: d.key), [(layer, s, stored[s]) for layer, s in layers])
 
     async def rollback(
@@ -211,8 +226,10 @@ class PreferenceWriter:
     ) -> tuple[list[WriteResult], str]:
         """Write what `plan` says each scope needs, all scopes in one transaction (or none).
 
-        Returns the results and the token of the state they were computed from; with
-        `expected_token`, refuses (StaleRollback) if the state is no longer that one.
+        Every scope's effective values resolve through all the scopes' changes, so a USER scope
+        reports its ORG scope's rolled-back values when both are in the rollback. Returns the
+        results and the token of the state they were computed from; with `expected_token`,
+        refuses (StaleRollback) if the state is no longer that one.
         """
         ordered = sorted(set(scopes), key=str)
         results: dict[Scope, WriteResult] = {}
@@ -233,26 +250,24 @@ class PreferenceWriter:
                     token = await state_token(conn, ordered)
                     if expected_token and expected_token != token:
                         raise StaleRollback("the scopes changed since the preview; preview again")
+                    staged: dict[Scope, _Staged] = {}
                     for n, scope in enumerate(scopes):
-                        if scope in results:
-                            continue
-                        org = org_id if scope.kind is ScopeKind.USER else ""
-                        result, written = await self._write_held(
-                            conn,
-                            scope,
-                            planned[scope],
-                            call,
-                            reason,
-                            dry_run,
-                            org,
-                            f"scopes[{n}].changes",
-                            written_at,
-                            rollback_of,
-                        )
-                        results[scope] = result
-                        xid = written or xid
+                        if scope not in staged:
+                            org = org_id if scope.kind is ScopeKind.USER else ""
+                            field = f"scopes[{n}].changes"
+                            staged[scope] = await self._staged(conn, scope, planned[scope], org, field)
+                    pending = list(staged.values())
+                    for one in pending:
+                        effective = await self._effective_after(conn, one, pending, call.actor, written_at)
+                        self._check_rules(one, effective)
+                        results[one.scope] = one.result(effective, dry_run)
                     if dry_run:
                         raise _Rollback
+                    for one in pending:
+                        written = await preference_sql.apply_changes(
+                            conn, one.scope, one.changes, call, reason, rollback_of
+                        )
+                        xid = written or xid
             except _Rollback:
                 pass
         if xid is not None and self._hooks is not None:
