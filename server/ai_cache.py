@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from server.aiconfig import AIConfigRecord, ChainLayer, EffectiveAIConfig, ModelInfo, merge
-from server.model import Scope, ScopeKind, Subject
+from server.model import Scope, Subject
+from server.response_cache import ResponseCache
 from server.secretbox import SecretBox, sealing_context
 from server.store import ai_configs as ai_sql
 from server.store import feed as feed_sql
@@ -23,7 +24,6 @@ from server.store.db import translated_errors
 from server.store.feed import ChangeEvent
 
 CHANGE_MEMORY_S = 120.0
-MAX_RESPONSES = 50_000
 MAX_SCOPES = 100_000
 
 
@@ -59,8 +59,7 @@ class AIConfigCache:
         self._changed: dict[Scope, tuple[int, int, float]] = {}  # scope -> (xid, tick, monotonic)
         self._tick = 0
         self._keys: dict[str, dict[str, str]] = {}  # config id -> slot -> plaintext
-        self._responses: dict[Hashable, bytes] = {}
-        self._responses_by_scope: dict[Scope, set[Hashable]] = {}
+        self._responses = ResponseCache()
 
     # --- invalidation ------------------------------------------------------------------
 
@@ -101,12 +100,7 @@ class AIConfigCache:
 
     def _drop_responses(self, scope: Scope | None) -> None:
         """Drop responses built from `scope` (every response for GLOBAL or None)."""
-        if scope is None or scope.kind is ScopeKind.GLOBAL:
-            self._responses.clear()
-            self._responses_by_scope.clear()
-            return
-        for key in self._responses_by_scope.pop(scope, ()):
-            self._responses.pop(key, None)
+        self._responses.drop(scope)
 
     def _fresh(self, scope: Scope, xmin: int) -> bool:
         changed = self._changed.get(scope)
@@ -131,12 +125,7 @@ class AIConfigCache:
         """Keep a body unless a scope it was built from changed while it was built."""
         if self.changed_since(resolved.scopes, resolved.since_tick):
             return
-        if len(self._responses) >= MAX_RESPONSES:
-            self._drop_responses(None)
-        self._responses[key] = body
-        for scope in resolved.scopes:
-            if scope.kind is not ScopeKind.GLOBAL:
-                self._responses_by_scope.setdefault(scope, set()).add(key)
+        self._responses.put(key, body, resolved.scopes)
 
     # --- reads -------------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ MASK_PREFIX = "****"
 MIN_KEY_LENGTH = 8
 MAX_KEY_LENGTH = 512
 MAX_CONFIG_NAME = 128
-CONFIG_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MODEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+CONFIG_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MODEL_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 NANOS_PER_USD = 1_000_000_000
 
 BACKOFF_TYPES = ("exponential", "linear", "fixed")
@@ -320,7 +320,7 @@ def value_problems(path: str, value: Any) -> list[str]:
     if path == "model.max_tokens":
         return [] if value >= 1 else [f"must be at least 1 (got {value})"]
     if path == "model.model":
-        return [] if MODEL_ID_PATTERN.match(value) else ["must be a catalog model id"]
+        return [] if MODEL_ID_PATTERN.fullmatch(value) else ["must be a catalog model id"]
     if path in ("rate_limiting.requests_per_minute", "rate_limiting.concurrent_requests"):
         return [] if value >= 1 else [f"must be at least 1 (got {value})"]
     if path == "rate_limiting.burst_allowance":
@@ -372,6 +372,6 @@ def key_problems(key: str) -> list[str]:
 
 
 def name_problem(name: str) -> str:
-    if not CONFIG_NAME_PATTERN.match(name):
+    if not CONFIG_NAME_PATTERN.fullmatch(name):
         return "must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
     return ""

@@ -9,18 +9,21 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import jwt
+from google.protobuf.message import DecodeError
 
-from server.errors import PermissionDenied, PrefdError, Unauthenticated, ValidationFailed, to_status
+from server.errors import PermissionDenied, PrefdError, Unauthenticated, ValidationFailed, invalid, to_status
+from server.limits import check_request, check_request_size
 from server.model import CallInfo, Scope, ScopeKind, Subject
 from server.rpc_metrics import MethodObserver, RpcMetrics
-from server.settings import Settings
+from server.settings import Settings, SettingsError
+from server.validation import id_problem
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +150,17 @@ def current_call() -> CallInfo:
 
 
 def load_or_create_secret(settings: Settings) -> str:
-    """The HS256 signing secret: from settings, else the data directory's (created on first use)."""
+    """The HS256 signing secret: from settings, else (embedded mode only) the data directory's, created
+    on first use. With DATABASE_URL set, replicas must share a key, so a missing one is a SettingsError."""
     if settings.jwt_secret:
         return settings.jwt_secret
+    if not settings.embedded:
+        raise SettingsError(
+            "PREFD_JWT_SECRET: not set while DATABASE_URL is: every replica of an installation must accept "
+            "the others' tokens, so set PREFD_JWT_SECRET (HS256) or PREFD_JWT_PUBLIC_KEY (RS256/ES256) to the "
+            "same value on each (only the embedded mode, without DATABASE_URL, creates a secret in the data "
+            "directory)"
+        )
     path = settings.data_dir / "jwt_secret"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,13 +172,18 @@ def load_or_create_secret(settings: Settings) -> str:
 
 
 class TokenVerifier:
-    """Checks bearer tokens: HS256 with a secret, or RS256/ES256 with a public key."""
+    """Checks bearer tokens (HS256 with a secret, or RS256/ES256 with a public key) and, under mTLS
+    when configured, stands a verified client certificate's common name in for a missing token."""
 
     def __init__(self, settings: Settings) -> None:
         if settings.jwt_public_key:
             key = settings.jwt_public_key
             if not key.lstrip().startswith("-----BEGIN"):
-                key = Path(key).read_text()
+                try:
+                    key = Path(key).read_text()
+                except (OSError, UnicodeDecodeError) as exc:
+                    reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+                    raise SettingsError(f"PREFD_JWT_PUBLIC_KEY: cannot read {key}: {reason or exc}") from exc
             self._key: str = key
             self._algorithms = [settings.jwt_algorithm] if settings.jwt_algorithm != "HS256" else ["RS256", "ES256"]
         else:
@@ -177,6 +193,11 @@ class TokenVerifier:
         self._issuer = settings.jwt_issuer
         # Verified tokens until they expire: a signature check per call costs more than the call.
         self._verified: dict[str, tuple[Principal, float]] = {}
+        # Only a server that requires and verifies client certificates lets one stand for a caller.
+        self.accepts_certificates = settings.tls_client_subject_as_caller and settings.tls_client_ca_file is not None
+        self._certificate_role = Role(settings.tls_client_subject_role)
+        self._certificate_roles = {name: Role(role) for name, role in settings.tls_client_subject_roles.items()}
+        self._certificate_callers: dict[bytes, Principal] = {}
 
     def verify(self, token: str) -> Principal:
         """The principal a token names; Unauthenticated if it is invalid or expired."""
@@ -191,6 +212,31 @@ class TokenVerifier:
         self._verified[token] = (principal, expires)
         return principal
 
+    def certificate_caller(self, auth_context: Mapping[str, Iterable[bytes]]) -> Principal:
+        """The caller a verified client certificate names (its subject's common name, with the role
+        PREFD_TLS_CLIENT_SUBJECT_ROLES gives that name, else PREFD_TLS_CLIENT_SUBJECT_ROLE);
+        Unauthenticated without one."""
+        names = list(auth_context.get("x509_common_name", ()))
+        transport = list(auth_context.get("transport_security_type", ()))
+        if not self.accepts_certificates or len(names) != 1 or transport != [b"ssl"]:
+            raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
+        known = self._certificate_callers.get(names[0])
+        if known is not None:
+            return known
+        try:
+            name = names[0].decode()
+        except UnicodeDecodeError as exc:
+            raise Unauthenticated("the client certificate's common name is not UTF-8") from exc
+        problem = id_problem(name)
+        if problem:
+            raise Unauthenticated(f"the client certificate's common name {name[:128]!r} is no caller name: {problem}")
+        role = self._certificate_roles.get(name, self._certificate_role)
+        principal = Principal(subject=name, org="", roles=frozenset({role}))
+        if len(self._certificate_callers) >= MAX_VERIFIED_TOKENS:
+            self._certificate_callers.clear()
+        self._certificate_callers[names[0]] = principal
+        return principal
+
     def _decode(self, token: str) -> tuple[Principal, float]:
         try:
             claims = jwt.decode(
@@ -199,26 +245,43 @@ class TokenVerifier:
                 algorithms=self._algorithms,
                 audience=self._audience,
                 issuer=self._issuer,
-                options={"require": ["sub", "exp"]},
+                # The claims' types are checked below, with messages naming the claim.
+                options={"require": ["sub", "exp"], "verify_sub": False},
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthenticated("token expired") from exc
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}") from exc
+        subject = self._identifier_claim(claims, "sub")
+        org = self._identifier_claim(claims, "org") if claims.get("org", "") != "" else ""
         raw_roles = claims.get("roles", [])
         if isinstance(raw_roles, str):
             raw_roles = [raw_roles]
+        if not self._is_string_list(raw_roles):
+            raise Unauthenticated("invalid token: claim 'roles' must be a string or a list of strings")
         roles = frozenset(Role(r) for r in raw_roles if r in Role._value2member_map_)
         if not roles:
             raise Unauthenticated("token grants no known role (user, service, admin)")
         raw_permissions = claims.get("permissions", [])
-        if isinstance(raw_permissions, str):
-            raw_permissions = [raw_permissions]
-        permissions = frozenset(str(p) for p in raw_permissions)
-        principal = Principal(
-            subject=str(claims["sub"]), org=str(claims.get("org", "")), roles=roles, permissions=permissions
-        )
+        if not self._is_string_list(raw_permissions):
+            raise Unauthenticated("invalid token: claim 'permissions' must be a list of strings")
+        principal = Principal(subject=subject, org=org, roles=roles, permissions=frozenset(raw_permissions))
         return principal, float(claims["exp"])
+
+    @staticmethod
+    def _is_string_list(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+    @staticmethod
+    def _identifier_claim(claims: Mapping[str, Any], name: str) -> str:
+        """A claim that names a user, service or org: a string that is a valid id."""
+        value = claims.get(name)
+        if not isinstance(value, str):
+            raise Unauthenticated(f"invalid token: claim {name!r} must be a string")
+        problem = id_problem(value)
+        if problem:
+            raise Unauthenticated(f"invalid token: claim {name!r} {problem}")
+        return value
 
 
 def mint_token(
@@ -296,8 +359,12 @@ class Authenticator:
         capture = _HandlerCapture()
         add_to_server(servicer, capture)
         raw: frozenset[str] = getattr(servicer, "RAW_REQUEST_METHODS", frozenset())
+        # Every handler receives the request bytes: the size, parse and input limits below run inside
+        # the wrapper (after authentication), so a bad request is INVALID_ARGUMENT with the fields named.
         wrapped = {
-            name: self._wrap(handler, f"/{capture.service}/{name}", name in raw)
+            name: self._wrap(
+                handler if name in raw else _checked_handler(handler, name), f"/{capture.service}/{name}", True
+            )
             for name, handler in capture.handlers.items()
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, wrapped),))
@@ -336,9 +403,14 @@ class Authenticator:
         context.set_trailing_metadata((("x-request-id", request_id),))
         scheme, _, token = header.partition(" ")
         token = token.strip()
-        if not token or scheme.lower() != "bearer":
+        if token and scheme.lower() == "bearer":
+            principal = self._verifier.verify(token)
+        elif not header and self._verifier.accepts_certificates:
+            # Under mTLS a call without a token may be made by its verified client certificate.
+            principal = self._verifier.certificate_caller(context.auth_context())
+        else:
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        _current_call.set(_Call(self._verifier.verify(token), context, request_id))
+        _current_call.set(_Call(principal, context, request_id))
 
     def _wrap_unary(
         self, behavior: Callable[..., Awaitable[Any]], method: str, observer: MethodObserver
@@ -380,6 +452,42 @@ class Authenticator:
                 _finished(method, observer, code, started)
 
         return wrapped
+
+
+def _checked_handler(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` taking the request bytes: size limit, parse, then the input limits (server.limits)."""
+    parse = handler.request_deserializer
+    assert parse is not None
+
+    def request_of(raw: bytes) -> Any:
+        return parse_request(raw, parse, method)
+
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        async def checked_unary(raw: bytes, context: Any) -> Any:
+            return await unary(request_of(raw), context)
+
+        return handler._replace(unary_unary=checked_unary, request_deserializer=None)  # type: ignore[attr-defined,no-any-return]
+    stream = handler.unary_stream
+    assert stream is not None
+
+    def checked_stream(raw: bytes, context: Any) -> Any:
+        return stream(request_of(raw), context)
+
+    return handler._replace(unary_stream=checked_stream, request_deserializer=None)  # type: ignore[attr-defined,no-any-return]
+
+
+def parse_request(raw: bytes, parse: Callable[[bytes], Any], method: str) -> Any:
+    """A request parsed from its bytes and checked against the input limits; INVALID_ARGUMENT (or
+    RESOURCE_EXHAUSTED for size) when it is not acceptable."""
+    check_request_size(method, len(raw))
+    try:
+        request = parse(raw)
+    except DecodeError as exc:
+        raise invalid("request", f"is not a valid {method} request (malformed or nested too deeply)") from exc
+    check_request(request)
+    return request
 
 
 def _finished(method: str, observer: MethodObserver, code: grpc.StatusCode, started: float) -> None:

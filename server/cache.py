@@ -23,8 +23,9 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.model import Definition, ResolvedValue, Scope, ScopeKind, StoredValue, Subject
+from server.model import Definition, ResolvedValue, Scope, StoredValue, Subject
 from server.resolve import key_selected, resolve
+from server.response_cache import ResponseCache
 from server.store import definitions as definition_sql
 from server.store import feed as feed_sql
 from server.store import preferences as preference_sql
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 # How long a processed change keeps vetoing layers read before it (longer than any read takes).
 CHANGE_MEMORY_S = 120.0
-MAX_RESPONSES = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +236,7 @@ class EffectiveCache:
         self._changed: dict[Scope, tuple[int, int, float]] = {}  # scope -> (xid, tick, monotonic)
         self._definitions_tick = 0
         self._tick = 0
-        self._responses: dict[Hashable, bytes] = {}
-        self._responses_by_scope: dict[Scope, set[Hashable]] = {}
+        self._responses = ResponseCache()
         self._background: set[asyncio.Task[None]] = set()
 
     # --- invalidation ------------------------------------------------------------------
@@ -268,7 +267,6 @@ class EffectiveCache:
         for scope in list(self._layers):
             self._forget_scope(scope, xid)
         self._responses.clear()
-        self._responses_by_scope.clear()
 
     def on_local_definition_commit(self, xid: int) -> None:
         self._forget_definitions(xid)
@@ -279,12 +277,7 @@ class EffectiveCache:
         self._changed[scope] = (max(xid, previous[0] if previous else 0), self._tick, time.monotonic())
         self._layers.pop(scope, None)
         self._loading.pop(scope, None)  # a load begun before this change must not serve later readers
-        if scope.kind is ScopeKind.GLOBAL:
-            self._responses.clear()
-            self._responses_by_scope.clear()
-        else:
-            for key in self._responses_by_scope.pop(scope, ()):
-                self._responses.pop(key, None)
+        self._responses.drop(scope)
 
     def _forget_definitions(self, xid: int) -> None:
         self._tick += 1
@@ -292,7 +285,6 @@ class EffectiveCache:
         self._definitions_changed_xid = max(self._definitions_changed_xid, xid)
         self._definitions_tick = self._tick
         self._responses.clear()
-        self._responses_by_scope.clear()
 
     def _prune(self) -> None:
         """Forget per-scope marks older than CHANGE_MEMORY_S, amortised: only when a map has doubled."""
@@ -342,13 +334,7 @@ class EffectiveCache:
             floor = self._floor.get(scope)
             if floor is not None and xmin < floor[0]:
                 return
-        if len(self._responses) >= MAX_RESPONSES:
-            self._responses.clear()
-            self._responses_by_scope.clear()
-        self._responses[key] = body
-        for scope in scopes:
-            if scope.kind is not ScopeKind.GLOBAL:
-                self._responses_by_scope.setdefault(scope, set()).add(key)
+        self._responses.put(key, body, scopes)
 
     async def definitions(self) -> list[Definition]:
         """Every definition, ordered by key (one load at a time however many callers miss)."""
@@ -451,12 +437,7 @@ class EffectiveCache:
         """A layer just read may hold changes the feed has not delivered yet: responses built from older
         layers of the scope must not be served after it, and an older layer never replaces a newer one."""
         self._floor[scope] = (max(self._floor.get(scope, (0, 0.0))[0], layer.xmin), time.monotonic())
-        if scope.kind is ScopeKind.GLOBAL:
-            self._responses.clear()
-            self._responses_by_scope.clear()
-        else:
-            for key in self._responses_by_scope.pop(scope, ()):
-                self._responses.pop(key, None)
+        self._responses.drop(scope)
         current = self._layers.get(scope)
         if cache and (current is None or current.xmin <= layer.xmin):
             self._layers[scope] = layer

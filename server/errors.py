@@ -59,6 +59,16 @@ def invalid(field: str, description: str) -> ValidationFailed:
     return ValidationFailed([FieldViolation(field, description)])
 
 
+class RequestTooLarge(ValidationFailed):
+    """A request over its method's size limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "REQUEST_TOO_LARGE"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__([FieldViolation("request", f"must be at most {limit} bytes (got {size})")])
+
+
 class Unauthenticated(PrefdError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"

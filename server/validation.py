@@ -21,9 +21,11 @@ from server.model import (
     ValueType,
 )
 
-KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*$")
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
-CATEGORY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+KEY_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
+CATEGORY_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+# Each segment nests one level in `nested` views of effective values.
+MAX_KEY_SEGMENTS = 8
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -33,8 +35,10 @@ def key_problem(key: str) -> str | None:
         return "must not be empty"
     if len(key) > MAX_KEY_LENGTH:
         return f"must be at most {MAX_KEY_LENGTH} characters (got {len(key)})"
-    if not KEY_PATTERN.match(key):
+    if not KEY_PATTERN.fullmatch(key):
         return "must be a dot path of segments [A-Za-z][A-Za-z0-9_]*"
+    if key.count(".") >= MAX_KEY_SEGMENTS:
+        return f"must have at most {MAX_KEY_SEGMENTS} segments"
     return None
 
 
@@ -42,7 +46,7 @@ def id_problem(value: str) -> str | None:
     """Why `value` is not a valid user or org id, or None."""
     if not value:
         return "must not be empty"
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         return "must be 1-128 characters of [A-Za-z0-9._:@+-], starting with a letter or digit"
     return None
 
@@ -151,7 +155,7 @@ def definition_violations(definition: Definition, field: str = "definition") -> 
     problem = key_problem(definition.key)
     if problem:
         out.append(FieldViolation(f"{field}.key", problem))
-    if not CATEGORY_PATTERN.match(definition.category):
+    if not CATEGORY_PATTERN.fullmatch(definition.category):
         out.append(
             FieldViolation(f"{field}.category", "must be 1-64 characters of [A-Za-z0-9_], starting with a letter")
         )

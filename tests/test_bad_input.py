@@ -28,9 +28,9 @@ CASES = {
     "out of range": (write("display.items_per_page", tv(0)), "writes[0].value"),
     "not an allowed value": (write("ui.rowsPerPage", tv(30)), "writes[0].value"),
     "enum not allowed": (write("ui.theme", tv("purple")), "writes[0].value"),
-    "key over 128 characters": (write("a" * 129, tv(True)), "writes[0]"),
-    "string over 4 KiB": (write("locale.timezone", tv("x" * 4097)), "writes[0].value"),
-    "json over 64 KiB": (write("notifications.trading.event_rules", BIG_JSON), "writes[0].value"),
+    "key over 128 characters": (write("a" * 129, tv(True)), "writes[0].key"),
+    "string over 4 KiB": (write("locale.timezone", tv("x" * 4097)), "writes[0].value.string_value"),
+    "json over 64 KiB": (write("notifications.trading.event_rules", BIG_JSON), "writes[0].value.json_value"),
     "no value": (
         preferences_pb2.SetPreferencesRequest(
             scope=user(UID), writes=[preferences_pb2.PreferenceWrite(key="ui.theme")]

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, common_pb2, preferences_pb2
 from server.ai_cache import AIConfigCache, Resolved
@@ -27,13 +26,14 @@ from server.aiconfig import (
     nanos_to_usd,
     usd_to_nanos,
 )
-from server.auth import Principal, current_call, current_principal
+from server.auth import Principal, current_call, current_principal, parse_request
 from server.cache import RedisLayers
 from server.cursor import FeedCursor
 from server.errors import PermissionDenied, ValidationFailed, invalid
 from server.feed import FeedReader
 from server.model import FieldViolation, Scope, ScopeKind, Subject
 from server.paging import decode_token, encode_token, page_size
+from server.request_memo import RequestMemo
 from server.services import ai_convert, convert
 from server.store import ai_usage
 from server.store.ai_usage import reached
@@ -49,8 +49,6 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 MAX_REQUEST_ID = 128
 MAX_TOKENS_PER_CALL = 10**12
 MAX_PRICE_USD_PER_1K = 1000.0
-# Distinct GetEffectiveAIConfig request encodings remembered (parsing is pure; this only bounds memory).
-MAX_PARSED_READS = 100_000
 _PRIORITY = re.compile(r"-?(0|[1-9][0-9]{0,9})")
 AI_WATCH_KINDS = frozenset({"ai_config", "budget"})
 AI_WATCH_PREFIXES = ("ai_config/", "budget/")
@@ -205,7 +203,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self._on_budget_commit = on_budget_commit
         self._counters_suspect: set[str] = set()  # users whose Redis mirror missed an update
         self._cursor_field = convert.CursorField(ai_config_pb2.GetEffectiveAIConfigResponse, tokens)
-        self._parsed_reads: dict[bytes, tuple[str, str]] = {}
+        self._parsed_reads: RequestMemo[tuple[str, str]] = RequestMemo()
 
     # --- named configs -----------------------------------------------------------------
 
@@ -423,15 +421,11 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
 
     def _parse_read(self, raw: bytes) -> tuple[str, str]:
         """Parse and validate a GetEffectiveAIConfigRequest; remember the result by its bytes."""
-        try:
-            request = ai_config_pb2.GetEffectiveAIConfigRequest.FromString(raw)
-        except DecodeError as exc:
-            raise invalid("request", "is not a GetEffectiveAIConfigRequest") from exc
+        request = parse_request(raw, ai_config_pb2.GetEffectiveAIConfigRequest.FromString, "GetEffectiveAIConfig")
         subject = convert.subject_from_pb(request.subject, "subject")
-        if len(self._parsed_reads) >= MAX_PARSED_READS:
-            self._parsed_reads.clear()
-        self._parsed_reads[raw] = (subject.user_id, subject.org_id)
-        return subject.user_id, subject.org_id
+        parsed = (subject.user_id, subject.org_id)
+        self._parsed_reads.remember(raw, parsed, len(subject.user_id) + len(subject.org_id))
+        return parsed
 
     async def _fill_effective(self, message: Any, resolved: Resolved, privileged: bool) -> None:
         effective = resolved.effective
@@ -638,7 +632,7 @@ def _counter(user_id: str, period: str, start: Any) -> str:
 def _model_from_pb(message: ai_config_pb2.AIModel) -> ModelInfo:
     """A validated catalog model."""
     violations = []
-    if not MODEL_ID_PATTERN.match(message.model):
+    if not MODEL_ID_PATTERN.fullmatch(message.model):
         violations.append(FieldViolation("model.model", "must be 1-128 letters, digits, '.', '_', ':' or '-'"))
     if message.context_window < 1:
         violations.append(FieldViolation("model.context_window", "must be at least 1"))

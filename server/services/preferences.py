@@ -7,10 +7,9 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import field_mask_pb2
-from google.protobuf.message import DecodeError
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.auth import current_call, current_principal
+from server.auth import current_call, current_principal, parse_request
 from server.cache import EffectiveCache
 from server.cursor import FeedCursor
 from server.errors import ValidationFailed, invalid
@@ -27,6 +26,7 @@ from server.model import (
     WriteResult,
 )
 from server.paging import decode_token, encode_token, page_size
+from server.request_memo import RequestMemo
 from server.services import convert
 from server.store.audit import pseudonym_of
 from server.store.reads import PreferenceReader
@@ -50,8 +50,6 @@ MUTABLE_DEFINITION_FIELDS = (
     "overridable_scopes",
     "sensitive",
 )
-# Distinct GetEffectivePreferences request encodings remembered (parsing is pure; this only bounds memory).
-MAX_PARSED_READS = 100_000
 
 
 def _check_key(key: str, field: str) -> None:
@@ -127,7 +125,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         self._tokens = tokens
         self._progress_interval_s = progress_interval_s
         self._cursor_field = convert.CursorField(preferences_pb2.GetEffectivePreferencesResponse, tokens)
-        self._parsed_reads: dict[bytes, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {}
+        self._parsed_reads: RequestMemo[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = RequestMemo()
 
     async def CreateDefinition(
         self, request: preferences_pb2.CreateDefinitionRequest, context: Context
@@ -305,16 +303,13 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
 
     def _parse_read(self, raw: bytes) -> tuple[str, str, tuple[str, ...], tuple[str, ...]]:
         """Parse and validate a GetEffectivePreferencesRequest; remember the result by its bytes."""
-        try:
-            request = preferences_pb2.GetEffectivePreferencesRequest.FromString(raw)
-        except DecodeError as exc:
-            raise invalid("request", "is not a GetEffectivePreferencesRequest") from exc
+        request = parse_request(
+            raw, preferences_pb2.GetEffectivePreferencesRequest.FromString, "GetEffectivePreferences"
+        )
         subject = convert.subject_from_pb(request.subject, "subject")
         _check_filters(request.key_prefixes, request.categories)
         parsed = (subject.user_id, subject.org_id, tuple(request.key_prefixes), tuple(request.categories))
-        if len(self._parsed_reads) >= MAX_PARSED_READS:
-            self._parsed_reads.clear()
-        self._parsed_reads[raw] = parsed
+        self._parsed_reads.remember(raw, parsed, len(raw))
         return parsed
 
     async def BatchGetEffectivePreferences(

@@ -47,7 +47,7 @@ PREFD_TABLES = frozenset(
         "schema_migrations",
     }
 )
-_PLAIN_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 _COLUMNS = """id, operation, target, full_vacuum, status, initiator, reason, created_at, started_at,
     finished_at, duration_ms, error"""
@@ -114,13 +114,13 @@ async def allowed_targets(conn: asyncpg.Connection) -> dict[str, TargetKind]:
     return {
         row["name"]: TargetKind.TABLE if row["relkind"] == "r" else TargetKind.INDEX
         for row in rows
-        if _PLAIN_IDENTIFIER.match(row["name"])
+        if _PLAIN_IDENTIFIER.fullmatch(row["name"])
     }
 
 
 def statement(operation: Operation, name: str, kind: TargetKind, full: bool) -> str:
     """The SQL for an allowlisted target (`name` comes from the catalog, never from a request)."""
-    if not _PLAIN_IDENTIFIER.match(name):
+    if not _PLAIN_IDENTIFIER.fullmatch(name):
         raise ValueError(f"not a plain identifier: {name!r}")
     ident = f'"{name}"'
     if operation is Operation.REINDEX:
