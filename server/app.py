@@ -11,7 +11,6 @@ from typing import Any
 import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, audit_pb2, audit_pb2_grpc, preferences_pb2, preferences_pb2_grpc
@@ -27,6 +26,7 @@ from server.feed import FeedReader, WakeupNotifier
 from server.health import HealthChecker, Probe
 from server.metrics import serve_metrics
 from server.model import CallInfo, Scope, ScopeKind
+from server.reflection import add_reflection
 from server.rpc_metrics import RpcMetrics
 from server.secretbox import SecretBox
 from server.services.ai_config import AIConfigService
@@ -292,10 +292,7 @@ class App:
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        add_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
