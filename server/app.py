@@ -41,6 +41,7 @@ from server.store.db_health import DatabaseHealthStore
 from server.store.maintenance import MaintenanceStore
 from server.store.reads import PreferenceReader
 from server.store.writes import PreferenceWriter, install_definitions
+from server.tls import add_port
 from server.tokens import TokenKey
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,8 @@ class App:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         add_reflection(server, (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        # TLS only when a certificate is configured (mTLS with a client CA), else plaintext.
+        self.port = add_port(server, settings)
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
         if settings.metrics_port is not None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import shlex
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from server.logs import configure_logging
 from server.model import CallInfo
-from server.settings import Settings
+from server.settings import Settings, SettingsError
 
 DEV_TOKEN_TTL_S = 7 * 24 * 3600
 
@@ -31,34 +32,58 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def _print_quickstart(settings: Settings, port: int, announce: bool = True) -> None:
-    """The admin token and a grpcurl line that works as printed (when prefd owns the secret)."""
+def _print_quickstart(settings: Settings, port: int, *, embedded: bool, announce: bool = True) -> None:
+    """The admin token and a grpcurl line that works as printed (embedded mode, where prefd owns the secret)."""
     from server.auth import load_or_create_secret, mint_token
+    from server.tls import grpcurl_flags
 
     if announce:
         print(f"prefd serving on port {port}", flush=True)
-    if settings.jwt_public_key or not settings.print_token:
+    if not embedded or settings.jwt_public_key or not settings.print_token:
         return
     token = mint_token(load_or_create_secret(settings), "ops", ["admin"], ttl_s=DEV_TOKEN_TTL_S)
     print("# an admin token, valid 7 days; paste this line into your shell:")
     print(f"export PREFD_TOKEN={token}")
-    print("# then, for example:")
-    print(
-        'grpcurl -plaintext -H "authorization: Bearer $PREFD_TOKEN" '
+    call = (
+        '-H "authorization: Bearer $PREFD_TOKEN" '
         '-d \'{"subject": {"user_id": "alice", "org_id": "acme"}, "categories": ["display"]}\' '
-        f"localhost:{port} prefd.v1.PreferencesService/GetEffectivePreferences",
-        flush=True,
+        f"localhost:{port} prefd.v1.PreferencesService/GetEffectivePreferences"
     )
+    flags = grpcurl_flags(settings)
+    if flags is None:
+        client = " -cert CLIENT.pem -key CLIENT.key" if settings.tls_client_ca_file else ""
+        print("# the port speaks TLS: give grpcurl the CA that signed PREFD_TLS_CERT_FILE", end="")
+        print(" and a client certificate that PREFD_TLS_CLIENT_CA_FILE signed" if client else "", end="")
+        print(", for example:")
+        print(f"# grpcurl -cacert CA.pem{client} {call}", flush=True)
+        return
+    print("# then, for example:")
+    print(f"grpcurl {shlex.join(flags)} {call}", flush=True)
+
+
+def _check_serve_settings(settings: Settings) -> None:
+    """Refuse to start (SettingsError naming the setting) before anything starts: the TLS files, and a
+    signing key every replica shares when DATABASE_URL is set."""
+    from server.auth import TokenVerifier
+    from server.tls import server_credentials
+
+    server_credentials(settings)
+    TokenVerifier(settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
+    _check_serve_settings(settings)
     if settings.workers > 1:
         return serve_workers(settings)
     from server.app import serve_until_signalled
 
-    asyncio.run(serve_until_signalled(settings, on_ready=lambda app: _print_quickstart(settings, app.port)))
+    asyncio.run(
+        serve_until_signalled(
+            settings, on_ready=lambda app: _print_quickstart(settings, app.port, embedded=settings.embedded)
+        )
+    )
     return 0
 
 
@@ -68,12 +93,17 @@ def serve_workers(settings: Settings) -> int:
     import signal
     import socket
 
+    from server.auth import load_or_create_secret
     from server.embedded import EmbeddedPostgres
 
     embedded = None
-    if settings.database_url is None:
+    if settings.embedded:
         embedded = EmbeddedPostgres(settings.data_dir)
-        settings = settings.model_copy(update={"database_url": asyncio.run(embedded.start())})
+        # The workers see a DATABASE_URL; they share the data directory's signing secret.
+        secret = None if settings.jwt_public_key else load_or_create_secret(settings)
+        settings = settings.model_copy(
+            update={"database_url": asyncio.run(embedded.start()), "jwt_secret": secret or settings.jwt_secret}
+        )
     port = settings.port
     if port == 0:
         with socket.socket(socket.AF_INET6 if ":" in settings.host.strip("[]") else socket.AF_INET) as probe:
@@ -104,7 +134,7 @@ def serve_workers(settings: Settings) -> int:
                 code = 1
             os._exit(code)
         children.append(pid)
-    _print_quickstart(settings.model_copy(update={"port": port}), port, announce=False)
+    _print_quickstart(settings.model_copy(update={"port": port}), port, embedded=embedded is not None, announce=False)
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -267,13 +297,33 @@ def cmd_rotate_master_key(args: argparse.Namespace) -> int:
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
-    """Exit 0 when grpc.health.v1 reports SERVING for `args.service` (used by the Docker HEALTHCHECK)."""
+    """Exit 0 when grpc.health.v1 reports SERVING for `args.service` (used by the Docker HEALTHCHECK).
+
+    Over TLS when asked (`--tls` or any TLS option) or when the server's own settings configure TLS
+    (the container's environment); the options default to PREFD_HEALTHCHECK_*."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = args.port if args.port is not None else Settings().port
+    from prefd.client.channel import TLSConfig
+
+    settings = Settings()
+    port = args.port if args.port is not None else settings.port
+    ca_file = args.ca_file or settings.healthcheck_ca_file
+    cert_file = args.cert_file or settings.healthcheck_cert_file
+    key_file = args.key_file or settings.healthcheck_key_file
+    server_name = args.server_name or settings.healthcheck_server_name
+    target = f"{args.host}:{port}"
+    if args.tls or settings.tls or any((ca_file, cert_file, key_file, server_name)):
+        try:
+            tls = TLSConfig.from_files(ca_file, cert_file, key_file, server_name)
+        except ValueError as error:
+            print(f"prefd healthcheck: {error}", file=sys.stderr)
+            return 2
+        channel = grpc.secure_channel(target, tls.credentials(), options=tls.options())
+    else:
+        channel = grpc.insecure_channel(target)
     try:
-        with grpc.insecure_channel(f"{args.host}:{port}") as channel:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
@@ -327,11 +377,22 @@ def build_parser() -> argparse.ArgumentParser:
     hc.add_argument("--port", type=int, help="server port (PREFD_PORT, default 50051)")
     hc.add_argument("--service", default="", help="service name to check (default: the whole server)")
     hc.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default 3)")
+    hc.add_argument("--tls", action="store_true", help="connect over TLS (implied by the options below)")
+    hc.add_argument("--ca-file", type=Path, help="PEM CA to trust (PREFD_HEALTHCHECK_CA_FILE; default: system roots)")
+    hc.add_argument("--cert-file", type=Path, help="PEM client certificate under mTLS (PREFD_HEALTHCHECK_CERT_FILE)")
+    hc.add_argument("--key-file", type=Path, help="its PEM private key (PREFD_HEALTHCHECK_KEY_FILE)")
+    hc.add_argument(
+        "--server-name", help="name the server's certificate carries, if not --host (PREFD_HEALTHCHECK_SERVER_NAME)"
+    )
     hc.set_defaults(func=cmd_healthcheck)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except SettingsError as error:
+        print(f"prefd: {error}", file=sys.stderr)
+        return 2
     return result

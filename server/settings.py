@@ -5,8 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The roles a verified client certificate may stand for (the token roles).
+CertificateRole = Literal["user", "service", "admin"]
+
+
+class SettingsError(Exception):
+    """A setting prefd cannot start with; the message begins with the setting's name."""
 
 
 class Settings(BaseSettings):
@@ -24,6 +31,23 @@ class Settings(BaseSettings):
     jwt_algorithm: str = "HS256"
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    # TLS on the gRPC port (PEM files): with a certificate and key the port speaks only TLS; with a
+    # client CA as well every client must present a certificate that CA signed (mTLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # Under mTLS, a call without a bearer token is made by its client certificate's common name,
+    # with the role tls_client_subject_roles gives that name, else tls_client_subject_role.
+    tls_client_subject_as_caller: bool = False
+    tls_client_subject_role: CertificateRole = "service"
+    tls_client_subject_roles: dict[str, CertificateRole] = Field(default_factory=dict)
+    # How `prefd healthcheck` reaches a TLS port: the CA to trust (default: the system's roots), a
+    # client certificate and key under mTLS, and the name the server's certificate carries when it
+    # is not the address checked.
+    healthcheck_ca_file: Path | None = None
+    healthcheck_cert_file: Path | None = None
+    healthcheck_key_file: Path | None = None
+    healthcheck_server_name: str | None = None
     grace_period_s: float = Field(default=10.0, ge=0)
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=10, ge=1)
@@ -55,7 +79,27 @@ class Settings(BaseSettings):
     ai_max_tokens: int | None = None
     ai_api_key: SecretStr | None = None
 
+    @field_validator(
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "healthcheck_ca_file",
+        "healthcheck_cert_file",
+        "healthcheck_key_file",
+        "healthcheck_server_name",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable (`PREFD_TLS_CERT_FILE=`) leaves the setting unset rather than naming '.'."""
+        return None if value == "" else value
+
     @property
     def embedded(self) -> bool:
-        """True when prefd runs its own PostgreSQL in the data directory."""
-        return self.database_url is None
+        """True when prefd runs its own PostgreSQL in the data directory (DATABASE_URL unset or empty)."""
+        return not self.database_url
+
+    @property
+    def tls(self) -> bool:
+        """True when the gRPC port speaks TLS."""
+        return self.tls_cert_file is not None or self.tls_key_file is not None
