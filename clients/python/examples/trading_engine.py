@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from prefd.client import AsyncPrefdClient, KeyChange, PreferencesView
+from prefd.client.channel import TLSConfig
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,15 @@ def emit(event: str, **fields: object) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
+def tls_of(args: argparse.Namespace) -> TLSConfig | None:
+    """TLS to the server when any TLS option is given, else plaintext."""
+    if not (args.tls or args.ca_file or args.cert_file or args.key_file or args.server_name):
+        return None
+    return TLSConfig.from_files(args.ca_file, args.cert_file, args.key_file, args.server_name)
+
+
 async def main(args: argparse.Namespace) -> None:
-    async with AsyncPrefdClient(args.target, token=args.token) as client:
+    async with AsyncPrefdClient(args.target, token=args.token, tls=tls_of(args)) as client:
         view = await client.preferences(args.user, args.org, key_prefixes=["risk_management.", "trading."])
         limits = RiskLimits.from_view(view)
         updates = asyncio.Queue[list[KeyChange]]()
@@ -75,6 +83,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="localhost:50051")
     parser.add_argument("--token", default=os.environ.get("PREFD_TOKEN", ""))
+    parser.add_argument("--tls", action="store_true", help="the server speaks TLS (implied by the options below)")
+    parser.add_argument("--ca-file", help="PEM CA certificates to trust (default: the system's roots)")
+    parser.add_argument("--cert-file", help="PEM client certificate, when the server requires one (mTLS)")
+    parser.add_argument("--key-file", help="the client certificate's PEM private key")
+    parser.add_argument("--server-name", help="the name the server's certificate carries, if not the target's host")
     parser.add_argument("--user", required=True)
     parser.add_argument("--org", default="")
     parser.add_argument("--changes", type=int, default=0, help="exit after this many updates (0: run forever)")

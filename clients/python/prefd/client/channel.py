@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -87,12 +89,65 @@ def channel_options() -> list[tuple[str, Any]]:
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """TLS to a prefd server: the CA certificates to trust (PEM; None trusts the system's roots), a
+    client certificate chain and its private key when the server requires client certificates (mTLS),
+    and the name the server's certificate carries when it is not the target's host."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("a client certificate needs its private key, and a private key its certificate")
+
+    @classmethod
+    def from_files(
+        cls,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> TLSConfig:
+        """Read PEM files; ValueError naming the argument when one cannot be read or is missing its pair."""
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("cert_file and key_file go together: a client certificate needs its private key")
+        return cls(
+            root_certificates=_read("ca_file", ca_file),
+            certificate_chain=_read("cert_file", cert_file),
+            private_key=_read("key_file", key_file),
+            server_name=server_name or None,
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials for grpc.secure_channel / grpc.aio.secure_channel."""
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    def options(self) -> list[tuple[str, Any]]:
+        """Channel options: the server name to verify, when it is not the target's host."""
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _read(argument: str, path: str | Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{argument}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
 class AsyncPrefdClient(AsyncRpcs):
     """An async prefd client: one channel, a bearer token on every call, a default deadline on
     every unary call, typed errors (PrefdError / ValidationError), one method per RPC
     (`await client.set_preferences(request)`), and live views (`await client.preferences(user_id)`).
 
-    `credentials`: grpc.ssl_channel_credentials(...) for TLS; None for a plaintext channel.
+    An empty token sends calls without one (a server under mTLS may take the client certificate as
+    the caller). `tls`: a TLSConfig (`TLSConfig.from_files(ca_file=..., cert_file=..., key_file=...)`) for a
+    server that speaks TLS; or `credentials`, any grpc.ChannelCredentials; neither for plaintext.
     """
 
     def __init__(
@@ -102,8 +157,14 @@ class AsyncPrefdClient(AsyncRpcs):
         *,
         timeout_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TLSConfig | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        if tls is not None:
+            if credentials is not None:
+                raise ValueError("pass either tls or credentials, not both")
+            credentials = tls.credentials()
+            options = [*tls.options(), *options]
         self._token = token if callable(token) else (lambda: token)
         self._timeout_s = timeout_s
         merged = [*channel_options(), *options]
@@ -130,7 +191,9 @@ class AsyncPrefdClient(AsyncRpcs):
         await self._channel.close()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self._token()}"),)
+        # No token (""): the call goes without one, for a server that takes the client certificate as the caller.
+        token = self._token()
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     async def _unary(self, service: str, method: str, request: Any, timeout: float | None = None) -> Any:
         call = getattr(self._stubs[service], method)

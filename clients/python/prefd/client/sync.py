@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from prefd.client.channel import AsyncPrefdClient, TokenProvider
+from prefd.client.channel import AsyncPrefdClient, TLSConfig, TokenProvider
 from prefd.client.rpcs import SyncRpcs
 from prefd.client.views import AIConfigView, Backoff, PreferencesView
 
@@ -30,6 +30,7 @@ class PrefdClient(SyncRpcs):
         *,
         timeout_s: float = 5.0,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TLSConfig | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._loop = asyncio.new_event_loop()
@@ -38,7 +39,9 @@ class PrefdClient(SyncRpcs):
 
         async def make() -> AsyncPrefdClient:
             # grpc.aio binds a channel to the loop it is created on.
-            return AsyncPrefdClient(target, token, timeout_s=timeout_s, credentials=credentials, options=options)
+            return AsyncPrefdClient(
+                target, token, timeout_s=timeout_s, credentials=credentials, tls=tls, options=options
+            )
 
         self._client = self._run(make())
 
