@@ -106,8 +106,8 @@ NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
     "output_limit": (0, 100_000_000),
     "input_tokens": (0, 1_000_000_000),
     "output_tokens": (0, 1_000_000_000),
-    "input_per_1k_nanos": (0, 1_000_000_000_000),
-    "output_per_1k_nanos": (0, 1_000_000_000_000),
+    "input_usd_per_1k": (0, 1_000_000),
+    "output_usd_per_1k": (0, 1_000_000),
     "change_id": (0, INT64_MAX),
 }
 # JSON numbers and typed double values: any finite double.
