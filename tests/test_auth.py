@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
+import jwt
 import pytest
 
 from prefd.v1 import common_pb2, preferences_pb2
 from tests.conftest import SECRET, token, unique
-from tests.helpers import GLOBAL, org, set_request, user
+from tests.helpers import GLOBAL, error_reason, org, py, set_request, user
 
 
 def bearer(value: str) -> tuple[tuple[str, str], ...]:
@@ -147,3 +150,65 @@ async def test_public_key_tokens(database_url, tmp_path, algorithm) -> None:  # 
         await expect(
             grpc.StatusCode.UNAUTHENTICATED, stub.GetEffectivePreferences(effective("anyone"), metadata=bearer(token()))
         )
+
+
+def signed(**claims: object) -> str:
+    """A token signed with the test secret: an admin token for `ops` with `claims` replacing its own."""
+    now = int(time.time())
+    return jwt.encode({"sub": "ops", "roles": ["admin"], "iat": now, "exp": now + 600, **claims}, SECRET, "HS256")
+
+
+@pytest.mark.parametrize(
+    ("claim", "claims"),
+    [
+        ("sub", {"sub": 5}),
+        ("sub", {"sub": ""}),
+        ("sub", {"sub": None}),
+        ("sub", {"sub": ["ops"]}),
+        ("sub", {"sub": "ops\x00admin"}),
+        ("sub", {"sub": "ops\nadmin"}),
+        ("sub", {"sub": "o" * 129}),
+        ("roles", {"roles": 5}),
+        ("roles", {"roles": None}),
+        ("roles", {"roles": [["admin"]]}),
+        ("roles", {"roles": {"admin": 1}}),
+        ("roles", {"roles": ["admin", 1]}),
+        ("permissions", {"permissions": 5}),
+        ("permissions", {"permissions": "ai:secrets:read"}),
+        ("permissions", {"permissions": [1]}),
+        ("permissions", {"permissions": {"ai:secrets:read": True}}),
+        ("org", {"org": 5}),
+        ("org", {"org": None}),
+        ("org", {"org": ["acme"]}),
+        ("org", {"org": "acme\x00"}),
+        ("org", {"org": "a" * 129}),
+    ],
+    ids=lambda value: repr(value)[:40] if isinstance(value, dict) else str(value),
+)
+async def test_signed_tokens_with_ill_typed_claims_are_unauthenticated(stub, db, claim, claims):  # type: ignore[no-untyped-def]
+    uid, oid = unique("u"), unique("o")
+    metadata = bearer(signed(**claims))
+    for call in (
+        stub.SetPreferences(set_request(user(uid), {"display.theme": "dark"}), metadata=metadata),
+        stub.SetPreferences(set_request(org(oid), {"display.theme": "dark"}), metadata=metadata),
+        stub.GetEffectivePreferences(effective(uid), metadata=metadata),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+        assert f'"{claim}"' in err.value.details() or f"'{claim}'" in err.value.details(), err.value.details()
+        assert error_reason(err.value) == "UNAUTHENTICATED"
+    assert await db.fetchval("SELECT count(*) FROM changes WHERE scope_id IN ($1, $2)", uid, oid) == 0
+
+
+async def test_well_typed_claims_still_authenticate(stub):  # type: ignore[no-untyped-def]
+    uid, acme = unique("u"), unique("acme")
+    reply = await stub.SetPreferences(
+        set_request(user(uid), {"display.theme": "dark"}), metadata=bearer(signed(roles="admin", org=acme))
+    )
+    assert reply.changes[0].new_version == 1
+    as_user = bearer(signed(sub=uid, roles=["user", "auditor"], org=acme, permissions=["ai:secrets:read"]))
+    mine = await stub.GetEffectivePreferences(effective(uid, acme), metadata=as_user)
+    assert py(mine.values[0].value) == "dark"
+    other = effective(unique("u"))
+    await expect(grpc.StatusCode.PERMISSION_DENIED, stub.GetEffectivePreferences(other, metadata=as_user))
