@@ -1,10 +1,13 @@
-"""Repository tooling: generated code is fresh, the CLI mints tokens the server accepts."""
+"""Repository tooling: generated code is fresh, tools are pinned, the CLI mints tokens the server accepts."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from server.app import App
@@ -73,3 +76,23 @@ async def test_healthcheck_command_reports_serving(app: App) -> None:
     )
     _, err = await down.communicate()
     assert down.returncode == 1 and "unhealthy" in err.decode()
+
+
+def test_development_tools_are_pinned_exactly_and_installed_at_their_pins() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    pins: dict[str, str] = {}
+    for requirement in extras:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)", requirement)
+        assert match, f"{requirement!r} is not pinned exactly"
+        pins[match[1]] = match[2]
+    assert {"ruff", "mypy", "pytest", "grpcio-tools", "mypy-protobuf"} <= pins.keys()
+    installed = {name: importlib.metadata.version(name) for name in pins}
+    assert installed == pins, "run ./scripts/bootstrap (the venv predates the pins)"
+
+
+def test_ci_pins_buf_exactly() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    (version,) = re.findall(r"^buf_version=(\S+)$", ci, flags=re.MULTILINE)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version)
+    assert '"@bufbuild/buf@$buf_version"' in ci
+    assert not re.search(r"@bufbuild/buf@\d", ci)
