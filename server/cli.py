@@ -300,11 +300,14 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     """Exit 0 when grpc.health.v1 reports SERVING for `args.service` (used by the Docker HEALTHCHECK).
 
     Over TLS when asked (`--tls` or any TLS option) or when the server's own settings configure TLS
-    (the container's environment); the options default to PREFD_HEALTHCHECK_*."""
+    (the container's environment); the options default to PREFD_HEALTHCHECK_*. Without a CA, a
+    PREFD_TLS_CERT_FILE that ends with its own trust anchor (self-signed) is trusted, under the name
+    it carries when it does not carry --host."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from prefd.client.channel import TLSConfig
+    from server.tls import self_anchored_names
 
     settings = Settings()
     port = args.port if args.port is not None else settings.port
@@ -312,6 +315,12 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     cert_file = args.cert_file or settings.healthcheck_cert_file
     key_file = args.key_file or settings.healthcheck_key_file
     server_name = args.server_name or settings.healthcheck_server_name
+    if ca_file is None and settings.tls_cert_file is not None:
+        names = self_anchored_names(settings.tls_cert_file)
+        if names is not None:
+            ca_file = settings.tls_cert_file
+            if server_name is None and names[0] and args.host not in (*names[0], *names[1]):
+                server_name = names[0][0]
     target = f"{args.host}:{port}"
     if args.tls or settings.tls or any((ca_file, cert_file, key_file, server_name)):
         try:

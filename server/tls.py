@@ -109,16 +109,12 @@ def add_port(server: grpc.aio.Server, settings: Settings) -> int:
     return server.add_secure_port(address, credentials)
 
 
-def grpcurl_flags(settings: Settings) -> list[str] | None:
-    """grpcurl's flags to reach this server on localhost: [] for plaintext, `-cacert` (and
-    `-authority` when the certificate does not name localhost) when PREFD_TLS_CERT_FILE carries its
-    own trust anchor; None when grpcurl needs files prefd does not have (a CA, a client certificate)."""
-    if settings.tls_cert_file is None:
-        return ["-plaintext"]
-    if settings.tls_client_ca_file is not None:
-        return None
+def self_anchored_names(cert_file: Path) -> tuple[list[str], list[str]] | None:
+    """The DNS names and IP addresses the leaf of `cert_file` carries when the file ends with its own
+    trust anchor (a self-signed certificate, or a chain followed by its root), so that the file alone
+    can be trusted; None otherwise."""
     try:
-        chain = x509.load_pem_x509_certificates(settings.tls_cert_file.read_bytes())
+        chain = x509.load_pem_x509_certificates(cert_file.read_bytes())
     except (OSError, ValueError):
         return None
     anchor = chain[-1]
@@ -127,11 +123,22 @@ def grpcurl_flags(settings: Settings) -> list[str] | None:
     try:
         names = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
+        return [], []
+    return names.get_values_for_type(x509.DNSName), [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+
+
+def grpcurl_flags(settings: Settings) -> list[str] | None:
+    """grpcurl's flags to reach this server on localhost: `-plaintext`, or `-cacert` (and `-authority`
+    when the certificate does not name localhost) when PREFD_TLS_CERT_FILE carries its own trust
+    anchor; None when grpcurl needs files prefd does not have (a CA, a client certificate)."""
+    if settings.tls_cert_file is None:
+        return ["-plaintext"]
+    if settings.tls_client_ca_file is not None:
         return None
-    dns_names = names.get_values_for_type(x509.DNSName)
+    names = self_anchored_names(settings.tls_cert_file)
+    if names is None or not names[0]:
+        return None  # grpcurl checks a certificate's DNS names, and there is none
     flags = ["-cacert", str(settings.tls_cert_file.resolve())]
-    if "localhost" not in dns_names:
-        if not dns_names:
-            return None
-        flags += ["-authority", dns_names[0]]
+    if "localhost" not in names[0]:
+        flags += ["-authority", names[0][0]]
     return flags

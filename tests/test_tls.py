@@ -57,6 +57,8 @@ class Pki:
     stranger_cert: Path  # CN trading-engine, signed by another CA
     stranger_key: Path
     other_ca: Path
+    internal_cert: Path  # self-signed, naming only prefd.internal
+    internal_key: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -79,6 +81,23 @@ def _authority(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certi
             x509.KeyUsage(False, False, False, False, False, True, True, False, False),
             critical=True,
         )
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
+
+
+def _self_signed(dns_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name(dns_name))
+        .issuer_name(_name(dns_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
     return key, certificate
@@ -135,6 +154,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _write_pair(directory, "admin", _issue(authority, "ops-console", server=False))
     _write_pair(directory, "odd", _issue(authority, "not a caller", server=False))
     _write_pair(directory, "stranger", _issue(other, "trading-engine", server=False))
+    _write_pair(directory, "internal", _self_signed("prefd.internal"))
     return Pki(
         ca=directory / "ca.pem",
         server_cert=directory / "server.pem",
@@ -149,6 +169,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         stranger_cert=directory / "stranger.pem",
         stranger_key=directory / "stranger.key",
         other_ca=directory / "other-ca.pem",
+        internal_cert=directory / "internal.pem",
+        internal_key=directory / "internal.key",
     )
 
 
@@ -271,9 +293,9 @@ async def test_mtls_requires_a_client_certificate_its_ca_signed(database_url: st
         code, out, err = await _prefd("healthcheck", "--port", port, *tls_options)
         assert (code, out.strip()) == (0, "SERVING"), err
         code, _, err = await _prefd("healthcheck", "--port", port, "--ca-file", str(pki.ca))
-        assert (code, err.strip()) == (1, "unhealthy: UNAVAILABLE")
+        assert (code, err.splitlines()[-1]) == (1, "unhealthy: UNAVAILABLE")
         code, _, err = await _prefd("healthcheck", "--port", port)
-        assert (code, err.strip()) == (1, "unhealthy: UNAVAILABLE")
+        assert (code, err.splitlines()[-1]) == (1, "unhealthy: UNAVAILABLE")
         # The options may come from the environment, as the container's HEALTHCHECK has them.
         env = {
             "PREFD_HEALTHCHECK_CA_FILE": str(pki.ca),
@@ -368,39 +390,55 @@ def _embedded_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(database_url=None, data_dir=tmp_path / "data", jwt_secret=SECRET, **overrides)
 
 
-async def test_the_printed_grpcurl_line_works_over_tls(
+async def test_the_printed_grpcurl_line_and_the_healthcheck_trust_a_self_anchored_certificate(
     database_url: str, tmp_path: Path, pki: Pki, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # A certificate file that carries its CA: the printed line trusts it with -cacert.
-    async with tls_server(database_url, tmp_path, pki, tls_cert_file=pki.server_chain) as app:
-        settings = _embedded_settings(tmp_path, tls_cert_file=pki.server_chain, tls_key_file=pki.server_key)
-        _print_quickstart(settings, app.port, embedded=True)
-        printed = capsys.readouterr().out.splitlines()
-        export = next(line for line in printed if line.startswith("export PREFD_TOKEN="))
-        [grpcurl] = [line for line in printed if line.startswith("grpcurl ")]
-        assert "-plaintext" not in grpcurl and f"-cacert {shlex.quote(str(pki.server_chain))}" in grpcurl
-        process = await asyncio.create_subprocess_exec(
-            "bash",
-            "-c",
-            f"{export}\n{grpcurl}\n",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
-        )
-        async with asyncio.timeout(30):
-            out, err = await process.communicate()
-        assert process.returncode == 0, err.decode()
-        assert "display.theme" in out.decode()
+    # A certificate file that ends with its CA, and a self-signed one naming only prefd.internal:
+    # the printed line trusts the file with -cacert (and names the server with -authority).
+    for cert, key, authority in (
+        (pki.server_chain, pki.server_key, None),
+        (pki.internal_cert, pki.internal_key, "prefd.internal"),
+    ):
+        async with tls_server(database_url, tmp_path, pki, tls_cert_file=cert, tls_key_file=key) as app:
+            settings = _embedded_settings(tmp_path, tls_cert_file=cert, tls_key_file=key)
+            _print_quickstart(settings, app.port, embedded=True)
+            printed = capsys.readouterr().out.splitlines()
+            export = next(line for line in printed if line.startswith("export PREFD_TOKEN="))
+            [grpcurl] = [line for line in printed if line.startswith("grpcurl ")]
+            assert "-plaintext" not in grpcurl and f"-cacert {shlex.quote(str(cert))}" in grpcurl
+            assert ("-authority" in grpcurl) == (authority is not None)
+            process = await asyncio.create_subprocess_exec(
+                "bash",
+                "-c",
+                f"{export}\n{grpcurl}\n",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
+            )
+            async with asyncio.timeout(30):
+                out, err = await process.communicate()
+            assert process.returncode == 0, err.decode()
+            assert "display.theme" in out.decode()
+            # The container's HEALTHCHECK: the server's own settings, no options.
+            server_env = {"PREFD_TLS_CERT_FILE": str(cert), "PREFD_TLS_KEY_FILE": str(key)}
+            code, out_text, err_text = await _prefd("healthcheck", "--port", str(app.port), env=server_env)
+            assert (code, out_text.strip()) == (0, "SERVING"), err_text
+        if authority is None:
+            # The same server certificate without its CA in the file: nothing to trust but the system's roots.
+            not_anchored = {"PREFD_TLS_CERT_FILE": str(pki.server_cert), "PREFD_TLS_KEY_FILE": str(key)}
+            async with tls_server(database_url, tmp_path, pki) as app:
+                code, _, err_text = await _prefd("healthcheck", "--port", str(app.port), env=not_anchored)
+                assert (code, err_text.splitlines()[-1]) == (1, "unhealthy: UNAVAILABLE")
 
     # Without the CA in the file, or under mTLS, grpcurl needs files prefd does not have: no
     # runnable line, a comment saying what to add.
     for extra in ({}, {"tls_client_ca_file": pki.ca}):
         settings = _embedded_settings(tmp_path, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, **extra)
         _print_quickstart(settings, 50051, embedded=True)
-        printed = capsys.readouterr().out
-        assert "\ngrpcurl " not in printed and "-plaintext" not in printed
-        assert "# grpcurl -cacert CA.pem" in printed
-        assert ("-cert CLIENT.pem -key CLIENT.key" in printed) == bool(extra)
+        printed_text = capsys.readouterr().out
+        assert "\ngrpcurl " not in printed_text and "-plaintext" not in printed_text
+        assert "# grpcurl -cacert CA.pem" in printed_text
+        assert ("-cert CLIENT.pem -key CLIENT.key" in printed_text) == bool(extra)
     # Plaintext: unchanged.
     _print_quickstart(_embedded_settings(tmp_path), 50051, embedded=True)
     assert "\ngrpcurl -plaintext " in capsys.readouterr().out
