@@ -12,10 +12,14 @@ FROM python:3.11-slim
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/prefd prefd
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# The data directory: the embedded PostgreSQL and, without PREFD_JWT_SECRET / PREFD_SECRET_KEY, the
+# generated signing secret and master key. Mount a volume here so they outlive the container.
+VOLUME ["/var/lib/prefd"]
 USER prefd
 WORKDIR /var/lib/prefd
 ENV PREFD_DATA_DIR=/var/lib/prefd PREFD_PORT=50051 PREFD_HOST=0.0.0.0
 EXPOSE 50051
+# Over TLS when PREFD_TLS_CERT_FILE is set (PREFD_HEALTHCHECK_CA_FILE, _CERT_FILE, _KEY_FILE, _SERVER_NAME).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 CMD ["prefd", "healthcheck"]
 ENTRYPOINT ["prefd"]
 CMD ["serve"]
