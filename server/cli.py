@@ -12,6 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from server.logs import configure_logging
 from server.model import CallInfo
 from server.settings import Settings, SettingsError
@@ -397,11 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _invalid_settings(error: ValidationError) -> str:
+    """One line per invalid setting, named as in the environment; never the value (it may be a secret)."""
+    lines = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        name = field if field.isupper() else f"PREFD_{field.upper()}"
+        lines.append(f"prefd: {name}: {problem['msg']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
     except SettingsError as error:
         print(f"prefd: {error}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
+        if error.title != Settings.__name__:
+            raise
+        print(_invalid_settings(error), file=sys.stderr)
         return 2
     return result

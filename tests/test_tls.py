@@ -457,6 +457,8 @@ async def test_the_printed_grpcurl_line_and_the_healthcheck_trust_a_self_anchore
         ("client CA without cert", "PREFD_TLS_CLIENT_CA_FILE", "needs PREFD_TLS_CERT_FILE and PREFD_TLS_KEY_FILE"),
         ("subject without CA", "PREFD_TLS_CLIENT_SUBJECT_AS_CALLER", "needs PREFD_TLS_CLIENT_CA_FILE"),
         ("bad subject mapping", "PREFD_TLS_CLIENT_SUBJECT_ROLES", "can never be a caller's name"),
+        ("unknown role", "PREFD_TLS_CLIENT_SUBJECT_ROLE", "Input should be 'user', 'service' or 'admin'"),
+        ("unknown mapped role", "PREFD_TLS_CLIENT_SUBJECT_ROLES", "Input should be 'user', 'service' or 'admin'"),
     ],
 )
 async def test_bad_tls_settings_refuse_to_start(
@@ -491,6 +493,8 @@ async def test_bad_tls_settings_refuse_to_start(
             "PREFD_TLS_CLIENT_SUBJECT_AS_CALLER": "true",
             "PREFD_TLS_CLIENT_SUBJECT_ROLES": '{"ops console": "admin"}',
         },
+        "unknown role": {"PREFD_TLS_CLIENT_SUBJECT_ROLE": "root"},
+        "unknown mapped role": {"PREFD_TLS_CLIENT_SUBJECT_ROLES": '{"ops-console": "root"}'},
     }[case]
     url = await fresh_database()
     env = {"DATABASE_URL": url, "PREFD_JWT_SECRET": SECRET, "PREFD_PORT": "0", "PREFD_HOST": "127.0.0.1", **tls}
