@@ -24,6 +24,7 @@ from server.cache import EffectiveCache, RedisLayers
 from server.embedded import EmbeddedPostgres
 from server.feed import FeedReader, WakeupNotifier
 from server.health import HealthChecker, Probe
+from server.memory import return_large_buffers
 from server.metrics import serve_metrics
 from server.model import CallInfo, Scope, ScopeKind
 from server.reflection import add_reflection
@@ -36,7 +37,7 @@ from server.services.preferences import PreferencesService
 from server.settings import Settings
 from server.store.ai_writes import AIConfigStore
 from server.store.audit import AuditStore, pseudonym_key
-from server.store.db import create_pool, migrate
+from server.store.db import breaker_of, create_pool, migrate
 from server.store.db_health import DatabaseHealthStore
 from server.store.maintenance import MaintenanceStore
 from server.store.reads import PreferenceReader
@@ -81,10 +82,12 @@ async def migrate_database(dsn: str) -> list[str]:
 
 
 class HealthMonitor:
-    """Keeps grpc.health.v1 SERVING only while PostgreSQL answers."""
+    """Keeps grpc.health.v1 SERVING only while PostgreSQL answers, and the pool's breaker open while
+    it does not (calls that need the database then fail at once)."""
 
     def __init__(self, pool: asyncpg.Pool, servicer: health.aio.HealthServicer, settings: Settings) -> None:
         self._pool = pool
+        self._breaker = breaker_of(pool)
         self._servicer = servicer
         self._interval = settings.health_interval_s
         self._timeout = settings.health_timeout_s
@@ -101,6 +104,8 @@ class HealthMonitor:
         if ok != self.database_ok:
             log.log(logging.INFO if ok else logging.WARNING, "database %s", "reachable" if ok else "unreachable")
         self.database_ok = ok
+        if self._breaker is not None:
+            self._breaker.record(ok)
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *SERVICE_NAMES):
             await self._servicer.set(name, status)
@@ -196,6 +201,7 @@ class App:
 
     async def start(self) -> None:
         settings = self.settings
+        return_large_buffers()
         verifier = TokenVerifier(settings)
         self.dsn = await prepare_database(settings, self._embedded)
         applied = await migrate_database(self.dsn)
@@ -247,7 +253,8 @@ class App:
         )
         # prefd's services need a token; grpc.health.v1 and reflection do not.
         registry = CollectorRegistry()
-        authenticator = Authenticator(verifier, RpcMetrics(registry))
+        # A call's ceiling without a client deadline (server.deadline.DEFAULT_CALL_TIMEOUT_S unless set).
+        authenticator = Authenticator(verifier, RpcMetrics(registry), getattr(settings, "call_timeout_s", None))
         authenticator.add_service(
             server,
             preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,

@@ -49,6 +49,7 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 MAX_REQUEST_ID = 128
 MAX_TOKENS_PER_CALL = 10**12
 MAX_PRICE_USD_PER_1K = 1000.0
+REQUEST_ID_PATTERN = re.compile(rf"[A-Za-z0-9._:@+/-]{{1,{MAX_REQUEST_ID}}}")
 _PRIORITY = re.compile(r"-?(0|[1-9][0-9]{0,9})")
 AI_WATCH_KINDS = frozenset({"ai_config", "budget"})
 AI_WATCH_PREFIXES = ("ai_config/", "budget/")
@@ -485,8 +486,8 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         principal = current_principal()
         principal.require_service("RecordUsage")
         subject = convert.subject_from_pb(request.subject, "subject")
-        if not 1 <= len(request.request_id) <= MAX_REQUEST_ID:
-            raise invalid("request_id", f"must be 1-{MAX_REQUEST_ID} characters")
+        if not REQUEST_ID_PATTERN.fullmatch(request.request_id):
+            raise invalid("request_id", f"must be 1-{MAX_REQUEST_ID} characters of [A-Za-z0-9._:@+/-]")
         await self._catalog_model(request.model, request.input_tokens, request.output_tokens)
         effective = (await self._cache.resolve(subject)).effective
         budgets = effective.budgets_nanos
