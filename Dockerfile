@@ -1,12 +1,13 @@
 # syntax=docker/dockerfile:1
-# Build wheels for the client and the server in one stage; install them into a slim,
-# non-root runtime image that checks its own health through grpc.health.v1.
+# Build the server's wheel (it ships the prefd package from clients/python) and its dependencies'
+# wheels in one stage; install them into a slim, non-root runtime image that checks its own health
+# through grpc.health.v1.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY clients/python clients/python
 COPY pyproject.toml README.md ./
 COPY server server
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ./clients/python .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --create-home --home-dir /var/lib/prefd prefd

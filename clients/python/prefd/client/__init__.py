@@ -9,7 +9,7 @@
 `PrefdClient` is the same for threaded code (blocking calls, the same views).
 """
 
-from prefd.client.channel import SERVICE_CONFIG, AsyncPrefdClient, channel_options
+from prefd.client.channel import SERVICE_CONFIG, AsyncPrefdClient, TLSConfig, channel_options
 from prefd.client.errors import PrefdError, ValidationError, from_rpc_error
 from prefd.client.sync import PrefdClient
 from prefd.client.views import AIConfigView, Backoff, KeyChange, PreferencesView, StaleViewError
@@ -24,6 +24,7 @@ __all__ = [
     "PrefdError",
     "PreferencesView",
     "StaleViewError",
+    "TLSConfig",
     "ValidationError",
     "channel_options",
     "from_rpc_error",
