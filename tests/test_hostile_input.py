@@ -67,6 +67,15 @@ def deep_json(depth: int) -> dict[str, Any]:
 
 
 NUL = "a\x00b"
+
+
+def new_definition(key: str, **fields: Any) -> preferences_pb2.CreateDefinitionRequest:
+    """A CreateDefinition request in category `probe`, overridable at USER scope unless said."""
+    fields.setdefault("category", "probe")
+    fields.setdefault("overridable_scopes", [common_pb2.SCOPE_KIND_USER])
+    return preferences_pb2.CreateDefinitionRequest(definition=preferences_pb2.Definition(key=key, **fields))
+
+
 TIME_TOO_LATE = timestamp_pb2.Timestamp(seconds=253402300800)
 NANOS_TOO_BIG = timestamp_pb2.Timestamp(seconds=1, nanos=1_000_000_000)
 
@@ -121,73 +130,41 @@ def _cases(uid: str) -> list[tuple[str, str, Any, str]]:
         (
             "prefs",
             "CreateDefinition",
-            preferences_pb2.CreateDefinitionRequest(
-                definition=preferences_pb2.Definition(
-                    key="probe.nl\n",
-                    category="probe",
-                    type=common_pb2.VALUE_TYPE_BOOL,
-                    default_value=tv(True),
-                    overridable_scopes=[common_pb2.SCOPE_KIND_USER],
-                )
-            ),
+            new_definition("probe.nl\n", type=common_pb2.VALUE_TYPE_BOOL, default_value=tv(True)),
             "definition.key",
         ),
         (
             "prefs",
             "CreateDefinition",
-            preferences_pb2.CreateDefinitionRequest(
-                definition=preferences_pb2.Definition(
-                    key="probe.desc",
-                    category="probe",
-                    description=NUL,
-                    type=common_pb2.VALUE_TYPE_BOOL,
-                    default_value=tv(True),
-                    overridable_scopes=[common_pb2.SCOPE_KIND_USER],
-                )
+            new_definition(
+                "probe.desc",
+                description=NUL,
+                type=common_pb2.VALUE_TYPE_BOOL,
+                default_value=tv(True),
             ),
             "definition.description",
         ),
         (
             "prefs",
             "CreateDefinition",
-            preferences_pb2.CreateDefinitionRequest(
-                definition=preferences_pb2.Definition(
-                    key="probe.nan",
-                    category="probe",
-                    type=common_pb2.VALUE_TYPE_DOUBLE,
-                    default_value=tv(1.0),
-                    min_value=float("nan"),
-                    overridable_scopes=[common_pb2.SCOPE_KIND_USER],
-                )
+            new_definition(
+                "probe.nan",
+                type=common_pb2.VALUE_TYPE_DOUBLE,
+                default_value=tv(1.0),
+                min_value=float("nan"),
             ),
             "definition.min_value",
         ),
         (
             "prefs",
             "CreateDefinition",
-            preferences_pb2.CreateDefinitionRequest(
-                definition=preferences_pb2.Definition(
-                    key="probe.default",
-                    category="probe",
-                    type=common_pb2.VALUE_TYPE_STRING,
-                    default_value=tv(NUL),
-                    overridable_scopes=[common_pb2.SCOPE_KIND_USER],
-                )
-            ),
+            new_definition("probe.default", type=common_pb2.VALUE_TYPE_STRING, default_value=tv(NUL)),
             "definition.default_value.string_value",
         ),
         (
             "prefs",
             "CreateDefinition",
-            preferences_pb2.CreateDefinitionRequest(
-                definition=preferences_pb2.Definition(
-                    key="a.b.c.d.e.f.g.h.i",
-                    category="probe",
-                    type=common_pb2.VALUE_TYPE_BOOL,
-                    default_value=tv(True),
-                    overridable_scopes=[common_pb2.SCOPE_KIND_USER],
-                )
-            ),
+            new_definition("a.b.c.d.e.f.g.h.i", type=common_pb2.VALUE_TYPE_BOOL, default_value=tv(True)),
             "definition.key",
         ),
         ("prefs", "ListDefinitions", preferences_pb2.ListDefinitionsRequest(category=NUL), "category"),
