@@ -18,6 +18,7 @@ import grpc
 import jwt
 from google.protobuf.message import DecodeError
 
+from server.deadline import DEFAULT_CALL_TIMEOUT_S, end_call, start_call
 from server.errors import PermissionDenied, PrefdError, Unauthenticated, ValidationFailed, invalid, to_status
 from server.limits import check_request, check_request_size
 from server.model import CallInfo, Scope, ScopeKind, Subject
@@ -350,9 +351,11 @@ class Authenticator:
     generated, returned in trailing metadata), bearer token -> Principal for the handler, domain
     errors -> rpc Status, prebuilt bytes responses sent as they are, and per-method call metrics."""
 
-    def __init__(self, verifier: TokenVerifier, metrics: RpcMetrics) -> None:
+    def __init__(self, verifier: TokenVerifier, metrics: RpcMetrics, call_timeout_s: float | None = None) -> None:
         self._verifier = verifier
         self._metrics = metrics
+        # Ceiling of a unary call without a client deadline, and of any one database visit (server.deadline).
+        self._call_timeout_s = call_timeout_s or DEFAULT_CALL_TIMEOUT_S
 
     def add_service(self, server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
         """Register `servicer` (via its generated add_*_to_server function) with authentication."""
@@ -418,17 +421,19 @@ class Authenticator:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            budget = start_call(context, self._call_timeout_s)
             try:
                 self._begin(context, method)
                 return await behavior(request, context)
             except PrefdError as error:
                 code = error.code
                 _log_refusal(error)
-                await context.abort_with_status(to_status(error, _request_id_trailer()))
+                await _answer(context, to_status(error, _request_id_trailer()))
             except BaseException as exc:
                 code = _code_of(exc, context)
                 raise
             finally:
+                end_call(budget)
                 _finished(method, observer, code, started)
 
         return wrapped
@@ -437,6 +442,8 @@ class Authenticator:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            # Streams live as long as their client wants: no ceiling on the call, only on each database visit.
+            budget = start_call(context, self._call_timeout_s, stream=True)
             try:
                 self._begin(context, method)
                 async for response in behavior(request, context):
@@ -444,11 +451,12 @@ class Authenticator:
             except PrefdError as error:
                 code = error.code
                 _log_refusal(error)
-                await context.abort_with_status(to_status(error, _request_id_trailer()))
+                await _answer(context, to_status(error, _request_id_trailer()))
             except BaseException as exc:
                 code = _code_of(exc, context)
                 raise
             finally:
+                end_call(budget)
                 _finished(method, observer, code, started)
 
         return wrapped
@@ -504,15 +512,33 @@ def _request_id_trailer() -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request[0]),) if request is not None else ()
 
 
+# A call cancelled this close to its deadline was ended by that deadline (on the client's clock).
+_DEADLINE_SLACK_S = 0.1
+
+
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    """The status a call ends with when its handler raised something other than a domain error."""
+    """The status a call ends with when its handler raised something other than a domain error;
+    DEADLINE_EXCEEDED when it was cancelled because its deadline passed."""
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()
         return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
     if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
+        # The server's deadline trails the client's by the request's transit, so a client whose own
+        # deadline passed may cancel just before the server's does.
+        remaining = context.time_remaining()
+        deadline_passed = remaining is not None and remaining <= _DEADLINE_SLACK_S
+        return grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed else grpc.StatusCode.CANCELLED
     log.exception("unexpected error")
     return grpc.StatusCode.UNKNOWN
+
+
+async def _answer(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+    """End the call with `status`; once the client's deadline has passed gRPC has ended the call
+    already (DEADLINE_EXCEEDED), and the call ends quietly as cancelled rather than send into it."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise asyncio.CancelledError
+    await context.abort_with_status(status)
 
 
 def _log_refusal(error: PrefdError) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 
 from server.cache import RedisLayers
+from server.deadline import outside_call
 from server.feed import FeedReader
 
 T = TypeVar("T")
@@ -41,7 +42,8 @@ class Probe(Generic[T]):
         if task is None or task.done() or now - self._started > self._abandon_after_s:
             if task is not None and not task.done():
                 task.cancel()
-            task = self._task = asyncio.ensure_future(self._check())
+            # Outside the asking call's budget: the check is shared, and bounds itself.
+            task = self._task = asyncio.get_running_loop().create_task(self._checked(), context=outside_call())
             task.add_done_callback(_retrieve)
             self._started = now
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
@@ -50,6 +52,9 @@ class Probe(Generic[T]):
         if self._task is task:
             self._task = None
         return task.result()
+
+    async def _checked(self) -> T:
+        return await self._check()
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
