@@ -429,7 +429,12 @@ class Authenticator:
                 code = error.code
                 _log_refusal(error)
                 await _answer(context, to_status(error, _request_id_trailer()))
-            except BaseException as exc:
+            except Exception as exc:
+                code = _code_of(exc, context)
+                if not isinstance(exc, grpc.aio.AbortError):  # the handler's own abort has answered already
+                    await _answer(context, _unexpected(exc))
+                raise
+            except BaseException as exc:  # cancelled: the client went away or its deadline passed
                 code = _code_of(exc, context)
                 raise
             finally:
@@ -452,7 +457,12 @@ class Authenticator:
                 code = error.code
                 _log_refusal(error)
                 await _answer(context, to_status(error, _request_id_trailer()))
-            except BaseException as exc:
+            except Exception as exc:
+                code = _code_of(exc, context)
+                if not isinstance(exc, grpc.aio.AbortError):  # the handler's own abort has answered already
+                    await _answer(context, _unexpected(exc))
+                raise
+            except BaseException as exc:  # cancelled, or closed (GeneratorExit) when its client went away
                 code = _code_of(exc, context)
                 raise
             finally:
@@ -517,19 +527,19 @@ _DEADLINE_SLACK_S = 0.1
 
 
 def _code_of(exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    """The status a call ends with when its handler raised something other than a domain error;
-    DEADLINE_EXCEEDED when it was cancelled because its deadline passed."""
+    """The status a call ends with when its handler raised something other than a domain error: the
+    code it aborted with; CANCELLED when it was ended from outside (its client went away), or
+    DEADLINE_EXCEEDED when that was its deadline passing; INTERNAL for anything else (never UNKNOWN)."""
     if isinstance(exc, grpc.aio.AbortError):
         code = context.code()
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-    if isinstance(exc, asyncio.CancelledError):
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
         # The server's deadline trails the client's by the request's transit, so a client whose own
         # deadline passed may cancel just before the server's does.
         remaining = context.time_remaining()
         deadline_passed = remaining is not None and remaining <= _DEADLINE_SLACK_S
         return grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed else grpc.StatusCode.CANCELLED
-    log.exception("unexpected error")
-    return grpc.StatusCode.UNKNOWN
+    return grpc.StatusCode.INTERNAL
 
 
 async def _answer(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
@@ -539,6 +549,16 @@ async def _answer(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Stat
     if remaining is not None and remaining <= 0:
         raise asyncio.CancelledError
     await context.abort_with_status(status)
+
+
+def _unexpected(exc: BaseException) -> grpc.Status:
+    """Log an unexpected error once, with its traceback, and make the INTERNAL status that answers it:
+    its message and ErrorInfo name the request id the log line carries, never the error's own text."""
+    log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+    request = current_request()
+    request_id = request[0] if request is not None else ""
+    error = PrefdError(f"internal error; the server logged it under request id {request_id}", request_id=request_id)
+    return to_status(error, _request_id_trailer())
 
 
 def _log_refusal(error: PrefdError) -> None:

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
-from prefd.v1 import common_pb2, preferences_pb2
+from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from server.app import App
+from server.auth import Authenticator, TokenVerifier
 from server.logs import log_handler
-from tests.conftest import auth, token, unique
-from tests.helpers import set_request, user
+from server.model import Definition
+from server.rpc_metrics import RpcMetrics
+from server.services.preferences import PreferencesService
+from server.store.reads import PreferenceReader
+from tests.conftest import auth, make_settings, token, unique
+from tests.helpers import error_reason, eventually, set_request, user
 from tests.test_ai_config import create_config
+from tests.test_metrics import scrape
 
 PHONE = "+15550001234567"
 API_KEY = "sk-logcheck-9f8e7d6c5b4a"
@@ -78,3 +88,130 @@ async def test_json_lines_carry_the_request_id_and_no_secrets(stub, ai_stub, cap
     assert "UNAUTHENTICATED" in by_request[anonymous_id]["message"]
     for secret in (PHONE, API_KEY, bearer, API_KEY[-12:]):
         assert secret not in text
+
+
+def _records(captured: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in captured.getvalue().splitlines()]
+
+
+async def test_an_unexpected_error_is_internal_with_the_request_id_and_logged_once(stub, captured, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    async def broken(self: PreferenceReader, key: str) -> Definition:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(PreferenceReader, "definition", broken)
+    metadata = (*auth("admin"), ("x-request-id", "req-internal-0001"))
+    call = stub.GetDefinition(preferences_pb2.GetDefinitionRequest(key="display.theme"), metadata=metadata)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "req-internal-0001" in err.value.details()
+    assert "division by zero" not in err.value.details()
+    assert error_reason(err.value) == "INTERNAL"
+    assert _trailing_request_id(err.value.trailing_metadata()) == "req-internal-0001"
+    errors = [record for record in _records(captured) if record["level"] == "ERROR"]
+    assert len(errors) == 1, errors
+    assert errors[0]["request_id"] == "req-internal-0001"
+    assert errors[0]["rpc"] == "/prefd.v1.PreferencesService/GetDefinition"
+    assert "Traceback" in errors[0]["exc_info"] and "ZeroDivisionError" in errors[0]["exc_info"]
+
+
+async def test_an_unexpected_error_in_a_stream_is_internal_with_the_request_id(stub, captured, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    async def broken(self: PreferencesService, item: Any, target: Any) -> Any:
+        raise RuntimeError("not expected")
+
+    monkeypatch.setattr(PreferencesService, "_watch_message", broken)
+    metadata = (*auth("admin"), ("x-request-id", "req-internal-0002"))
+    watch = stub.WatchPreferences(
+        preferences_pb2.WatchPreferencesRequest(subject=common_pb2.Subject(user_id=unique("u"))), metadata=metadata
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async with asyncio.timeout(10):
+            await watch.read()
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "req-internal-0002" in err.value.details()
+    assert _trailing_request_id(err.value.trailing_metadata()) == "req-internal-0002"
+    errors = [record for record in _records(captured) if record["level"] == "ERROR"]
+    assert [e["request_id"] for e in errors] == ["req-internal-0002"]
+    assert "RuntimeError" in errors[0]["exc_info"]
+
+
+async def test_a_watch_its_client_closes_is_cancelled_not_an_error(database_url, tmp_path, captured) -> None:  # type: ignore[no-untyped-def]
+    labels = "method=WatchPreferences,service=prefd.v1.PreferencesService"
+    async with App(make_settings(database_url, tmp_path, metrics_port=0, metrics_host="127.0.0.1")) as app:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+            watch = stub.WatchPreferences(
+                preferences_pb2.WatchPreferencesRequest(subject=common_pb2.Subject(user_id=unique("u"))),
+                metadata=auth("admin"),
+            )
+            assert (await watch.read()).HasField("started")
+            watch.cancel()
+
+            async def counted() -> bool:
+                samples = await asyncio.to_thread(scrape, app.metrics_port)
+                return samples.get(f"prefd_rpc_calls_total{{code=CANCELLED,{labels}}}", 0) == 1
+
+            await eventually(counted, 5)
+            samples = await asyncio.to_thread(scrape, app.metrics_port)
+    assert not [key for key in samples if key.startswith("prefd_rpc_calls_total") and "code=UNKNOWN" in key]
+    assert not [record for record in _records(captured) if record["level"] == "ERROR"]
+
+
+class _Flood(preferences_pb2_grpc.PreferencesServiceServicer):
+    """Answers WatchPreferences with messages for as long as it is read."""
+
+    async def WatchPreferences(
+        self, request: preferences_pb2.WatchPreferencesRequest, context: Any
+    ) -> AsyncIterator[preferences_pb2.WatchPreferencesResponse]:
+        while True:
+            yield preferences_pb2.WatchPreferencesResponse(progress=preferences_pb2.WatchProgress())
+
+
+class _Registry:
+    """Stands in for a gRPC server and keeps the handlers the authenticator registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers.update(handlers)
+
+
+class _Context:
+    """The parts of a grpc.aio servicer context the wrapper uses, for a call without a deadline."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {token('admin')}"), ("x-request-id", "req-closed-0001"))
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+async def test_a_stream_closed_while_it_sends_is_cancelled_not_an_error(tmp_path, captured) -> None:  # type: ignore[no-untyped-def]
+    """A client that goes away while gRPC is sending leaves the stream suspended where it yields;
+    gRPC then closes it (GeneratorExit there): the end of the call, not an error."""
+    registry = CollectorRegistry()
+    authenticator = Authenticator(TokenVerifier(make_settings("", tmp_path)), RpcMetrics(registry))
+    server = _Registry()
+    authenticator.add_service(
+        server,  # type: ignore[arg-type]
+        preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,
+        _Flood(),
+    )
+    request = preferences_pb2.WatchPreferencesRequest(subject=common_pb2.Subject(user_id="u1"))
+    stream = server.handlers["WatchPreferences"].unary_stream(request.SerializeToString(), _Context())
+    assert (await stream.__anext__()).HasField("progress")
+    await stream.aclose()
+    labels = {"service": "prefd.v1.PreferencesService", "method": "WatchPreferences"}
+    assert registry.get_sample_value("prefd_rpc_calls_total", {**labels, "code": "CANCELLED"}) == 1
+    assert registry.get_sample_value("prefd_rpc_calls_total", {**labels, "code": "UNKNOWN"}) is None
+    assert not [record for record in _records(captured) if record["level"] == "ERROR"]
