@@ -254,7 +254,7 @@ class App:
         # prefd's services need a token; grpc.health.v1 and reflection do not.
         registry = CollectorRegistry()
         # A call's ceiling without a client deadline (server.deadline.DEFAULT_CALL_TIMEOUT_S unless set).
-        authenticator = Authenticator(verifier, RpcMetrics(registry), getattr(settings, "call_timeout_s", None))
+        authenticator = Authenticator(verifier, RpcMetrics(registry), settings.call_timeout_s)
         authenticator.add_service(
             server,
             preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,

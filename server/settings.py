@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=10, ge=1)
     db_statement_timeout_ms: int = Field(default=15000, ge=0)
+    # Ceiling on a unary call without a client deadline, and on any single database visit (seconds).
+    call_timeout_s: float = Field(default=30.0, gt=0)
     health_interval_s: float = Field(default=0.25, gt=0)
     health_timeout_s: float = Field(default=0.5, gt=0)
     feed_poll_interval_s: float = Field(default=0.1, gt=0)
