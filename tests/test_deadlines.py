@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prefd.client import from_rpc_error
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from server.app import App
-from server.settings import Settings
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import eventually, set_request, user
 from tests.processes import PgProxy
@@ -32,21 +31,15 @@ DATABASE_METHODS = ("GetDefinition", "SetPreferences", "GetEffectivePreferences"
 CEILING_S = 2.0
 
 
-class CeilingSettings(Settings):
-    """Settings with a short server-side ceiling on calls without a client deadline."""
-
-    call_timeout_s: float = CEILING_S
-
-
 @contextlib.asynccontextmanager
 async def behind_proxy(
-    server_url: str, fresh_database: Any, tmp_path: Path, settings_class: type[Settings] = Settings, **overrides: Any
+    server_url: str, fresh_database: Any, tmp_path: Path, **overrides: Any
 ) -> AsyncIterator[tuple[App, PgProxy, preferences_pb2_grpc.PreferencesServiceStub, grpc.aio.Channel]]:
     """A server whose PostgreSQL connections all pass through a proxy the test can hang."""
     database = urlparse(await fresh_database()).path.lstrip("/")
     proxy = PgProxy(server_url)
     await proxy.start()
-    settings = settings_class(**make_settings(proxy.url(database), tmp_path, **overrides).model_dump())
+    settings = make_settings(proxy.url(database), tmp_path, **overrides)
     try:
         async with App(settings) as app, grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             try:
@@ -145,7 +138,7 @@ async def test_a_call_without_a_deadline_ends_at_the_server_ceiling(server_url, 
         server_url,
         fresh_database,
         tmp_path,
-        settings_class=CeilingSettings,
+        call_timeout_s=CEILING_S,
         health_interval_s=3600,
         health_timeout_s=3600,
     ) as (_, proxy, stub, _channel):
@@ -189,7 +182,7 @@ async def test_with_the_database_known_down_calls_fail_fast_and_recover(server_u
 
 async def test_a_watch_outlives_the_call_ceiling(server_url, fresh_database, tmp_path) -> None:  # type: ignore[no-untyped-def]
     async with behind_proxy(
-        server_url, fresh_database, tmp_path, settings_class=CeilingSettings, watch_progress_interval_s=0.25
+        server_url, fresh_database, tmp_path, call_timeout_s=CEILING_S, watch_progress_interval_s=0.25
     ) as (_, _proxy, stub, _channel):
         uid = unique("u")
         watch = stub.WatchPreferences(
