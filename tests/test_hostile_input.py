@@ -528,7 +528,8 @@ async def test_hostile_reads_leave_the_server_memory_bounded(fresh_database: Any
         after = _rss_kib(proc.pid)
     print(f"server RSS before {before / 1024:.0f} MiB, after {after / 1024:.0f} MiB; codes {codes}")
     assert codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT}
-    assert after - before < 64 * 1024, (before, after)
+    # What stays is native (gRPC buffers, allocator arenas), not requests: unbounded retention took +500 MiB.
+    assert after - before < 128 * 1024, (before, after)
 
 
 def _varint(n: int) -> bytes:
