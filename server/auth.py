@@ -425,18 +425,12 @@ class Authenticator:
             try:
                 self._begin(context, method)
                 return await behavior(request, context)
-            except PrefdError as error:
-                code = error.code
-                _log_refusal(error)
-                await _answer(context, to_status(error, _request_id_trailer()))
-            except Exception as exc:
-                code = _code_of(exc, context)
-                if not isinstance(exc, grpc.aio.AbortError):  # the handler's own abort has answered already
-                    await _answer(context, _unexpected(exc))
-                raise
-            except BaseException as exc:  # cancelled: the client went away or its deadline passed
-                code = _code_of(exc, context)
-                raise
+            except BaseException as exc:  # a domain error, an unexpected one, or cancelled
+                code, answer = _outcome(exc, context)
+                if answer is not None:
+                    await _answer(context, answer)
+                if not isinstance(exc, PrefdError):
+                    raise
             finally:
                 end_call(budget)
                 _finished(method, observer, code, started)
@@ -453,23 +447,29 @@ class Authenticator:
                 self._begin(context, method)
                 async for response in behavior(request, context):
                     yield response
-            except PrefdError as error:
-                code = error.code
-                _log_refusal(error)
-                await _answer(context, to_status(error, _request_id_trailer()))
-            except Exception as exc:
-                code = _code_of(exc, context)
-                if not isinstance(exc, grpc.aio.AbortError):  # the handler's own abort has answered already
-                    await _answer(context, _unexpected(exc))
-                raise
-            except BaseException as exc:  # cancelled, or closed (GeneratorExit) when its client went away
-                code = _code_of(exc, context)
-                raise
+            except BaseException as exc:  # as for unary calls, or closed (GeneratorExit) when its client left
+                code, answer = _outcome(exc, context)
+                if answer is not None:
+                    await _answer(context, answer)
+                if not isinstance(exc, PrefdError):
+                    raise
             finally:
                 end_call(budget)
                 _finished(method, observer, code, started)
 
         return wrapped
+
+
+def _outcome(exc: BaseException, context: Any) -> tuple[grpc.StatusCode, grpc.Status | None]:
+    """The code a call that raised ends with, and the answer still to send (None when the call has
+    answered already or was cancelled: a cancelled or closed stream must not be written to)."""
+    if isinstance(exc, PrefdError):
+        _log_refusal(exc)
+        return exc.code, to_status(exc, _request_id_trailer())
+    code = _code_of(exc, context)
+    if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+        return code, _unexpected(exc)  # the handler's own abort has answered already
+    return code, None
 
 
 def _checked_handler(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
