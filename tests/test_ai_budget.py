@@ -82,8 +82,9 @@ def watch_request(user_id: str, org_id: str = "") -> ai.WatchAIConfigRequest:
 
 
 async def budget_events_until_config_change(call: Any, config_id: str, deadline_s: float = 15) -> list[ai.BudgetEvent]:
-    """Every `budget` message before the config_changed of `config_id` (a write made after the records,
-    so feed order puts every budget event of the records before it)."""
+    """Every `budget` message before the config_changed of `config_id` at a version past its creation
+    (the sentinel write made after the records, so feed order puts every budget event before it; a
+    watch opened right after the creation may still deliver the creation itself first)."""
     events: list[ai.BudgetEvent] = []
     async with asyncio.timeout(deadline_s):
         while True:
@@ -93,7 +94,11 @@ async def budget_events_until_config_change(call: Any, config_id: str, deadline_
             assert kind != "compacted"
             if kind == "budget":
                 events.append(message.budget)
-            elif kind == "config_changed" and message.config_changed.config_id == config_id:
+            elif (
+                kind == "config_changed"
+                and message.config_changed.config_id == config_id
+                and message.config_changed.version > 1
+            ):
                 return events
 
 
