@@ -9,8 +9,8 @@ What it measures
     protobuf work. Nothing is written while measuring, so after the first call prefd can answer
     every call from its caches: this is the cached read.
 
-    The harness is bench/effective_read.py's, unchanged (this script only gives it another
-    ReadTarget): serial latency (N sequential grpc.aio calls, p50/p90/p99 in µs) and h2load
+    The harness is harness.echo_comparison, as for bench/effective_read.py (this script only gives it
+    its own ReadTarget): serial latency (N sequential grpc.aio calls, p50/p90/p99 in µs) and h2load
     throughput (-D seconds, -c clients, -m streams per client), with the same correctness checks:
     one real gRPC call to each server returns the expected configuration (the echo server the
     very bytes prefd sent); one fixed-count h2load run per server receives exactly one full
@@ -19,8 +19,8 @@ What it measures
     and the prefd/echo ratios of median req/s and of median p50 latency.
 
 Setup
-    As bench/effective_read.py: a fresh database ``prefd_bench_<random>`` on DATABASE_URL's server
-    (dropped at the end), else prefd's embedded PostgreSQL in a temporary directory; prefd and the
+    As bench/effective_read.py: a fresh database ``prefd_bench_<random>`` on DATABASE_URL's server,
+    else on an embedded PostgreSQL in a temporary directory (dropped at the end); prefd and the
     echo server as child processes pinned to the first CPU, the load generators to the others.
     Before measuring, an admin token creates two named configs for the subject
     (user bench-user, org bench-org):
@@ -50,7 +50,9 @@ from collections import Counter
 from typing import Any
 
 import grpc
-from effective_read import HOST, SUBJECT, ReadTarget, auth_metadata, main
+from harness.auth import auth_metadata
+from harness.children import HOST
+from harness.echo_comparison import SUBJECT, ReadTarget, main
 
 from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, common_pb2
 
@@ -188,4 +190,4 @@ AI_EFFECTIVE = ReadTarget(
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(target=AI_EFFECTIVE))
+    raise SystemExit(main(AI_EFFECTIVE))

@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from feed_common import HOST, Pinning, Tokens, fresh_database, log, percentile, run_main, start_prefd
+from harness.auth import Tokens
+from harness.children import HOST, start_prefd
+from harness.database import fresh_database
+from harness.entry import run_main
+from harness.pinning import Pinning
+from harness.progress import log
+from harness.stats import percentile
 
 from prefd.client import AsyncPrefdClient, KeyChange
 from prefd.v1 import common_pb2, preferences_pb2

@@ -9,7 +9,7 @@ What it measures
 
 Setup
     A fresh database (DATABASE_URL's server, else embedded), prefd as a child process; --rows change
-    rows inserted as bench/list_changes.py does, then ANALYZE.
+    rows inserted as bench/list_changes.py does (harness.seed), then ANALYZE.
 
 Run it (from the repository root):
 
@@ -25,8 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from feed_common import HOST, Pinning, Tokens, auth_metadata, fresh_database, log, percentiles_ms, run_main, start_prefd
-from list_changes import seed
+from harness.auth import Tokens, auth_metadata
+from harness.children import HOST, start_prefd
+from harness.database import fresh_database
+from harness.entry import run_main
+from harness.pinning import Pinning
+from harness.progress import log
+from harness.seed import seed_change_rows
+from harness.stats import percentiles_ms
 
 from prefd.v1 import health_pb2, health_pb2_grpc
 
@@ -40,7 +46,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         prefd = await start_prefd(db, tokens, work_dir / "prefd", pinning.server)
         try:
             started = time.monotonic()
-            await seed(db.dsn, args.rows)
+            await seed_change_rows(db.dsn, args.rows)
             log(f"seeded {args.rows} change rows in {time.monotonic() - started:.1f} s")
             async with grpc.aio.insecure_channel(f"{HOST}:{prefd.port}") as channel:
                 stub = health_pb2_grpc.HealthServiceStub(channel)

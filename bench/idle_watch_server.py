@@ -26,7 +26,7 @@ from prefd.v1 import common_pb2, preferences_pb2
 SERVICE = "prefd.v1.PreferencesService"
 METHOD = "WatchPreferences"
 STARTED = preferences_pb2.WatchPreferencesResponse(
-    started=preferences_pb2.WatchStarted(cursor=common_pb2.Cursor(token="idle-baseline"))
+    started=common_pb2.WatchStarted(cursor=common_pb2.Cursor(token="idle-baseline"))
 ).SerializeToString()
 
 

@@ -8,8 +8,8 @@ What it measures
     is the median of --samples serial calls, first and deep pages alternating.
 
 Setup
-    A fresh database (feed_common.fresh_database: DATABASE_URL's server, else embedded). prefd runs
-    as a child process and migrates it; the change rows are then inserted directly in transactions
+    A fresh database (harness.database: DATABASE_URL's server, else embedded). prefd runs as a child
+    process and migrates it; the change rows are then inserted directly (harness.seed) in transactions
     of 20,000 rows (1,000 scopes, 50 keys each; inserting is what the append-only table allows). The
     deep page's token is reached by paging through the listing with page_size 1,000 until --depth.
 
@@ -27,33 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
-from feed_common import HOST, Pinning, Tokens, auth_metadata, fresh_database, log, run_main, start_prefd
+from harness.auth import Tokens, auth_metadata
+from harness.children import HOST, start_prefd
+from harness.database import fresh_database
+from harness.entry import run_main
+from harness.pinning import Pinning
+from harness.progress import log
+from harness.seed import seed_change_rows
 
-from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, preferences_pb2
-
-BATCH = 20_000
-
-
-async def seed(dsn: str, rows: int) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        done = 0
-        while done < rows:
-            count = min(BATCH, rows - done)
-            await conn.execute(
-                """INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version, actor)
-                   SELECT 'preference', 'USER', 'bench-user-' || (n % 1000), 'display.key_' || (n / 1000 % 50),
-                          to_jsonb(n - 1), to_jsonb(n), n / 50000 + 1, 'bench-admin'
-                   FROM generate_series($1::bigint, $2::bigint) AS n""",
-                done,
-                done + count - 1,
-            )
-            done += count
-        await conn.execute("ANALYZE changes")
-    finally:
-        await conn.close()
+from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2
 
 
 async def page_token_at(
@@ -109,7 +92,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         prefd = await start_prefd(db, tokens, work_dir / "prefd", pinning.server)
         try:
             started = time.monotonic()
-            await seed(db.dsn, args.rows)
+            await seed_change_rows(db.dsn, args.rows)
             log(f"seeded {args.rows} change rows in {time.monotonic() - started:.1f} s")
             async with grpc.aio.insecure_channel(f"{HOST}:{prefd.port}") as channel:
                 stub = audit_pb2_grpc.AuditServiceStub(channel)
@@ -117,7 +100,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                     # Preference changes only: the shipped definitions' larger rows open the table and
                     # would make the first page heavier than any other.
                     "all_preference_changes": (
-                        audit_pb2.ListChangesRequest(page_size=100, kinds=[preferences_pb2.CHANGE_KIND_PREFERENCE]),
+                        audit_pb2.ListChangesRequest(page_size=100, kinds=[common_pb2.CHANGE_KIND_PREFERENCE]),
                         int(args.rows * args.depth) // 1000 * 1000,
                     ),
                     "one_actor": (

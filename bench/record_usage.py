@@ -75,26 +75,16 @@ from typing import Any
 
 import asyncpg
 import grpc
-from effective_read import process_tree
-from feed_common import (
-    HOST,
-    Pinning,
-    Tokens,
-    auth_metadata,
-    cpu_seconds,
-    fresh_database,
-    loadavg_1m,
-    log,
-    machine_info,
-    median_or_none,
-    percentiles_ms,
-    positive_float,
-    positive_int,
-    ratio,
-    rounds_arg,
-    run_main,
-    start_prefd,
-)
+from harness.auth import Tokens, auth_metadata
+from harness.children import HOST, start_prefd
+from harness.cli import positive_float, positive_int, rounds_arg
+from harness.database import fresh_database
+from harness.entry import run_main
+from harness.machine import loadavg_1m, machine_info
+from harness.pinning import Pinning
+from harness.procstats import PostgresCpu, cpu_seconds
+from harness.progress import log
+from harness.stats import median_or_none, percentiles_ms, ratio
 
 from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, common_pb2, preferences_pb2, preferences_pb2_grpc
 
@@ -260,36 +250,6 @@ async def run_window(spec: WindowSpec) -> WindowResult:
         for channel in channels:
             await channel.close()
     return result
-
-
-# --------------------------------------------------------------------------- CPU of PostgreSQL
-
-
-class PostgresCpu:
-    """CPU seconds used by every process of the PostgreSQL server (best effort: None if unreadable)."""
-
-    def __init__(self, postmaster: int | None) -> None:
-        self.postmaster = postmaster
-
-    @classmethod
-    async def find(cls, conn: asyncpg.Connection) -> PostgresCpu:
-        """The server's postmaster from its data directory (needs a superuser and the same machine)."""
-        with contextlib.suppress(Exception):
-            data_dir = await conn.fetchval("SHOW data_directory")
-            pid = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
-            cpu_seconds(pid)  # readable?
-            return cls(pid)
-        return cls(None)
-
-    def seconds(self) -> float | None:
-        """The CPU seconds of the postmaster and its children now (exited backends are lost)."""
-        if self.postmaster is None:
-            return None
-        total = 0.0
-        for pid in process_tree(self.postmaster):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                total += cpu_seconds(pid)
-        return total
 
 
 # --------------------------------------------------------------------------- one run

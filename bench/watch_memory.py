@@ -38,39 +38,27 @@ import argparse
 import asyncio
 import itertools
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from feed_common import (
-    HOST,
-    ChildServer,
-    Pinning,
-    StreamSet,
-    Tokens,
-    auth_metadata,
-    child_env,
-    fresh_database,
-    linear_fit,
-    loadavg_1m,
-    log,
-    machine_info,
-    positive_float,
-    positive_int,
-    ratio,
-    read_rss_bytes,
-    rounds_arg,
-    run_main,
-    spawn_prefd,
-)
+from harness.auth import Tokens, auth_metadata
+from harness.children import HOST, ChildServer, spawn_idle_watch, spawn_prefd
+from harness.cli import positive_float, positive_int, rounds_arg
+from harness.database import fresh_database
+from harness.entry import run_main
+from harness.machine import loadavg_1m, machine_info
+from harness.pinning import Pinning
+from harness.procstats import read_rss_bytes
+from harness.progress import log
+from harness.stats import linear_fit, ratio
+from harness.streams import StreamSet
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 
 ORG = "o1"
-IDLE_SERVER = Path(__file__).resolve().parent / "idle_watch_server.py"
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
 OPEN_TIMEOUT_S = 120.0
 RSS_SAMPLES = 5
@@ -206,15 +194,6 @@ async def measure(target: Target, args: argparse.Namespace, round_no: int) -> di
     }
 
 
-def start_baseline(log_dir: Path, cpus: set[int] | None) -> ChildServer:
-    """Spawn bench/idle_watch_server.py (the caller waits for it and stops it)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, str(IDLE_SERVER), "--host", HOST, "--port", "0"]
-    server = ChildServer("idle", argv, child_env({}), log_dir, cpus)
-    server.start()
-    return server
-
-
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     """Set up, run the alternating rounds, tear down; the JSON report."""
     machine = machine_info()
@@ -233,7 +212,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                     server = spawn_prefd(db, tokens, log_dir, pinning.server)
                     token: str | None = tokens.service
                 else:
-                    server = start_baseline(log_dir, pinning.server)
+                    server = spawn_idle_watch(log_dir, pinning.server)
                     token = None
                 try:
                     await server.wait_ready()

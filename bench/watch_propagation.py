@@ -58,28 +58,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from feed_common import (
-    HOST,
-    BenchDatabase,
-    Pinning,
-    StreamSet,
-    Tokens,
-    auth_metadata,
-    free_tcp_port,
-    fresh_database,
-    loadavg_1m,
-    log,
-    machine_info,
-    median_or_none,
-    percentiles_ms,
-    positive_float,
-    positive_int,
-    ratio,
-    rounds_arg,
-    run_main,
-    scrape_counters,
-    start_prefd,
-)
+from harness.auth import Tokens, auth_metadata
+from harness.children import HOST, start_prefd
+from harness.cli import positive_float, positive_int, rounds_arg
+from harness.database import BenchDatabase, fresh_database
+from harness.entry import run_main
+from harness.machine import loadavg_1m, machine_info
+from harness.pinning import Pinning
+from harness.progress import log
+from harness.prometheus import free_tcp_port, scrape_counters
+from harness.stats import median_or_none, percentiles_ms, ratio
+from harness.streams import StreamSet
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 

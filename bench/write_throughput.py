@@ -54,26 +54,16 @@ from typing import Any
 
 import asyncpg
 import grpc
-from feed_common import (
-    HOST,
-    ChildServer,
-    Pinning,
-    Tokens,
-    auth_metadata,
-    cpu_seconds,
-    fresh_database,
-    loadavg_1m,
-    log,
-    machine_info,
-    median_or_none,
-    percentiles_ms,
-    positive_float,
-    positive_int,
-    ratio,
-    rounds_arg,
-    run_main,
-    start_prefd,
-)
+from harness.auth import Tokens, auth_metadata
+from harness.children import HOST, ChildServer, start_prefd
+from harness.cli import positive_float, positive_int, rounds_arg
+from harness.database import fresh_database
+from harness.entry import run_main
+from harness.machine import loadavg_1m, machine_info
+from harness.pinning import Pinning
+from harness.procstats import cpu_seconds
+from harness.progress import log
+from harness.stats import median_or_none, percentiles_ms, ratio
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 

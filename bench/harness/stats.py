@@ -1,0 +1,60 @@
+"""Percentiles, medians, ratios and a least-squares fit over benchmark samples."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100, linear interpolation) of already sorted values."""
+    if not sorted_values:
+        raise ValueError("no samples")
+    if len(sorted_values) == 1:
+        return float(sorted_values[0])
+    rank = (len(sorted_values) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low))
+
+
+def percentiles_ms(samples_ns: Sequence[int]) -> dict[str, float | int | None]:
+    """n, p50, p90, p99 and max of nanosecond samples, in milliseconds (None without samples)."""
+    if not samples_ns:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    ordered = sorted(samples_ns)
+    return {
+        "n": len(ordered),
+        "p50": round(percentile(ordered, 50) / 1e6, 3),
+        "p90": round(percentile(ordered, 90) / 1e6, 3),
+        "p99": round(percentile(ordered, 99) / 1e6, 3),
+        "max": round(ordered[-1] / 1e6, 3),
+    }
+
+
+def median_or_none(values: Sequence[float | int | None]) -> float | None:
+    """The median of the values that are not None (None if there are none)."""
+    present = [float(v) for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 3) -> float | None:
+    """numerator / denominator, or None when either is missing or the denominator is not positive."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return round(numerator / denominator, digits)
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
+    """Least-squares line y = slope * x + intercept, with R²."""
+    if len(xs) != len(ys) or len(set(xs)) < 2:
+        raise ValueError("a fit needs at least two distinct x values")
+    mean_x = statistics.fmean(xs)
+    mean_y = statistics.fmean(ys)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+    slope = sxy / sxx
+    intercept = mean_y - slope * mean_x
+    ss_tot = sum((y - mean_y) ** 2 for y in ys)
+    ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys, strict=True))
+    return {"slope": slope, "intercept": intercept, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0}
