@@ -6,7 +6,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY clients/python clients/python
 COPY pyproject.toml README.md ./
-COPY server server
+COPY prefd_server prefd_server
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim

@@ -13,10 +13,10 @@ import grpc
 import pytest
 
 from prefd.v1 import ai_config_pb2_grpc, preferences_pb2_grpc
-from server.app import App
-from server.auth import mint_token
-from server.settings import Settings
-from server.store.db import init_connection
+from prefd_server.app import App
+from prefd_server.kernel.db import init_connection
+from prefd_server.rpc.auth import mint_token
+from prefd_server.settings import Settings
 
 SECRET = "test-signing-secret-" + "x" * 32
 # The test servers' AES-GCM master key for API keys (32 bytes, base64url).

@@ -10,8 +10,8 @@ import grpc
 
 from prefd.client import ValidationError, from_rpc_error
 from prefd.v1 import common_pb2, preferences_pb2
-from server.services import convert
-from server.tokens import TokenKey
+from prefd_server.kernel.tokens import TokenKey
+from prefd_server.rpc import convert
 
 
 def tv(value: Any) -> common_pb2.TypedValue:

@@ -22,7 +22,7 @@ async def prefd_process(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         "serve",
         *args,
         env={**os.environ, **env},
@@ -135,7 +135,7 @@ async def purge(database_url: str, older_than: str = "0s") -> str:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         "purge",
         "--older-than",
         older_than,

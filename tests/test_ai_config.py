@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from prefd.v1 import ai_config_pb2 as ai
 from prefd.v1 import ai_config_pb2_grpc, common_pb2
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import MASTER_KEY, SECRET, auth, make_settings, unique
 from tests.helpers import error_reason, field_violations
 from tests.processes import prefd_process

@@ -13,8 +13,8 @@ import asyncpg
 import grpc
 
 from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc
-from server.app import App
-from server.secretbox import encode_key, key_id
+from prefd_server.aiconfig.secretbox import encode_key, key_id
+from prefd_server.app import App
 from tests.conftest import auth, make_settings, unique
 from tests.processes import ROOT
 
@@ -25,7 +25,7 @@ async def _prefd(env: dict[str, str], *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         *args,
         env={**os.environ, **env},
         cwd=ROOT,

@@ -16,7 +16,7 @@ from google.protobuf import field_mask_pb2
 
 from prefd.v1 import ai_config_pb2 as ai
 from prefd.v1 import ai_config_pb2_grpc, common_pb2
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import field_violations
 from tests.test_ai_config import (
@@ -52,7 +52,7 @@ def keys_of(config: ai.AIConfig | ai.AIConfiguration) -> tuple[str, str, int]:
 
 async def test_keys_are_masked_for_everyone_but_services_granted_secret_reads(ai_stub, app, db, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.DEBUG)
-    for name in ("server", "grpc", "asyncpg", "redis"):
+    for name in ("prefd_server", "grpc", "asyncpg", "redis"):
         caplog.set_level(logging.DEBUG, logger=name)
     uid, oid = unique("u"), unique("o")
     first, second = new_key(), new_key()

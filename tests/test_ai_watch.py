@@ -10,9 +10,9 @@ import pytest
 
 from prefd.v1 import ai_config_pb2 as ai
 from prefd.v1 import ai_config_pb2_grpc, common_pb2
-from server.app import App
-from server.cursor import FeedCursor
-from server.tokens import TokenKey
+from prefd_server.app import App
+from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.tokens import TokenKey
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import field_violations
 from tests.processes import purge

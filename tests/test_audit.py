@@ -14,8 +14,8 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, preferences_pb2
-from server.app import App
-from server.services.audit import _json_value
+from prefd_server.app import App
+from prefd_server.audit.service import _json_value
 from tests.conftest import auth, unique
 from tests.helpers import error_reason, field_violations, py, set_request, user
 

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import field_violations, set_request, user
 from tests.processes import purge

@@ -126,8 +126,8 @@ async def test_public_key_tokens(database_url, tmp_path, algorithm) -> None:  # 
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     from prefd.v1 import preferences_pb2_grpc
-    from server.app import App
-    from server.auth import mint_token
+    from prefd_server.app import App
+    from prefd_server.rpc.auth import mint_token
     from tests.conftest import make_settings
 
     key = rsa.generate_private_key(65537, 2048) if algorithm == "RS256" else ec.generate_private_key(ec.SECP256R1())

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from prefd.client import AsyncPrefdClient, PrefdError, ValidationError
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import token, unique
 from tests.helpers import set_request, user
 

@@ -18,7 +18,7 @@ from google.protobuf import field_mask_pb2
 from prefd.client import AsyncPrefdClient, Backoff, KeyChange, PrefdClient, PrefdError, StaleViewError
 from prefd.v1 import ai_config_pb2 as ai
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import SECRET, auth, make_settings, token, unique
 from tests.helpers import eventually, py, set_request, user
 from tests.processes import free_port, prefd_process, purge

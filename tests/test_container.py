@@ -29,7 +29,7 @@ async def _run(env: dict[str, str], *args: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         *args,
         env=env,
         cwd=ROOT,
@@ -74,7 +74,7 @@ async def test_with_a_database_url_no_admin_token_is_printed(fresh_database: Any
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         "serve",
         env=env,
         cwd=ROOT,
@@ -134,17 +134,23 @@ def test_the_image_declares_its_data_volume_and_its_context_leaves_out_caches() 
         ".ruff_cache/CACHEDIR.TAG",
         ".pytest_cache/v/cache/nodeids",
         ".hypothesis/examples/x",
-        "build/lib/server/app.py",
+        "build/lib/prefd_server/app.py",
         "dist/prefd_server-0.1.0.whl",
         "clients/python/build/lib/prefd/__init__.py",
         "clients/node/node_modules/x/index.js",
         "prefd_server.egg-info/PKG-INFO",
         "clients/python/prefd_client.egg-info/PKG-INFO",
-        "server/__pycache__/app.cpython-311.pyc",
+        "prefd_server/__pycache__/app.cpython-311.pyc",
     ):
         assert _ignored(left_out, patterns), left_out
     # What the Dockerfile copies stays in the context.
-    for kept in ("pyproject.toml", "README.md", "server/app.py", "server/migrations", "clients/python/pyproject.toml"):
+    for kept in (
+        "pyproject.toml",
+        "README.md",
+        "prefd_server/app.py",
+        "prefd_server/migrations",
+        "clients/python/pyproject.toml",
+    ):
         assert (ROOT / kept).exists() and not _ignored(kept, patterns), kept
     for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.MULTILINE):
         for source in copied.split():

@@ -16,9 +16,9 @@ import pytest
 from google.protobuf import duration_pb2
 
 from prefd.v1 import health_pb2, health_pb2_grpc, preferences_pb2_grpc
-from server.app import App
-from server.store.db import PoolStats
-from server.store.db_health import (
+from prefd_server.app import App
+from prefd_server.kernel.db import PoolStats
+from prefd_server.ops.database_store import (
     ConnectionReport,
     DatabaseSummary,
     IndexHealth,

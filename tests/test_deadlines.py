@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prefd.client import from_rpc_error
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import eventually, set_request, user
 from tests.processes import PgProxy

@@ -7,7 +7,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from prefd.v1 import common_pb2, preferences_pb2
-from server.builtin import load_catalog
+from prefd_server.preferences.catalog import load_catalog
 from tests.conftest import auth, unique
 from tests.helpers import error_reason, field_violations, py, set_request, tv, user
 

@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prefd.v1 import common_pb2, preferences_pb2
-from server.model import Definition, Layer, Scope, ScopeKind, StoredValue, ValueType
-from server.resolve import flatten, nest, resolve
+from prefd_server.kernel.model import Layer, Scope, ScopeKind
+from prefd_server.preferences.model import Definition, StoredValue, ValueType
+from prefd_server.preferences.resolve import flatten, nest, resolve
 from tests.conftest import auth, unique
 from tests.helpers import GLOBAL, field_violations, org, py, set_request, tv, user
 

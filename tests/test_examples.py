@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import auth, token, unique
 from tests.helpers import set_request, user
 from tests.processes import ROOT

@@ -19,12 +19,13 @@ import asyncpg
 import grpc
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
-from server.cursor import FeedCursor
-from server.model import CallInfo, KeyChange, Scope, ScopeKind
-from server.store import preferences as preference_sql
-from server.store.db import init_connection
-from server.tokens import TokenKey
+from prefd_server.app import App
+from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.db import init_connection
+from prefd_server.kernel.model import CallInfo, Scope, ScopeKind
+from prefd_server.kernel.tokens import TokenKey
+from prefd_server.preferences import store as preference_sql
+from prefd_server.preferences.model import KeyChange
 from tests.conftest import SECRET, auth, make_settings, unique
 from tests.helpers import GLOBAL, org, py, set_request, token_key, user
 from tests.processes import prefd_process

@@ -27,7 +27,7 @@ from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor, Servic
 from google.protobuf.message import Message
 
 import prefd.v1
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import auth, make_settings
 
 SEED = int(os.environ.get("PREFD_FUZZ_SEED", "20261126"))

@@ -23,8 +23,8 @@ from prefd.v1 import (
     preferences_pb2,
     preferences_pb2_grpc,
 )
-from server.limits import MAX_JSON_DEPTH
-from server.validation import MAX_KEY_SEGMENTS
+from prefd_server.kernel.ids import MAX_KEY_SEGMENTS
+from prefd_server.rpc.limits import MAX_JSON_DEPTH
 from tests.conftest import SECRET, auth, unique
 from tests.helpers import error_reason, field_violations, set_request, tv, user
 from tests.processes import prefd_process

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import auth, make_settings, unique
 
 AGGRESSIVE_KEEPALIVE = [

@@ -14,13 +14,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
-from server.auth import Authenticator, TokenVerifier
-from server.logs import log_handler
-from server.model import Definition
-from server.rpc_metrics import RpcMetrics
-from server.services.preferences import PreferencesService
-from server.store.reads import PreferenceReader
+from prefd_server.app import App
+from prefd_server.logs import log_handler
+from prefd_server.preferences.model import Definition
+from prefd_server.preferences.reads import PreferenceReader
+from prefd_server.preferences.service import PreferencesService
+from prefd_server.rpc.auth import Authenticator, TokenVerifier
+from prefd_server.rpc.metrics import RpcMetrics
 from tests.conftest import auth, make_settings, token, unique
 from tests.helpers import error_reason, eventually, set_request, user
 from tests.test_ai_config import create_config

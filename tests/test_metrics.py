@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import auth, make_settings, unique
 
 ADMIN = auth("admin")

@@ -8,7 +8,7 @@ import sys
 
 import asyncpg
 
-from server.store.db import migrate, migration_files
+from prefd_server.kernel.db import migrate, migration_files
 from tests.processes import ROOT
 
 
@@ -29,7 +29,7 @@ async def test_concurrent_migrate_processes_do_not_race(fresh_database) -> None:
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "server",
+            "prefd_server",
             "migrate",
             env={**os.environ, "DATABASE_URL": url},
             cwd=ROOT,

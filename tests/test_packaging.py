@@ -18,9 +18,9 @@ import prefd
 from tests.processes import ROOT
 
 # What the Dockerfile's build stage copies to build the server's wheel.
-BUILD_INPUTS = ("pyproject.toml", "README.md", "server", "clients/python")
+BUILD_INPUTS = ("pyproject.toml", "README.md", "prefd_server", "clients/python")
 # Where each shipped import package lives in the repository.
-PACKAGE_SOURCES = {"server": ROOT / "server", "prefd": ROOT / "clients" / "python" / "prefd"}
+PACKAGE_SOURCES = {"prefd_server": ROOT / "prefd_server", "prefd": ROOT / "clients" / "python" / "prefd"}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def source_files(package: str) -> set[str]:
     }
 
 
-def test_the_wheel_ships_every_file_of_server_and_prefd(wheel: Path) -> None:
+def test_the_wheel_ships_every_file_of_prefd_server_and_prefd(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for package in PACKAGE_SOURCES:
         missing = source_files(package) - names
@@ -70,12 +70,12 @@ def test_the_wheel_ships_every_file_of_server_and_prefd(wheel: Path) -> None:
         "prefd/v1/preferences_pb2.pyi",
         "prefd/v1/preferences_pb2_grpc.py",
         "prefd/client/__init__.py",
-        "server/py.typed",
-        "server/app.py",
-        "server/migrations/0001_foundation.sql",
-        "server/data/definitions.json",
+        "prefd_server/py.typed",
+        "prefd_server/app.py",
+        "prefd_server/migrations/0001_foundation.sql",
+        "prefd_server/preferences/data/definitions.json",
     } <= names
-    assert all(name.split("/")[0] in {"server", "prefd"} or ".dist-info/" in name for name in names), names
+    assert all(name.split("/")[0] in {"prefd_server", "prefd"} or ".dist-info/" in name for name in names), names
 
 
 def test_the_wheel_requires_no_prefd_distribution(wheel: Path) -> None:
@@ -89,17 +89,18 @@ def test_the_wheel_requires_no_prefd_distribution(wheel: Path) -> None:
     assert "grpcio" in names
     assert not {name for name in names if name.startswith("prefd")}, requires
     (entry_points_name,) = (n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt"))
-    assert "prefd = server.cli:main" in archive.read(entry_points_name).decode()
+    assert "prefd = prefd_server.cli:main" in archive.read(entry_points_name).decode()
 
 
 def test_the_unpacked_wheel_imports_without_the_repository(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = (
-        "import prefd.v1.preferences_pb2, prefd.client, server.app, server.cli, server.store.db\n"
+        "import prefd.v1.preferences_pb2, prefd.client, prefd_server.app, prefd_server.cli, prefd_server.kernel.db\n"
         "from importlib import resources\n"
-        "print(prefd.__file__); print(server.__file__)\n"
-        "print(sorted(p.name for p in resources.files('server.migrations').iterdir() if p.name.endswith('.sql'))[0])\n"
+        "print(prefd.__file__); print(prefd_server.__file__)\n"
+        "migrations = resources.files('prefd_server.migrations').iterdir()\n"
+        "print(sorted(p.name for p in migrations if p.name.endswith('.sql'))[0])\n"
     )
     # Run outside the repository, the unpacked wheel first on the path: its copies win over the editable ones.
     result = subprocess.run(

@@ -14,10 +14,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.cursor import FeedCursor
-from server.model import Scope, ScopeKind
-from server.store import feed as feed_sql
-from server.store.audit import ChangeFilter, list_changes_query
+from prefd_server.audit.store import ChangeFilter, list_changes_query
+from prefd_server.kernel import feed_store as feed_sql
+from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.model import Scope, ScopeKind
 
 HORIZON = 2**40
 NOW = datetime.now(UTC)

@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import token
 from tests.processes import ROOT
 

@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2 as grpc_health_pb2
 from grpc_health.v1 import health_pb2_grpc as grpc_health_pb2_grpc
 
 from prefd.v1 import common_pb2, health_pb2, health_pb2_grpc, preferences_pb2, preferences_pb2_grpc
-from server.app import App
+from prefd_server.app import App
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import eventually, py, set_request, user
 from tests.processes import RedisServer, free_port

@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from server.app import SERVICE_NAMES, App
+from prefd_server.app import SERVICE_NAMES, App
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")

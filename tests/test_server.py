@@ -19,8 +19,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd.v1 import health_pb2 as prefd_health_pb2
 from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
-from server.app import App
-from server.health import Probe
+from prefd_server.app import App
+from prefd_server.ops.checks import Probe
 from tests.conftest import SECRET, auth, make_settings, unique
 from tests.helpers import set_request, user
 from tests.processes import PgProxy, prefd_process
@@ -84,7 +84,7 @@ async def next_status(stream, want: int, deadline_s: float) -> float:  # type: i
 
 
 async def test_health_follows_postgresql_reachability(server_url, fresh_database, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
-    caplog.set_level(logging.INFO, logger="server.app")
+    caplog.set_level(logging.INFO, logger="prefd_server.app")
     database = urlparse(await fresh_database()).path.lstrip("/")
     proxy = PgProxy(server_url)
     await proxy.start()
@@ -117,7 +117,7 @@ async def test_health_follows_postgresql_reachability(server_url, fresh_database
     transitions = [
         (record.levelno, record.getMessage())
         for record in caplog.records
-        if record.name == "server.app" and record.getMessage().startswith("database ")
+        if record.name == "prefd_server.app" and record.getMessage().startswith("database ")
     ]
     assert transitions == [
         (logging.INFO, "database reachable"),

@@ -29,9 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prefd.client import AsyncPrefdClient, PrefdClient, PrefdError
 from prefd.client.channel import TLSConfig
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
-from server.cli import _print_quickstart
-from server.settings import Settings, SettingsError
+from prefd_server.app import App
+from prefd_server.cli import _print_quickstart
+from prefd_server.settings import Settings, SettingsError
 from tests.conftest import SECRET, auth, make_settings, token, unique
 from tests.helpers import set_request, user
 from tests.processes import ROOT
@@ -238,7 +238,7 @@ async def _prefd(*args: str, env: dict[str, str] | None = None) -> tuple[int, st
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         *args,
         env={**os.environ, **(env or {})},
         cwd=ROOT,

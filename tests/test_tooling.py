@@ -10,7 +10,7 @@ import sys
 import tomllib
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
+from prefd_server.app import App
 from tests.processes import ROOT
 
 
@@ -25,7 +25,7 @@ async def test_cli_token_is_accepted(app: App, channel) -> None:  # type: ignore
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         "token",
         "--role",
         "user",
@@ -53,7 +53,7 @@ async def test_healthcheck_command_reports_serving(app: App) -> None:
     ok = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         "healthcheck",
         "--port",
         str(app.port),
@@ -65,7 +65,7 @@ async def test_healthcheck_command_reports_serving(app: App) -> None:
     down = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "server",
+        "prefd_server",
         "healthcheck",
         "--port",
         "1",

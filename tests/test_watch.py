@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from server.app import App
-from server.cursor import FeedCursor
-from server.tokens import TokenKey
+from prefd_server.app import App
+from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.tokens import TokenKey
 from tests.conftest import auth, make_settings, unique
 from tests.helpers import GLOBAL, error_reason, field_violations, org, py, set_request, user
 from tests.processes import purge

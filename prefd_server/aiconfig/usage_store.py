@@ -1,0 +1,194 @@
+"""The usage ledger: one row per generation, per-period totals and threshold crossings, in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+
+from prefd_server.aiconfig import store as ai_sql
+from prefd_server.aiconfig.model import ModelInfo
+from prefd_server.kernel import feed_store as feed_sql
+from prefd_server.kernel.db import translated_errors
+from prefd_server.kernel.errors import RequestIdReused, invalid
+from prefd_server.kernel.model import CallInfo, FieldViolation, Scope, ScopeKind, Subject
+
+PERIODS = ("daily", "weekly", "monthly")
+
+
+def period_starts(moment: datetime) -> dict[str, date]:
+    """The UTC day, ISO week (Monday) and month that `moment` falls in."""
+    day = (moment if moment.tzinfo is None else moment.astimezone(UTC)).date()
+    return {"daily": day, "weekly": day - timedelta(days=day.weekday()), "monthly": day.replace(day=1)}
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """Spend in a period reached threshold * budget with this record."""
+
+    period: str
+    threshold: float
+    period_start: date
+    spent_nanos: int
+    budget_nanos: int
+    user_id: str
+    request_id: str
+
+    def document(self) -> dict[str, object]:
+        return {
+            "period": self.period,
+            "threshold": self.threshold,
+            "period_start": self.period_start.isoformat(),
+            "spent_nanos": self.spent_nanos,
+            "budget_nanos": self.budget_nanos,
+            "request_id": self.request_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """A ledger row and what recording it did."""
+
+    cost_nanos: int
+    recorded: bool
+    recorded_at: datetime
+    totals: dict[str, tuple[date, int]]  # period -> (start, total nanos after this record)
+    crossings: list[Crossing]
+
+
+def reached(spent: int, budget: int, threshold: float) -> bool:
+    """spent >= threshold * budget, in exact decimal arithmetic (nano-USD)."""
+    return spent >= Decimal(repr(threshold)) * budget
+
+
+def crossed(before: int, after: int, budget: int, thresholds: Sequence[float]) -> list[float]:
+    """Thresholds t with before < t * budget <= after."""
+    if budget <= 0:
+        return []
+    return [t for t in thresholds if reached(after, budget, t) and not reached(before, budget, t)]
+
+
+async def record(
+    pool: asyncpg.Pool,
+    subject: Subject,
+    model: str,
+    input_tokens: int,
+    output_tokens: int,
+    request_id: str,
+    budgets: dict[str, int],
+    thresholds: Sequence[float],
+    call: CallInfo,
+) -> tuple[UsageRecord, int | None]:
+    """Append a ledger row unless request_id is recorded already (same figures: replay; else INVALID_ARGUMENT).
+
+    Returns the record and the xid of the transaction when it appended threshold crossings.
+    """
+    async with translated_errors(), pool.acquire() as conn, conn.transaction():
+        catalog = await ai_sql.models(conn)
+        info: ModelInfo | None = catalog.get(model)
+        if info is None:
+            raise invalid("model", f"model {model!r} is not in the catalog")
+        input_cost, output_cost = info.cost(input_tokens, output_tokens)
+        cost = input_cost + output_cost
+        row = await conn.fetchrow(
+            """INSERT INTO ai_usage (request_id, user_id, org_id, model, input_tokens, output_tokens, cost_nanos, actor)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+               ON CONFLICT (request_id) DO NOTHING
+               RETURNING recorded_at""",
+            request_id,
+            subject.user_id,
+            subject.org_id,
+            model,
+            input_tokens,
+            output_tokens,
+            cost,
+            call.actor,
+        )
+        if row is None:
+            return await _replay(conn, subject, model, input_tokens, output_tokens, request_id), None
+        recorded_at: datetime = row["recorded_at"]
+        starts = period_starts(recorded_at)
+        totals: dict[str, tuple[date, int]] = {}
+        crossings: list[Crossing] = []
+        for period in PERIODS:
+            total: int = await conn.fetchval(
+                """INSERT INTO ai_usage_totals (user_id, period, period_start, cost_nanos) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (user_id, period, period_start)
+                   DO UPDATE SET cost_nanos = ai_usage_totals.cost_nanos + EXCLUDED.cost_nanos
+                   RETURNING cost_nanos""",
+                subject.user_id,
+                period,
+                starts[period],
+                cost,
+            )
+            totals[period] = (starts[period], total)
+            for threshold in crossed(total - cost, total, budgets[period], thresholds):
+                crossings.append(
+                    Crossing(period, threshold, starts[period], total, budgets[period], subject.user_id, request_id)
+                )
+        xid = None
+        for crossing in crossings:
+            xid = await feed_sql.append_change(
+                conn,
+                "budget",
+                Scope(ScopeKind.USER, subject.user_id),
+                f"budget/{crossing.period}",
+                None,
+                crossing.document(),
+                0,
+                call,
+                "budget threshold crossed",
+            )
+    return UsageRecord(cost, True, recorded_at, totals, crossings), xid
+
+
+async def _replay(
+    conn: asyncpg.Connection, subject: Subject, model: str, input_tokens: int, output_tokens: int, request_id: str
+) -> UsageRecord:
+    first = await conn.fetchrow(
+        """SELECT user_id, org_id, model, input_tokens, output_tokens, cost_nanos, recorded_at
+           FROM ai_usage WHERE request_id = $1""",
+        request_id,
+    )
+    sent = {
+        "subject.user_id": subject.user_id,
+        "subject.org_id": subject.org_id,
+        "model": model,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+    }
+    stored = {
+        "subject.user_id": first["user_id"],
+        "subject.org_id": first["org_id"],
+        "model": first["model"],
+        "input_tokens": first["input_tokens"],
+        "output_tokens": first["output_tokens"],
+    }
+    differing = [
+        FieldViolation(field, f"request_id {request_id!r} was recorded with {stored[field]!r}, not {sent[field]!r}")
+        for field in sent
+        if sent[field] != stored[field]
+    ]
+    if differing:
+        raise RequestIdReused(differing)
+    return UsageRecord(first["cost_nanos"], False, first["recorded_at"], {}, [])
+
+
+async def totals(pool: asyncpg.Pool, user_id: str, starts: dict[str, date]) -> dict[str, int]:
+    """The user's spend (nano-USD) in each of the given periods."""
+    async with translated_errors(), pool.acquire() as conn:
+        rows = await conn.fetch(
+            """SELECT t.period, t.cost_nanos FROM ai_usage_totals t
+               JOIN unnest($2::text[], $3::date[]) AS p(period, start)
+                 ON p.period = t.period AND p.start = t.period_start
+               WHERE t.user_id = $1""",
+            user_id,
+            list(starts),
+            list(starts.values()),
+        )
+    found = {period: 0 for period in starts}
+    found.update({row["period"]: row["cost_nanos"] for row in rows})
+    return found

@@ -1,0 +1,235 @@
+"""The change-feed reader: one per process, tails `changes` gap-free and fans out to watchers and caches.
+
+The reader returns rows after its position whose transaction is below the snapshot horizon
+(pg_snapshot_xmin): every transaction below it has finished, so no row can later appear behind
+the position. It wakes on a local write, on a LISTEN notification from another process, or
+after a short poll, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from prefd_server.kernel import feed_store as feed_sql
+from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.feed_store import ChangeEvent
+from prefd_server.kernel.model import Scope
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "prefd_changes"
+BATCH = 2000
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One watcher's share of the feed: matching events queue up until the watcher takes them."""
+
+    scopes: frozenset[Scope] | None  # None: every scope
+    key_prefixes: tuple[str, ...]
+    capacity: int
+    queue: asyncio.Queue[ChangeEvent | None] = field(default_factory=asyncio.Queue)
+    overflowed: bool = False
+    closed_reason: str = ""
+
+    def matches(self, event: ChangeEvent) -> bool:
+        if self.scopes is not None and event.scope not in self.scopes:
+            return False
+        return not self.key_prefixes or event.kind == "erasure" or event.key.startswith(self.key_prefixes)
+
+    def offer(self, event: ChangeEvent) -> None:
+        if self.overflowed:
+            return
+        if self.queue.qsize() >= self.capacity:
+            self.overflowed = True
+            self.queue.put_nowait(None)
+            return
+        self.queue.put_nowait(event)
+
+    def close(self, reason: str) -> None:
+        self.closed_reason = reason
+        self.queue.put_nowait(None)
+
+
+ChangeListener = Callable[[Sequence[ChangeEvent]], None]
+
+
+class WakeupNotifier:
+    """Coalesces "something committed" into at most one NOTIFY in flight, outside any write transaction."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._pending = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="prefd-feed-notify")
+
+    def notify(self) -> None:
+        self._pending.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._pending.wait()
+            self._pending.clear()
+            try:
+                async with self._pool.acquire() as conn:
+                    await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("feed wake-up notify failed: %s", exc)
+                await asyncio.sleep(0.5)  # back off while the database is away; readers still poll
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class FeedReader:
+    """Tails the change table for this process; subscribers and listeners get every change once, in order."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str, poll_interval_s: float, subscriber_capacity: int) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._poll_interval_s = poll_interval_s
+        self._capacity = subscriber_capacity
+        self._wake = asyncio.Event()
+        self._listen_conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._subscriptions: set[Subscription] = set()
+        self._by_scope: dict[Scope, set[Subscription]] = {}
+        self._all_scopes: set[Subscription] = set()
+        self._listeners: list[ChangeListener] = []
+        self._advanced = asyncio.Condition()
+        self.position = FeedCursor(0, 0)
+        self.lag_ms = 0.0  # commit-to-dispatch time of the newest change dispatched
+        self.last_read_monotonic = 0.0
+        self.healthy = False
+
+    async def start(self) -> None:
+        """Start from the current horizon (nothing before it is replayed to listeners)."""
+        async with self._pool.acquire() as conn:
+            self.position = FeedCursor.at_horizon(await feed_sql.horizon_xid(conn))
+        self.last_read_monotonic = time.monotonic()
+        self.healthy = True
+        await self._listen()
+        self._task = asyncio.create_task(self._run(), name="prefd-feed-reader")
+
+    async def stop(self, reason: str) -> None:
+        """End every subscription with `reason` and stop reading."""
+        for subscription in list(self._subscriptions):
+            subscription.close(reason)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._listen_conn is not None:
+            with contextlib.suppress(Exception):
+                await self._listen_conn.close()
+            self._listen_conn = None
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call `listener` with each batch of changes, before subscribers see them."""
+        self._listeners.append(listener)
+
+    def wake(self) -> None:
+        """A local write committed: read now."""
+        self._wake.set()
+
+    def subscribe(
+        self, scopes: frozenset[Scope] | None, key_prefixes: Sequence[str]
+    ) -> tuple[Subscription, FeedCursor]:
+        """Register a watcher; it receives every matching change after the returned position."""
+        subscription = Subscription(scopes, tuple(key_prefixes), self._capacity)
+        self._subscriptions.add(subscription)
+        if scopes is None:
+            self._all_scopes.add(subscription)
+        else:
+            for scope in scopes:
+                self._by_scope.setdefault(scope, set()).add(subscription)
+        return subscription, self.position
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+        self._all_scopes.discard(subscription)
+        for scope in subscription.scopes or ():
+            members = self._by_scope.get(scope)
+            if members is not None:
+                members.discard(subscription)
+                if not members:
+                    del self._by_scope[scope]
+
+    @property
+    def watchers(self) -> int:
+        return len(self._subscriptions)
+
+    async def wait_past(self, cursor: FeedCursor, timeout_s: float) -> bool:
+        """Wait until the reader's position is at or past `cursor`; False on timeout."""
+        try:
+            async with asyncio.timeout(timeout_s), self._advanced:
+                await self._advanced.wait_for(lambda: self.position >= cursor)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _listen(self) -> None:
+        try:
+            conn = await asyncpg.connect(self._dsn)
+            await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+            conn.add_termination_listener(lambda _c: self._wake.set())
+            self._listen_conn = conn
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("feed LISTEN unavailable (%s); polling only", exc)
+            self._listen_conn = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._catch_up()
+                self.healthy = True
+                if self._listen_conn is None or self._listen_conn.is_closed():
+                    await self._listen()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                if self.healthy:
+                    log.warning("feed reader cannot read the change table: %s", exc)
+                self.healthy = False
+                await asyncio.sleep(self._poll_interval_s)  # retry pace while the database is away
+
+    async def _catch_up(self) -> None:
+        async with self._pool.acquire() as conn:
+            while True:
+                horizon = await feed_sql.horizon_xid(conn)
+                events = await feed_sql.read_after(conn, self.position, horizon, BATCH)
+                if events:
+                    self._dispatch(events)
+                if len(events) < BATCH:
+                    self.position = max(self.position, FeedCursor.at_horizon(horizon))
+                    break
+        self.last_read_monotonic = time.monotonic()
+        async with self._advanced:
+            self._advanced.notify_all()
+
+    def _dispatch(self, events: Sequence[ChangeEvent]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(events)
+            except Exception:  # a listener's bug must not stop the feed for everyone
+                log.exception("feed listener failed")
+        for event in events:
+            for subscription in (*self._by_scope.get(event.scope, ()), *self._all_scopes):
+                if subscription.matches(event):
+                    subscription.offer(event)
+        self.position = events[-1].position
+        newest = events[-1].created_at.timestamp()
+        self.lag_ms = max(0.0, (time.time() - newest) * 1000)

@@ -1,0 +1,83 @@
+"""Types every domain shares: scopes, subjects, layers, field violations and who made a call."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+# A value as stored in jsonb: bool, int, float, str, list[str] or dict.
+JsonValue = Any
+
+MAX_KEY_LENGTH = 128
+MAX_STRING_BYTES = 4 * 1024
+MAX_JSON_BYTES = 64 * 1024
+
+
+class ScopeKind(enum.StrEnum):
+    """The layer an override is stored in."""
+
+    GLOBAL = "GLOBAL"
+    ORG = "ORG"
+    USER = "USER"
+
+
+ALL_SCOPES = frozenset(ScopeKind)
+
+
+class Layer(enum.IntEnum):
+    """Where an effective value came from, least to most specific."""
+
+    DEFAULT = 1
+    ENV = 2
+    GLOBAL = 3
+    ORG = 4
+    USER = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where an override lives: GLOBAL (id ""), ORG(id) or USER(id)."""
+
+    kind: ScopeKind
+    id: str = ""
+
+    def __str__(self) -> str:
+        return self.kind.value if self.kind is ScopeKind.GLOBAL else f"{self.kind.value}({self.id})"
+
+
+GLOBAL_SCOPE = Scope(ScopeKind.GLOBAL, "")
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who effective configuration is resolved for."""
+
+    user_id: str
+    org_id: str = ""
+
+    def layers(self) -> list[tuple[Layer, Scope]]:
+        """The scopes that apply to this subject, least specific first."""
+        scopes = [(Layer.GLOBAL, GLOBAL_SCOPE)]
+        if self.org_id:
+            scopes.append((Layer.ORG, Scope(ScopeKind.ORG, self.org_id)))
+        scopes.append((Layer.USER, Scope(ScopeKind.USER, self.user_id)))
+        return scopes
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid field: its path in the request and what is wrong."""
+
+    field: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """Who made a call and from where; recorded with every change."""
+
+    actor: str
+    peer: str = ""
+    user_agent: str = ""
+    request_id: str = ""

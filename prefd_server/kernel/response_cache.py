@@ -1,0 +1,77 @@
+"""Prebuilt response bodies of hot reads, indexed by the scopes they were built from and bounded in
+bytes (the oldest go first), so no caller can make the server keep more than the budget."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+from prefd_server.kernel.model import Scope, ScopeKind
+
+DEFAULT_BUDGET_BYTES = 64 * 1024 * 1024
+# A dict slot, the key tuple and the per-scope index entries of one response, roughly.
+_ENTRY_OVERHEAD_BYTES = 512
+
+
+def _key_bytes(key: Hashable) -> int:
+    """A rough size of a response key (tuples of strings and flags)."""
+    if isinstance(key, str):
+        return len(key)
+    if isinstance(key, tuple):
+        return sum(_key_bytes(part) for part in key) + 8 * len(key)
+    return 8
+
+
+class ResponseCache:
+    """Response bodies by key; GLOBAL-built bodies are dropped by clear(), the rest by their scopes."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        self._budget = budget_bytes
+        self._bodies: dict[Hashable, tuple[bytes, tuple[Scope, ...], int]] = {}
+        self._by_scope: dict[Scope, set[Hashable]] = {}
+        self.bytes = 0
+
+    def get(self, key: Hashable) -> bytes | None:
+        entry = self._bodies.get(key)
+        return None if entry is None else entry[0]
+
+    def put(self, key: Hashable, body: bytes, scopes: Iterable[Scope]) -> None:
+        """Keep `body` for `key`, built from `scopes`; evicts the oldest bodies beyond the budget."""
+        self._discard(key)
+        indexed = tuple(s for s in scopes if s.kind is not ScopeKind.GLOBAL)
+        cost = len(body) + _key_bytes(key) + _ENTRY_OVERHEAD_BYTES
+        if cost > self._budget:
+            return
+        self._bodies[key] = (body, indexed, cost)
+        self.bytes += cost
+        for scope in indexed:
+            self._by_scope.setdefault(scope, set()).add(key)
+        while self.bytes > self._budget:
+            self._discard(next(iter(self._bodies)))
+
+    def drop(self, scope: Scope | None) -> None:
+        """Forget bodies built from `scope` (all of them for GLOBAL or None)."""
+        if scope is None or scope.kind is ScopeKind.GLOBAL:
+            self.clear()
+            return
+        for key in self._by_scope.pop(scope, ()):
+            self._discard(key)
+
+    def clear(self) -> None:
+        self._bodies.clear()
+        self._by_scope.clear()
+        self.bytes = 0
+
+    def _discard(self, key: Hashable) -> None:
+        entry = self._bodies.pop(key, None)
+        if entry is None:
+            return
+        self.bytes -= entry[2]
+        for scope in entry[1]:
+            keys = self._by_scope.get(scope)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_scope[scope]
+
+    def __len__(self) -> int:
+        return len(self._bodies)

@@ -1,0 +1,1 @@
+"""Operations: health checks, the database report, maintenance and the metrics endpoint."""

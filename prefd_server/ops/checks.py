@@ -1,0 +1,182 @@
+"""Component checks behind GetSystemHealth, each bounded by its own timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+
+from prefd_server.kernel.deadline import outside_call
+from prefd_server.kernel.feed import FeedReader
+from prefd_server.preferences.cache import RedisLayers
+
+T = TypeVar("T")
+
+
+class Probe(Generic[T]):
+    """A dependency check bounded by a timeout that never waits for a hung check to unwind.
+
+    asyncio.timeout would wait for the cancelled check's cleanup, and against a hung server that
+    cleanup (asyncpg cancelling the query over a new connection, releasing it to the pool) hangs
+    too. Instead a check still running when its caller gives up is left running, and the next call
+    waits on it again rather than starting another, so hung checks never pile up; one older than
+    `abandon_after_s` is cancelled and replaced, in case its connection will never answer.
+    """
+
+    def __init__(self, check: Callable[[], Awaitable[T]], abandon_after_s: float = 10.0) -> None:
+        self._check = check
+        self._abandon_after_s = abandon_after_s
+        self._task: asyncio.Future[T] | None = None
+        self._started = 0.0
+
+    async def run(self, timeout_s: float) -> T:
+        """The check's result if it comes within `timeout_s`, else TimeoutError at once."""
+        task = self._task
+        now = time.monotonic()
+        if task is None or task.done() or now - self._started > self._abandon_after_s:
+            if task is not None and not task.done():
+                task.cancel()
+            # Outside the asking call's budget: the check is shared, and bounds itself.
+            task = self._task = asyncio.get_running_loop().create_task(self._checked(), context=outside_call())
+            task.add_done_callback(_retrieve)
+            self._started = now
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            raise TimeoutError
+        if self._task is task:
+            self._task = None
+        return task.result()
+
+    async def _checked(self) -> T:
+        return await self._check()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a failure nobody waited for any more is not news
+
+
+class Status(enum.IntEnum):
+    """A component's or the server's state (values match prefd.v1.HealthStatus)."""
+
+    HEALTHY = 1
+    DEGRADED = 2
+    UNHEALTHY = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentReport:
+    """One component's check."""
+
+    name: str
+    status: Status
+    critical: bool
+    latency_s: float
+    error: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SystemReport:
+    """Every component and the rolled-up state."""
+
+    status: Status
+    components: list[ComponentReport]
+    uptime_s: float
+
+
+class HealthChecker:
+    """Runs the checks concurrently; a hung dependency costs at most its timeout."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: RedisLayers | None,
+        feed: FeedReader,
+        timeout_s: float,
+        feed_degraded_after_s: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._redis = redis
+        self._feed = feed
+        self._timeout_s = timeout_s
+        self._feed_degraded_after_s = feed_degraded_after_s
+        self._started = time.monotonic()
+        self._probes = {
+            "postgresql": Probe(self._check_postgresql),
+            "redis": Probe(self._check_redis),
+            "change_feed": Probe(self._check_feed),
+        }
+
+    async def report(self) -> SystemReport:
+        components = list(
+            await asyncio.gather(
+                self._timed("postgresql", True),
+                self._timed("redis", False),
+                self._timed("change_feed", False),
+            )
+        )
+        if any(c.critical and c.status is not Status.HEALTHY for c in components):
+            overall = Status.UNHEALTHY
+        elif any(c.status is not Status.HEALTHY for c in components):
+            overall = Status.DEGRADED
+        else:
+            overall = Status.HEALTHY
+        return SystemReport(overall, components, time.monotonic() - self._started)
+
+    async def _timed(self, name: str, critical: bool) -> ComponentReport:
+        bad = Status.UNHEALTHY if critical else Status.DEGRADED
+        start = time.monotonic()
+        try:
+            status, shared = await self._probes[name].run(self._timeout_s)
+            details = dict(shared)  # concurrent reports may share one check's result
+            error = "" if status is Status.HEALTHY else details.pop("error", "")
+        except TimeoutError:
+            status, details, error = bad, {}, f"no answer within {self._timeout_s:.1f} s"
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            status, details, error = bad, {}, f"{type(exc).__name__}: {exc}"
+        return ComponentReport(name, status, critical, time.monotonic() - start, error, details)
+
+    async def _check_postgresql(self) -> tuple[Status, dict[str, str]]:
+        async with self._pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+        return Status.HEALTHY, {"pool_size": str(self._pool.get_size()), "pool_idle": str(self._pool.get_idle_size())}
+
+    async def _check_redis(self) -> tuple[Status, dict[str, str]]:
+        if self._redis is None:
+            return Status.HEALTHY, {"configured": "false", "cache": "in-process only"}
+        if await self._redis.ping():
+            return Status.HEALTHY, {"configured": "true", "errors": str(self._redis.errors)}
+        return Status.DEGRADED, {
+            "configured": "true",
+            "errors": str(self._redis.errors),
+            "error": self._redis.last_error or "unreachable",
+        }
+
+    async def _check_feed(self) -> tuple[Status, dict[str, str]]:
+        async with self._pool.acquire() as conn:
+            oldest_ms = await conn.fetchval(
+                """SELECT coalesce(extract(epoch FROM now() - min(xact_start)) * 1000, 0)::bigint
+                   FROM pg_stat_activity WHERE backend_xid IS NOT NULL"""
+            )
+        since_read_s = time.monotonic() - self._feed.last_read_monotonic
+        details = {
+            "lag_ms": f"{self._feed.lag_ms:.1f}",
+            "since_last_read_ms": f"{since_read_s * 1000:.0f}",
+            "oldest_transaction_age_ms": str(oldest_ms),
+            "watchers": str(self._feed.watchers),
+            "process_id": str(os.getpid()),
+        }
+        if not self._feed.healthy or since_read_s > self._feed_degraded_after_s:
+            details["error"] = "the feed reader is not keeping up with the change table"
+            return Status.DEGRADED, details
+        if oldest_ms > self._feed_degraded_after_s * 1000:
+            details["error"] = f"a transaction open for {oldest_ms} ms holds the feed horizon"
+            return Status.DEGRADED, details
+        return Status.HEALTHY, details

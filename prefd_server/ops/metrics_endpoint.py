@@ -1,0 +1,69 @@
+"""The Prometheus endpoint: RPC metrics (rpc_metrics.py) plus figures read from the live feed
+reader, caches and pool at scrape time (no hot-path cost)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from prefd_server.kernel.db import pool_stats
+from prefd_server.kernel.feed import FeedReader
+from prefd_server.preferences.cache import EffectiveCache
+
+
+class PrefdCollector(Collector):
+    """Feed lag and position, open watch streams, cache hits and misses per layer, the database pool,
+    Redis errors."""
+
+    def __init__(self, feed: FeedReader, cache: EffectiveCache, pool: asyncpg.Pool) -> None:
+        self._feed = feed
+        self._cache = cache
+        self._pool = pool
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily(
+            "prefd_feed_lag_seconds",
+            "Time from the newest dispatched change's transaction to its dispatch by this process",
+            value=self._feed.lag_ms / 1000,
+        )
+        yield GaugeMetricFamily(
+            "prefd_feed_seconds_since_read",
+            "Time since this process's feed reader last caught up with the change table",
+            value=time.monotonic() - self._feed.last_read_monotonic,
+        )
+        yield GaugeMetricFamily(
+            "prefd_watch_streams", "Open watch streams (WatchPreferences and WatchAIConfig)", value=self._feed.watchers
+        )
+        hits = CounterMetricFamily("prefd_cache_hits", "Cache hits by layer", labels=["layer"])
+        misses = CounterMetricFamily("prefd_cache_misses", "Cache misses by layer", labels=["layer"])
+        hit_counts, miss_counts = self._cache.stats.by_layer()
+        for layer, count in hit_counts.items():
+            hits.add_metric([layer], count)
+        for layer, count in miss_counts.items():
+            misses.add_metric([layer], count)
+        yield hits
+        yield misses
+        pool = pool_stats(self._pool)
+        connections = GaugeMetricFamily("prefd_db_pool_connections", "Pool connections by state", labels=["state"])
+        connections.add_metric(["in_use"], pool.in_use)
+        connections.add_metric(["idle"], pool.idle)
+        yield connections
+        yield GaugeMetricFamily("prefd_db_pool_waiting", "Callers waiting for a pool connection", value=pool.waiting)
+        yield GaugeMetricFamily("prefd_db_pool_max", "The pool's upper bound", value=pool.max_size)
+        if self._cache.redis is not None:
+            yield CounterMetricFamily("prefd_redis_errors", "Failed Redis operations", value=self._cache.redis.errors)
+
+
+def serve_metrics(
+    registry: CollectorRegistry, port: int, host: str, feed: FeedReader, cache: EffectiveCache, pool: asyncpg.Pool
+) -> Any:
+    """Start the /metrics HTTP endpoint on its own port; returns the HTTP server (call shutdown())."""
+    registry.register(PrefdCollector(feed, cache, pool))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

@@ -1,0 +1,1 @@
+"""Preferences: definitions, overrides at GLOBAL, ORG and USER scope, and effective values."""

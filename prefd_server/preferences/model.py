@@ -1,0 +1,108 @@
+"""Preference types: definitions, stored and resolved values, writes and their outcomes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from prefd_server.kernel.model import ALL_SCOPES, JsonValue, Layer, Scope, ScopeKind
+
+MAX_WRITES_PER_CALL = 500
+MAX_BATCH_SUBJECTS = 1000
+
+
+class ValueType(enum.StrEnum):
+    """The type every value of a definition must have."""
+
+    BOOL = "bool"
+    INT = "int"
+    DOUBLE = "double"
+    STRING = "string"
+    ENUM = "enum"
+    STRING_LIST = "string_list"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """A typed preference key with its default and constraints."""
+
+    key: str
+    category: str
+    value_type: ValueType
+    default: JsonValue
+    description: str = ""
+    allowed_values: tuple[JsonValue, ...] = ()
+    min_value: float | None = None
+    max_value: float | None = None
+    max_length: int | None = None
+    scopes: frozenset[ScopeKind] = ALL_SCOPES
+    sensitive: bool = False
+    version: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    updated_by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CrossFieldRule:
+    """The effective values of `non_decreasing`, in order, must each be <= the next."""
+
+    id: str
+    non_decreasing: tuple[str, ...]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredValue:
+    """One override stored at a scope."""
+
+    scope: Scope
+    key: str
+    value: JsonValue
+    version: int
+    updated_at: datetime
+    updated_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedValue:
+    """One effective value with its provenance."""
+
+    key: str
+    value: JsonValue
+    layer: Layer
+    scope: Scope | None
+    version: int
+    updated_at: datetime | None
+    updated_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyWrite:
+    """One key to set (value) or remove (value is None) at a scope."""
+
+    key: str
+    value: JsonValue | None
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """What a write did to one key at one scope."""
+
+    key: str
+    old_value: JsonValue | None
+    new_value: JsonValue | None
+    old_version: int
+    new_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The outcome of a write at one scope."""
+
+    changes: list[KeyChange]
+    effective: list[ResolvedValue] = field(default_factory=list)
+    dry_run: bool = False

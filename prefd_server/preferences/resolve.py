@@ -1,0 +1,82 @@
+"""Resolution of effective values (default <- GLOBAL <- ORG <- USER) and dot-path nesting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from prefd_server.kernel.model import JsonValue, Layer, Scope
+from prefd_server.preferences.model import Definition, ResolvedValue, StoredValue
+
+# Overrides stored at one scope, by key.
+ScopeOverrides = Mapping[str, StoredValue]
+
+
+def resolve(
+    definitions: Iterable[Definition],
+    layers: Sequence[tuple[Layer, Scope, ScopeOverrides]],
+) -> list[ResolvedValue]:
+    """Each definition's value from the most specific layer that sets it, in definition order.
+
+    `layers` runs least specific first; a layer counts only if the definition lets its
+    scope kind override the key.
+    """
+    resolved = []
+    for definition in definitions:
+        chosen = ResolvedValue(
+            key=definition.key,
+            value=definition.default,
+            layer=Layer.DEFAULT,
+            scope=None,
+            version=definition.version,
+            updated_at=definition.updated_at,
+            updated_by=definition.updated_by,
+        )
+        for layer, scope, overrides in layers:
+            stored = overrides.get(definition.key)
+            if stored is None or scope.kind not in definition.scopes:
+                continue
+            chosen = ResolvedValue(
+                key=definition.key,
+                value=stored.value,
+                layer=layer,
+                scope=scope,
+                version=stored.version,
+                updated_at=stored.updated_at,
+                updated_by=stored.updated_by,
+            )
+        resolved.append(chosen)
+    return resolved
+
+
+def nest(flat: Mapping[str, JsonValue]) -> dict[str, JsonValue]:
+    """Dot paths to nested objects: {"a.b": 1, "a.c": 2} -> {"a": {"b": 1, "c": 2}}.
+
+    Definition keys never prefix one another, so no path both holds a value and an object.
+    """
+    root: dict[str, JsonValue] = {}
+    for key in sorted(flat):
+        node = root
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = flat[key]
+    return root
+
+
+def flatten(nested: Mapping[str, JsonValue], prefix: str = "") -> dict[str, JsonValue]:
+    """The inverse of nest for objects whose leaves are not objects."""
+    flat: dict[str, JsonValue] = {}
+    for name, value in nested.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def key_selected(definition: Definition, key_prefixes: Sequence[str], categories: Sequence[str]) -> bool:
+    """Whether a definition passes the prefix and category filters (each empty = all)."""
+    if categories and definition.category not in categories:
+        return False
+    return not key_prefixes or any(definition.key.startswith(p) for p in key_prefixes)

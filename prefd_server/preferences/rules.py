@@ -1,0 +1,175 @@
+"""Pure rules of preferences: value checks against a definition, definition checks, cross-field rules."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterable, Mapping
+
+from prefd_server.kernel.ids import CATEGORY_PATTERN, key_problem
+from prefd_server.kernel.model import (
+    MAX_JSON_BYTES,
+    MAX_STRING_BYTES,
+    FieldViolation,
+    JsonValue,
+)
+from prefd_server.preferences.model import CrossFieldRule, Definition, ValueType
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _is_int(value: JsonValue) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: JsonValue) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def value_problems(definition: Definition, value: JsonValue) -> list[str]:
+    """Everything wrong with `value` as a value of `definition` (empty when it is valid)."""
+    vt = definition.value_type
+    if vt is ValueType.BOOL:
+        return [] if isinstance(value, bool) else ["must be a bool"]
+    if vt is ValueType.INT:
+        if not _is_int(value):
+            return ["must be an int"]
+        if not INT64_MIN <= value <= INT64_MAX:
+            return ["must fit in 64 bits"]
+        return _range_problems(definition, value) + _allowed_problems(definition, value)
+    if vt is ValueType.DOUBLE:
+        if not _is_number(value):
+            return ["must be a finite number"]
+        return _range_problems(definition, value) + _allowed_problems(definition, value)
+    if vt in (ValueType.STRING, ValueType.ENUM):
+        if not isinstance(value, str):
+            return ["must be a string"]
+        return _string_problems(definition, value) + _allowed_problems(definition, value)
+    if vt is ValueType.STRING_LIST:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return ["must be a list of strings"]
+        problems = []
+        if definition.max_length is not None and len(value) > definition.max_length:
+            problems.append(f"must have at most {definition.max_length} items (got {len(value)})")
+        if len(json.dumps(value).encode()) > MAX_JSON_BYTES:
+            problems.append(f"must be at most {MAX_JSON_BYTES} bytes as JSON")
+        for item in value:
+            if len(item.encode()) > MAX_STRING_BYTES:
+                problems.append(f"items must be at most {MAX_STRING_BYTES} bytes")
+                break
+        if definition.allowed_values:
+            bad = [item for item in value if item not in definition.allowed_values]
+            if bad:
+                problems.append(f"items {bad[:5]} are not among the allowed values")
+        return problems
+    if vt is ValueType.JSON:
+        if not isinstance(value, dict):
+            return ["must be a JSON object"]
+        size = len(json.dumps(value, separators=(",", ":")).encode())
+        return [f"must be at most {MAX_JSON_BYTES} bytes as JSON (got {size})"] if size > MAX_JSON_BYTES else []
+    return ["has an unknown type"]
+
+
+def _range_problems(definition: Definition, value: float) -> list[str]:
+    problems = []
+    if definition.min_value is not None and value < definition.min_value:
+        problems.append(f"must be >= {_fmt(definition.min_value)} (got {value})")
+    if definition.max_value is not None and value > definition.max_value:
+        problems.append(f"must be <= {_fmt(definition.max_value)} (got {value})")
+    return problems
+
+
+def _string_problems(definition: Definition, value: str) -> list[str]:
+    problems = []
+    if len(value.encode()) > MAX_STRING_BYTES:
+        problems.append(f"must be at most {MAX_STRING_BYTES} bytes")
+    if definition.max_length is not None and len(value) > definition.max_length:
+        problems.append(f"must be at most {definition.max_length} characters (got {len(value)})")
+    return problems
+
+
+def _allowed_problems(definition: Definition, value: JsonValue) -> list[str]:
+    if not definition.allowed_values or value in definition.allowed_values:
+        return []
+    allowed = ", ".join(json.dumps(v) for v in definition.allowed_values)
+    return [f"must be one of {allowed} (got {json.dumps(value)})"]
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def coerce(definition: Definition, value: JsonValue) -> JsonValue:
+    """Widen an int to float for DOUBLE definitions so stored values keep one type."""
+    if definition.value_type is ValueType.DOUBLE and _is_int(value):
+        return float(value)
+    return value
+
+
+def definition_violations(definition: Definition, field: str = "definition") -> list[FieldViolation]:
+    """Everything wrong with a definition as a whole."""
+    out: list[FieldViolation] = []
+    problem = key_problem(definition.key)
+    if problem:
+        out.append(FieldViolation(f"{field}.key", problem))
+    if not CATEGORY_PATTERN.fullmatch(definition.category):
+        out.append(
+            FieldViolation(f"{field}.category", "must be 1-64 characters of [A-Za-z0-9_], starting with a letter")
+        )
+    if len(definition.description) > 1024:
+        out.append(FieldViolation(f"{field}.description", "must be at most 1024 characters"))
+    if not definition.scopes:
+        out.append(FieldViolation(f"{field}.overridable_scopes", "must name at least one scope"))
+    vt = definition.value_type
+    numeric = vt in (ValueType.INT, ValueType.DOUBLE)
+    if (definition.min_value is not None or definition.max_value is not None) and not numeric:
+        out.append(FieldViolation(f"{field}.min_value", "min/max apply only to INT and DOUBLE"))
+    if (
+        definition.min_value is not None
+        and definition.max_value is not None
+        and definition.min_value > definition.max_value
+    ):
+        out.append(FieldViolation(f"{field}.max_value", "must be >= min_value"))
+    if definition.max_length is not None:
+        if vt not in (ValueType.STRING, ValueType.STRING_LIST):
+            out.append(FieldViolation(f"{field}.max_length", "applies only to STRING and STRING_LIST"))
+        elif definition.max_length < 1:
+            out.append(FieldViolation(f"{field}.max_length", "must be >= 1"))
+    if vt is ValueType.ENUM and not definition.allowed_values:
+        out.append(FieldViolation(f"{field}.allowed_values", "ENUM needs at least one allowed value"))
+    if definition.allowed_values and vt in (ValueType.BOOL, ValueType.JSON):
+        out.append(FieldViolation(f"{field}.allowed_values", f"not supported for {vt.name}"))
+    if vt is ValueType.STRING_LIST:
+        item_definition = Definition(key="item", category="x", value_type=ValueType.STRING, default="")
+        for i, allowed in enumerate(definition.allowed_values):
+            for p in value_problems(item_definition, allowed):
+                out.append(FieldViolation(f"{field}.allowed_values[{i}]", p))
+    elif vt not in (ValueType.BOOL, ValueType.JSON):
+        unconstrained = Definition(key="item", category="x", value_type=vt, default=None, allowed_values=())
+        for i, allowed in enumerate(definition.allowed_values):
+            for p in value_problems(unconstrained, allowed):
+                out.append(FieldViolation(f"{field}.allowed_values[{i}]", p))
+    if not out:
+        for p in value_problems(definition, definition.default):
+            out.append(FieldViolation(f"{field}.default_value", p))
+    return out
+
+
+def rule_violations(
+    rules: Iterable[CrossFieldRule], effective: Mapping[str, JsonValue], touched: Iterable[str]
+) -> list[tuple[CrossFieldRule, str]]:
+    """Rules broken by the effective values, reported against the first touched key of each."""
+    touched_set = set(touched)
+    broken = []
+    for rule in rules:
+        keys = [k for k in rule.non_decreasing if k in effective]
+        if not touched_set.intersection(keys):
+            continue
+        values = [effective[k] for k in keys]
+        if any(not _is_number(v) for v in values):
+            continue
+        if any(a > b for a, b in itertools.pairwise(values)):
+            blame = next(k for k in rule.non_decreasing if k in touched_set)
+            broken.append((rule, blame))
+    return broken

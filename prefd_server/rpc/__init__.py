@@ -1,0 +1,1 @@
+"""The gRPC edge: authentication, request checks, error mapping, metrics, reflection and TLS."""

@@ -1,1 +1,0 @@
-"""SQL over asyncpg: the only place prefd talks to PostgreSQL."""
