@@ -41,7 +41,7 @@ async def test_list_changes_filters_and_pages_without_gaps_under_concurrent_writ
     for i in range(7):
         await _set(stub, alice, "display.items_per_page", 10 + i)
     request = audit_pb2.ListChangesRequest(
-        scope=alice, key_prefix="display.", kinds=[preferences_pb2.CHANGE_KIND_PREFERENCE], page_size=3
+        scope=alice, key_prefix="display.", kinds=[common_pb2.CHANGE_KIND_PREFERENCE], page_size=3
     )
     first = await audit.ListChanges(request, metadata=ADMIN)
     assert len(first.changes) == 3 and first.next_page_token
@@ -78,7 +78,7 @@ async def test_get_change_and_unknown_id(stub, audit, db) -> None:  # type: igno
     change_id = await db.fetchval("SELECT max(id) FROM changes WHERE scope_id = $1 AND key = 'display.theme'", alice.id)
     got = await audit.GetChange(audit_pb2.GetChangeRequest(id=change_id), metadata=ADMIN)
     assert got.change.key == "display.theme" and got.change.new_value.string_value == "dark"
-    assert got.change.kind == preferences_pb2.CHANGE_KIND_PREFERENCE and got.change.cursor.token
+    assert got.change.kind == common_pb2.CHANGE_KIND_PREFERENCE and got.change.cursor.token
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await audit.GetChange(audit_pb2.GetChangeRequest(id=change_id + 10_000_000), metadata=ADMIN)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and error_reason(err.value) == "CHANGE_NOT_FOUND"

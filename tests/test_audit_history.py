@@ -100,7 +100,7 @@ async def test_filters_by_kind_actor_time_and_key_prefix(stub, audit, ai_stub, d
         changes = await _list_all(audit, audit_pb2.ListChangesRequest(scope=alice, page_size=2, **filters))
         return [(change.kind, change.key, change.actor) for change in changes]
 
-    pref, ai_kind = preferences_pb2.CHANGE_KIND_PREFERENCE, preferences_pb2.CHANGE_KIND_AI_CONFIG
+    pref, ai_kind = common_pb2.CHANGE_KIND_PREFERENCE, common_pb2.CHANGE_KIND_AI_CONFIG
     everything = [
         (pref, "display.theme", first_actor),
         (pref, "display.items_per_page", second_actor),
@@ -109,7 +109,7 @@ async def test_filters_by_kind_actor_time_and_key_prefix(stub, audit, ai_stub, d
     assert await listed() == everything
     assert await listed(kinds=[ai_kind]) == everything[2:]
     assert await listed(kinds=[pref, ai_kind]) == everything
-    assert await listed(kinds=[preferences_pb2.CHANGE_KIND_ERASURE]) == []
+    assert await listed(kinds=[common_pb2.CHANGE_KIND_ERASURE]) == []
     assert await listed(actor=first_actor) == [everything[0], everything[2]]
     assert await listed(key_prefix="display.items") == [everything[1]]
     assert await listed(start_time=_timestamp(middle)) == everything[1:]
@@ -198,9 +198,7 @@ async def test_purge_keeps_what_explains_current_values_and_refuses_points_befor
                 ("display.items_per_page", 2, "null_value"),
             ]
             # The purge is itself recorded.
-            purges = await _list_all(
-                audit, audit_pb2.ListChangesRequest(kinds=[preferences_pb2.CHANGE_KIND_MAINTENANCE])
-            )
+            purges = await _list_all(audit, audit_pb2.ListChangesRequest(kinds=[common_pb2.CHANGE_KIND_MAINTENANCE]))
             assert [(c.key, c.new_value.struct_value["removed"], c.actor) for c in purges] == [
                 ("changes.purge", 3, "prefd:purge")
             ]

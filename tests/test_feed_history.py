@@ -234,7 +234,7 @@ class Watcher:
                     self.started.set()
                 elif which == "change":
                     change = message.change
-                    if change.kind != preferences_pb2.CHANGE_KIND_PREFERENCE:
+                    if change.kind != common_pb2.CHANGE_KIND_PREFERENCE:
                         self.other_kinds += 1
                     else:
                         applied = Applied(

@@ -418,7 +418,7 @@ async def test_the_deepest_accepted_value_reads_back_through_every_path(channel,
     assert message.change.key == key
     watch.cancel()
     history = await audit.ListChanges(
-        audit_pb2.ListChangesRequest(key_prefix=key, kinds=[preferences_pb2.CHANGE_KIND_PREFERENCE], page_size=5),
+        audit_pb2.ListChangesRequest(key_prefix=key, kinds=[common_pb2.CHANGE_KIND_PREFERENCE], page_size=5),
         metadata=ADMIN,
     )
     assert json_format.MessageToDict(history.changes[0].new_value) == value

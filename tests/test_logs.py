@@ -164,7 +164,7 @@ class _Flood(preferences_pb2_grpc.PreferencesServiceServicer):
         self, request: preferences_pb2.WatchPreferencesRequest, context: Any
     ) -> AsyncIterator[preferences_pb2.WatchPreferencesResponse]:
         while True:
-            yield preferences_pb2.WatchPreferencesResponse(progress=preferences_pb2.WatchProgress())
+            yield preferences_pb2.WatchPreferencesResponse(progress=common_pb2.WatchProgress())
 
 
 class _Registry:

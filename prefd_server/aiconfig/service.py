@@ -12,7 +12,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, common_pb2, preferences_pb2
+from prefd.v1 import ai_config_pb2, ai_config_pb2_grpc, common_pb2
 from prefd_server.aiconfig import convert as ai_convert
 from prefd_server.aiconfig import usage_store as ai_usage
 from prefd_server.aiconfig.cache import AIConfigCache, Resolved
@@ -582,19 +582,19 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         ):
             if isinstance(item, Started):
                 yield ai_config_pb2.WatchAIConfigResponse(
-                    started=preferences_pb2.WatchStarted(cursor=self._encode(item.cursor))
+                    started=common_pb2.WatchStarted(cursor=self._encode(item.cursor))
                 )
             elif isinstance(item, Progress):
                 yield ai_config_pb2.WatchAIConfigResponse(
-                    progress=preferences_pb2.WatchProgress(cursor=self._encode(item.cursor))
+                    progress=common_pb2.WatchProgress(cursor=self._encode(item.cursor))
                 )
             elif isinstance(item, Compacted):
                 yield ai_config_pb2.WatchAIConfigResponse(
-                    compacted=preferences_pb2.WatchCompacted(oldest_cursor=self._encode(item.oldest))
+                    compacted=common_pb2.WatchCompacted(oldest_cursor=self._encode(item.oldest))
                 )
             elif isinstance(item, Erased):
                 yield ai_config_pb2.WatchAIConfigResponse(
-                    erased=preferences_pb2.WatchErased(cursor=self._encode(item.position))
+                    erased=common_pb2.WatchErased(cursor=self._encode(item.position))
                 )
             else:
                 yield await self._watch_change(item.event, subject, principal.reads_secrets)

@@ -11,7 +11,7 @@ import asyncpg
 import grpc
 from google.protobuf import struct_pb2
 
-from prefd.v1 import audit_pb2, audit_pb2_grpc, preferences_pb2
+from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2
 from prefd_server.audit.store import AuditRow, AuditStore, ChangeFilter, KeyState, Point, state_at
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import PermissionDenied, UserErased, ValidationFailed, invalid
@@ -30,13 +30,13 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 MAX_ROLLBACK_SCOPES = 100
 KIND_NAMES = {
-    preferences_pb2.CHANGE_KIND_PREFERENCE: "preference",
-    preferences_pb2.CHANGE_KIND_DEFINITION: "definition",
-    preferences_pb2.CHANGE_KIND_AI_CONFIG: "ai_config",
-    preferences_pb2.CHANGE_KIND_AI_MODEL: "ai_model",
-    preferences_pb2.CHANGE_KIND_BUDGET: "budget",
-    preferences_pb2.CHANGE_KIND_MAINTENANCE: "maintenance",
-    preferences_pb2.CHANGE_KIND_ERASURE: "erasure",
+    common_pb2.CHANGE_KIND_PREFERENCE: "preference",
+    common_pb2.CHANGE_KIND_DEFINITION: "definition",
+    common_pb2.CHANGE_KIND_AI_CONFIG: "ai_config",
+    common_pb2.CHANGE_KIND_AI_MODEL: "ai_model",
+    common_pb2.CHANGE_KIND_BUDGET: "budget",
+    common_pb2.CHANGE_KIND_MAINTENANCE: "maintenance",
+    common_pb2.CHANGE_KIND_ERASURE: "erasure",
 }
 KIND_PB = {name: kind for kind, name in KIND_NAMES.items()}
 CONSENT_MARKERS = ("consent",)
@@ -65,7 +65,7 @@ def _json_value(value: Any) -> struct_pb2.Value:
 def change_to_pb(row: AuditRow, tokens: TokenKey) -> audit_pb2.AuditChange:
     return audit_pb2.AuditChange(
         id=row.id,
-        kind=KIND_PB.get(row.kind, preferences_pb2.CHANGE_KIND_UNSPECIFIED),
+        kind=KIND_PB.get(row.kind, common_pb2.CHANGE_KIND_UNSPECIFIED),
         scope=convert.scope_to_pb(row.scope),
         key=row.key,
         old_value=_json_value(row.old_value),

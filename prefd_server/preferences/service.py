@@ -360,21 +360,17 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     async def _watch_message(self, item: WatchItem, target: WatchTarget) -> preferences_pb2.WatchPreferencesResponse:
         cursor = self._encode
         if isinstance(item, Started):
-            return preferences_pb2.WatchPreferencesResponse(
-                started=preferences_pb2.WatchStarted(cursor=cursor(item.cursor))
-            )
+            return preferences_pb2.WatchPreferencesResponse(started=common_pb2.WatchStarted(cursor=cursor(item.cursor)))
         if isinstance(item, Progress):
             return preferences_pb2.WatchPreferencesResponse(
-                progress=preferences_pb2.WatchProgress(cursor=cursor(item.cursor))
+                progress=common_pb2.WatchProgress(cursor=cursor(item.cursor))
             )
         if isinstance(item, Compacted):
             return preferences_pb2.WatchPreferencesResponse(
-                compacted=preferences_pb2.WatchCompacted(oldest_cursor=cursor(item.oldest))
+                compacted=common_pb2.WatchCompacted(oldest_cursor=cursor(item.oldest))
             )
         if isinstance(item, Erased):
-            return preferences_pb2.WatchPreferencesResponse(
-                erased=preferences_pb2.WatchErased(cursor=cursor(item.position))
-            )
+            return preferences_pb2.WatchPreferencesResponse(erased=common_pb2.WatchErased(cursor=cursor(item.position)))
         event = item.event
         change = convert.change_event_to_pb(event, cursor(event.position))
         if target.subject is not None:

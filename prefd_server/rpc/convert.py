@@ -251,11 +251,11 @@ def change_event_to_pb(event: ChangeEvent, cursor: common_pb2.Cursor) -> prefere
     """A feed row as a ChangeEvent (definition rows carry the default as old and new value)."""
     old, new = event.old_value, event.new_value
     if event.kind == "definition":
-        kind = preferences_pb2.CHANGE_KIND_DEFINITION
+        kind = common_pb2.CHANGE_KIND_DEFINITION
         old = old.get("default") if isinstance(old, dict) else None
         new = new.get("default") if isinstance(new, dict) else None
     else:
-        kind = preferences_pb2.CHANGE_KIND_PREFERENCE
+        kind = common_pb2.CHANGE_KIND_PREFERENCE
     return preferences_pb2.ChangeEvent(
         kind=kind,
         scope=scope_to_pb(event.scope),

@@ -24,121 +24,6 @@ class AsyncRpcs(abc.ABC):
     ) -> AsyncIterator[Any]:
         """Call a server-streaming RPC with the token and typed errors."""
 
-    async def create_definition(
-        self, request: preferences_pb2.CreateDefinitionRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.CreateDefinitionResponse:
-        """/prefd.v1.PreferencesService/CreateDefinition: Creates a definition (admin). ALREADY_EXISTS if the
-        key is taken; INVALID_ARGUMENT if the definition is malformed or its default breaks its own
-        constraints.
-        """
-        reply: preferences_pb2.CreateDefinitionResponse = await self._unary("prefd.v1.PreferencesService", "CreateDefinition", request, timeout)
-        return reply
-
-    async def update_definition(
-        self, request: preferences_pb2.UpdateDefinitionRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.UpdateDefinitionResponse:
-        """/prefd.v1.PreferencesService/UpdateDefinition: Replaces the fields in update_mask (all mutable
-        fields when empty) of a definition (admin). NOT_FOUND if it does not exist; FAILED_PRECONDITION on a
-        version mismatch or when stored values would break the new constraints.
-        """
-        reply: preferences_pb2.UpdateDefinitionResponse = await self._unary("prefd.v1.PreferencesService", "UpdateDefinition", request, timeout)
-        return reply
-
-    async def get_definition(
-        self, request: preferences_pb2.GetDefinitionRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.GetDefinitionResponse:
-        """/prefd.v1.PreferencesService/GetDefinition: Returns one definition. NOT_FOUND if it does not exist."""
-        reply: preferences_pb2.GetDefinitionResponse = await self._unary("prefd.v1.PreferencesService", "GetDefinition", request, timeout)
-        return reply
-
-    async def list_definitions(
-        self, request: preferences_pb2.ListDefinitionsRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.ListDefinitionsResponse:
-        """/prefd.v1.PreferencesService/ListDefinitions: Lists definitions ordered by key, optionally in one
-        category. INVALID_ARGUMENT for a page_token from another query.
-        """
-        reply: preferences_pb2.ListDefinitionsResponse = await self._unary("prefd.v1.PreferencesService", "ListDefinitions", request, timeout)
-        return reply
-
-    async def delete_definition(
-        self, request: preferences_pb2.DeleteDefinitionRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.DeleteDefinitionResponse:
-        """/prefd.v1.PreferencesService/DeleteDefinition: Deletes a definition (admin). NOT_FOUND if it does
-        not exist; FAILED_PRECONDITION while overrides exist, unless force is set (then they are removed,
-        with change rows).
-        """
-        reply: preferences_pb2.DeleteDefinitionResponse = await self._unary("prefd.v1.PreferencesService", "DeleteDefinition", request, timeout)
-        return reply
-
-    async def set_preferences(
-        self, request: preferences_pb2.SetPreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.SetPreferencesResponse:
-        """/prefd.v1.PreferencesService/SetPreferences: Writes several keys at one scope, all or nothing.
-        INVALID_ARGUMENT for an unknown key, a wrong type, a value outside its constraints or a broken
-        cross-field rule; FAILED_PRECONDITION when an expected_version does not match (names the key).
-        """
-        reply: preferences_pb2.SetPreferencesResponse = await self._unary("prefd.v1.PreferencesService", "SetPreferences", request, timeout)
-        return reply
-
-    async def delete_preferences(
-        self, request: preferences_pb2.DeletePreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.DeletePreferencesResponse:
-        """/prefd.v1.PreferencesService/DeletePreferences: Removes overrides at one scope so the keys inherit
-        again. Keys without an override are ignored; INVALID_ARGUMENT for an unknown key.
-        """
-        reply: preferences_pb2.DeletePreferencesResponse = await self._unary("prefd.v1.PreferencesService", "DeletePreferences", request, timeout)
-        return reply
-
-    async def reset_preferences(
-        self, request: preferences_pb2.ResetPreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.ResetPreferencesResponse:
-        """/prefd.v1.PreferencesService/ResetPreferences: Removes every override at one scope, or those of one
-        category.
-        """
-        reply: preferences_pb2.ResetPreferencesResponse = await self._unary("prefd.v1.PreferencesService", "ResetPreferences", request, timeout)
-        return reply
-
-    async def list_preferences(
-        self, request: preferences_pb2.ListPreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.ListPreferencesResponse:
-        """/prefd.v1.PreferencesService/ListPreferences: Lists the overrides stored at one scope, ordered by
-        key. INVALID_ARGUMENT for a page_token from another query.
-        """
-        reply: preferences_pb2.ListPreferencesResponse = await self._unary("prefd.v1.PreferencesService", "ListPreferences", request, timeout)
-        return reply
-
-    async def get_effective_preferences(
-        self, request: preferences_pb2.GetEffectivePreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.GetEffectivePreferencesResponse:
-        """/prefd.v1.PreferencesService/GetEffectivePreferences: Resolves every defined key (or those selected)
-        for a subject: default <- GLOBAL <- ORG <- USER, with provenance and the cursor the read is
-        consistent with.
-        """
-        reply: preferences_pb2.GetEffectivePreferencesResponse = await self._unary("prefd.v1.PreferencesService", "GetEffectivePreferences", request, timeout)
-        return reply
-
-    async def batch_get_effective_preferences(
-        self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.BatchGetEffectivePreferencesResponse:
-        """/prefd.v1.PreferencesService/BatchGetEffectivePreferences: GetEffectivePreferences for up to 1,000
-        subjects in one call; every value reflects every change up to the returned cursor.
-        """
-        reply: preferences_pb2.BatchGetEffectivePreferencesResponse = await self._unary("prefd.v1.PreferencesService", "BatchGetEffectivePreferences", request, timeout)
-        return reply
-
-    def watch_preferences(
-        self, request: preferences_pb2.WatchPreferencesRequest, *, timeout: float | None = None
-    ) -> AsyncIterator[preferences_pb2.WatchPreferencesResponse]:
-        """/prefd.v1.PreferencesService/WatchPreferences: Streams every change to a subject's scopes (GLOBAL,
-        its ORG, its USER) or to one scope, in feed order, from start_cursor (or from now). The first
-        message is `started`; idle streams get `progress` bookmarks; a start_cursor older than retention
-        gets `compacted` and the stream ends. INVALID_ARGUMENT for a malformed or foreign cursor, an unknown
-        scope kind or a key prefix over 128 characters; PERMISSION_DENIED for another user's subject. On
-        server shutdown the stream ends with UNAVAILABLE: resume from the last cursor received. ABORTED if
-        the watcher falls too far behind (resume likewise).
-        """
-        return self._stream("prefd.v1.PreferencesService", "WatchPreferences", request, timeout)
-
     async def create_ai_config(
         self, request: ai_config_pb2.CreateAIConfigRequest, *, timeout: float | None = None
     ) -> ai_config_pb2.CreateAIConfigResponse:
@@ -274,6 +159,121 @@ class AsyncRpcs(abc.ABC):
         shutdown.
         """
         return self._stream("prefd.v1.AIConfigService", "WatchAIConfig", request, timeout)
+
+    async def create_definition(
+        self, request: preferences_pb2.CreateDefinitionRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.CreateDefinitionResponse:
+        """/prefd.v1.PreferencesService/CreateDefinition: Creates a definition (admin). ALREADY_EXISTS if the
+        key is taken; INVALID_ARGUMENT if the definition is malformed or its default breaks its own
+        constraints.
+        """
+        reply: preferences_pb2.CreateDefinitionResponse = await self._unary("prefd.v1.PreferencesService", "CreateDefinition", request, timeout)
+        return reply
+
+    async def update_definition(
+        self, request: preferences_pb2.UpdateDefinitionRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.UpdateDefinitionResponse:
+        """/prefd.v1.PreferencesService/UpdateDefinition: Replaces the fields in update_mask (all mutable
+        fields when empty) of a definition (admin). NOT_FOUND if it does not exist; FAILED_PRECONDITION on a
+        version mismatch or when stored values would break the new constraints.
+        """
+        reply: preferences_pb2.UpdateDefinitionResponse = await self._unary("prefd.v1.PreferencesService", "UpdateDefinition", request, timeout)
+        return reply
+
+    async def get_definition(
+        self, request: preferences_pb2.GetDefinitionRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.GetDefinitionResponse:
+        """/prefd.v1.PreferencesService/GetDefinition: Returns one definition. NOT_FOUND if it does not exist."""
+        reply: preferences_pb2.GetDefinitionResponse = await self._unary("prefd.v1.PreferencesService", "GetDefinition", request, timeout)
+        return reply
+
+    async def list_definitions(
+        self, request: preferences_pb2.ListDefinitionsRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.ListDefinitionsResponse:
+        """/prefd.v1.PreferencesService/ListDefinitions: Lists definitions ordered by key, optionally in one
+        category. INVALID_ARGUMENT for a page_token from another query.
+        """
+        reply: preferences_pb2.ListDefinitionsResponse = await self._unary("prefd.v1.PreferencesService", "ListDefinitions", request, timeout)
+        return reply
+
+    async def delete_definition(
+        self, request: preferences_pb2.DeleteDefinitionRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.DeleteDefinitionResponse:
+        """/prefd.v1.PreferencesService/DeleteDefinition: Deletes a definition (admin). NOT_FOUND if it does
+        not exist; FAILED_PRECONDITION while overrides exist, unless force is set (then they are removed,
+        with change rows).
+        """
+        reply: preferences_pb2.DeleteDefinitionResponse = await self._unary("prefd.v1.PreferencesService", "DeleteDefinition", request, timeout)
+        return reply
+
+    async def set_preferences(
+        self, request: preferences_pb2.SetPreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.SetPreferencesResponse:
+        """/prefd.v1.PreferencesService/SetPreferences: Writes several keys at one scope, all or nothing.
+        INVALID_ARGUMENT for an unknown key, a wrong type, a value outside its constraints or a broken
+        cross-field rule; FAILED_PRECONDITION when an expected_version does not match (names the key).
+        """
+        reply: preferences_pb2.SetPreferencesResponse = await self._unary("prefd.v1.PreferencesService", "SetPreferences", request, timeout)
+        return reply
+
+    async def delete_preferences(
+        self, request: preferences_pb2.DeletePreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.DeletePreferencesResponse:
+        """/prefd.v1.PreferencesService/DeletePreferences: Removes overrides at one scope so the keys inherit
+        again. Keys without an override are ignored; INVALID_ARGUMENT for an unknown key.
+        """
+        reply: preferences_pb2.DeletePreferencesResponse = await self._unary("prefd.v1.PreferencesService", "DeletePreferences", request, timeout)
+        return reply
+
+    async def reset_preferences(
+        self, request: preferences_pb2.ResetPreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.ResetPreferencesResponse:
+        """/prefd.v1.PreferencesService/ResetPreferences: Removes every override at one scope, or those of one
+        category.
+        """
+        reply: preferences_pb2.ResetPreferencesResponse = await self._unary("prefd.v1.PreferencesService", "ResetPreferences", request, timeout)
+        return reply
+
+    async def list_preferences(
+        self, request: preferences_pb2.ListPreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.ListPreferencesResponse:
+        """/prefd.v1.PreferencesService/ListPreferences: Lists the overrides stored at one scope, ordered by
+        key. INVALID_ARGUMENT for a page_token from another query.
+        """
+        reply: preferences_pb2.ListPreferencesResponse = await self._unary("prefd.v1.PreferencesService", "ListPreferences", request, timeout)
+        return reply
+
+    async def get_effective_preferences(
+        self, request: preferences_pb2.GetEffectivePreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.GetEffectivePreferencesResponse:
+        """/prefd.v1.PreferencesService/GetEffectivePreferences: Resolves every defined key (or those selected)
+        for a subject: default <- GLOBAL <- ORG <- USER, with provenance and the cursor the read is
+        consistent with.
+        """
+        reply: preferences_pb2.GetEffectivePreferencesResponse = await self._unary("prefd.v1.PreferencesService", "GetEffectivePreferences", request, timeout)
+        return reply
+
+    async def batch_get_effective_preferences(
+        self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.BatchGetEffectivePreferencesResponse:
+        """/prefd.v1.PreferencesService/BatchGetEffectivePreferences: GetEffectivePreferences for up to 1,000
+        subjects in one call; every value reflects every change up to the returned cursor.
+        """
+        reply: preferences_pb2.BatchGetEffectivePreferencesResponse = await self._unary("prefd.v1.PreferencesService", "BatchGetEffectivePreferences", request, timeout)
+        return reply
+
+    def watch_preferences(
+        self, request: preferences_pb2.WatchPreferencesRequest, *, timeout: float | None = None
+    ) -> AsyncIterator[preferences_pb2.WatchPreferencesResponse]:
+        """/prefd.v1.PreferencesService/WatchPreferences: Streams every change to a subject's scopes (GLOBAL,
+        its ORG, its USER) or to one scope, in feed order, from start_cursor (or from now). The first
+        message is `started`; idle streams get `progress` bookmarks; a start_cursor older than retention
+        gets `compacted` and the stream ends. INVALID_ARGUMENT for a malformed or foreign cursor, an unknown
+        scope kind or a key prefix over 128 characters; PERMISSION_DENIED for another user's subject. On
+        server shutdown the stream ends with UNAVAILABLE: resume from the last cursor received. ABORTED if
+        the watcher falls too far behind (resume likewise).
+        """
+        return self._stream("prefd.v1.PreferencesService", "WatchPreferences", request, timeout)
 
     async def list_changes(
         self, request: audit_pb2.ListChangesRequest, *, timeout: float | None = None
@@ -413,121 +413,6 @@ class SyncRpcs(abc.ABC):
     ) -> Iterator[Any]:
         """Call a server-streaming RPC with the token and typed errors."""
 
-    def create_definition(
-        self, request: preferences_pb2.CreateDefinitionRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.CreateDefinitionResponse:
-        """/prefd.v1.PreferencesService/CreateDefinition: Creates a definition (admin). ALREADY_EXISTS if the
-        key is taken; INVALID_ARGUMENT if the definition is malformed or its default breaks its own
-        constraints.
-        """
-        reply: preferences_pb2.CreateDefinitionResponse = self._unary("prefd.v1.PreferencesService", "CreateDefinition", request, timeout)
-        return reply
-
-    def update_definition(
-        self, request: preferences_pb2.UpdateDefinitionRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.UpdateDefinitionResponse:
-        """/prefd.v1.PreferencesService/UpdateDefinition: Replaces the fields in update_mask (all mutable
-        fields when empty) of a definition (admin). NOT_FOUND if it does not exist; FAILED_PRECONDITION on a
-        version mismatch or when stored values would break the new constraints.
-        """
-        reply: preferences_pb2.UpdateDefinitionResponse = self._unary("prefd.v1.PreferencesService", "UpdateDefinition", request, timeout)
-        return reply
-
-    def get_definition(
-        self, request: preferences_pb2.GetDefinitionRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.GetDefinitionResponse:
-        """/prefd.v1.PreferencesService/GetDefinition: Returns one definition. NOT_FOUND if it does not exist."""
-        reply: preferences_pb2.GetDefinitionResponse = self._unary("prefd.v1.PreferencesService", "GetDefinition", request, timeout)
-        return reply
-
-    def list_definitions(
-        self, request: preferences_pb2.ListDefinitionsRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.ListDefinitionsResponse:
-        """/prefd.v1.PreferencesService/ListDefinitions: Lists definitions ordered by key, optionally in one
-        category. INVALID_ARGUMENT for a page_token from another query.
-        """
-        reply: preferences_pb2.ListDefinitionsResponse = self._unary("prefd.v1.PreferencesService", "ListDefinitions", request, timeout)
-        return reply
-
-    def delete_definition(
-        self, request: preferences_pb2.DeleteDefinitionRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.DeleteDefinitionResponse:
-        """/prefd.v1.PreferencesService/DeleteDefinition: Deletes a definition (admin). NOT_FOUND if it does
-        not exist; FAILED_PRECONDITION while overrides exist, unless force is set (then they are removed,
-        with change rows).
-        """
-        reply: preferences_pb2.DeleteDefinitionResponse = self._unary("prefd.v1.PreferencesService", "DeleteDefinition", request, timeout)
-        return reply
-
-    def set_preferences(
-        self, request: preferences_pb2.SetPreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.SetPreferencesResponse:
-        """/prefd.v1.PreferencesService/SetPreferences: Writes several keys at one scope, all or nothing.
-        INVALID_ARGUMENT for an unknown key, a wrong type, a value outside its constraints or a broken
-        cross-field rule; FAILED_PRECONDITION when an expected_version does not match (names the key).
-        """
-        reply: preferences_pb2.SetPreferencesResponse = self._unary("prefd.v1.PreferencesService", "SetPreferences", request, timeout)
-        return reply
-
-    def delete_preferences(
-        self, request: preferences_pb2.DeletePreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.DeletePreferencesResponse:
-        """/prefd.v1.PreferencesService/DeletePreferences: Removes overrides at one scope so the keys inherit
-        again. Keys without an override are ignored; INVALID_ARGUMENT for an unknown key.
-        """
-        reply: preferences_pb2.DeletePreferencesResponse = self._unary("prefd.v1.PreferencesService", "DeletePreferences", request, timeout)
-        return reply
-
-    def reset_preferences(
-        self, request: preferences_pb2.ResetPreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.ResetPreferencesResponse:
-        """/prefd.v1.PreferencesService/ResetPreferences: Removes every override at one scope, or those of one
-        category.
-        """
-        reply: preferences_pb2.ResetPreferencesResponse = self._unary("prefd.v1.PreferencesService", "ResetPreferences", request, timeout)
-        return reply
-
-    def list_preferences(
-        self, request: preferences_pb2.ListPreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.ListPreferencesResponse:
-        """/prefd.v1.PreferencesService/ListPreferences: Lists the overrides stored at one scope, ordered by
-        key. INVALID_ARGUMENT for a page_token from another query.
-        """
-        reply: preferences_pb2.ListPreferencesResponse = self._unary("prefd.v1.PreferencesService", "ListPreferences", request, timeout)
-        return reply
-
-    def get_effective_preferences(
-        self, request: preferences_pb2.GetEffectivePreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.GetEffectivePreferencesResponse:
-        """/prefd.v1.PreferencesService/GetEffectivePreferences: Resolves every defined key (or those selected)
-        for a subject: default <- GLOBAL <- ORG <- USER, with provenance and the cursor the read is
-        consistent with.
-        """
-        reply: preferences_pb2.GetEffectivePreferencesResponse = self._unary("prefd.v1.PreferencesService", "GetEffectivePreferences", request, timeout)
-        return reply
-
-    def batch_get_effective_preferences(
-        self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, *, timeout: float | None = None
-    ) -> preferences_pb2.BatchGetEffectivePreferencesResponse:
-        """/prefd.v1.PreferencesService/BatchGetEffectivePreferences: GetEffectivePreferences for up to 1,000
-        subjects in one call; every value reflects every change up to the returned cursor.
-        """
-        reply: preferences_pb2.BatchGetEffectivePreferencesResponse = self._unary("prefd.v1.PreferencesService", "BatchGetEffectivePreferences", request, timeout)
-        return reply
-
-    def watch_preferences(
-        self, request: preferences_pb2.WatchPreferencesRequest, *, timeout: float | None = None
-    ) -> Iterator[preferences_pb2.WatchPreferencesResponse]:
-        """/prefd.v1.PreferencesService/WatchPreferences: Streams every change to a subject's scopes (GLOBAL,
-        its ORG, its USER) or to one scope, in feed order, from start_cursor (or from now). The first
-        message is `started`; idle streams get `progress` bookmarks; a start_cursor older than retention
-        gets `compacted` and the stream ends. INVALID_ARGUMENT for a malformed or foreign cursor, an unknown
-        scope kind or a key prefix over 128 characters; PERMISSION_DENIED for another user's subject. On
-        server shutdown the stream ends with UNAVAILABLE: resume from the last cursor received. ABORTED if
-        the watcher falls too far behind (resume likewise).
-        """
-        return self._stream("prefd.v1.PreferencesService", "WatchPreferences", request, timeout)
-
     def create_ai_config(
         self, request: ai_config_pb2.CreateAIConfigRequest, *, timeout: float | None = None
     ) -> ai_config_pb2.CreateAIConfigResponse:
@@ -663,6 +548,121 @@ class SyncRpcs(abc.ABC):
         shutdown.
         """
         return self._stream("prefd.v1.AIConfigService", "WatchAIConfig", request, timeout)
+
+    def create_definition(
+        self, request: preferences_pb2.CreateDefinitionRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.CreateDefinitionResponse:
+        """/prefd.v1.PreferencesService/CreateDefinition: Creates a definition (admin). ALREADY_EXISTS if the
+        key is taken; INVALID_ARGUMENT if the definition is malformed or its default breaks its own
+        constraints.
+        """
+        reply: preferences_pb2.CreateDefinitionResponse = self._unary("prefd.v1.PreferencesService", "CreateDefinition", request, timeout)
+        return reply
+
+    def update_definition(
+        self, request: preferences_pb2.UpdateDefinitionRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.UpdateDefinitionResponse:
+        """/prefd.v1.PreferencesService/UpdateDefinition: Replaces the fields in update_mask (all mutable
+        fields when empty) of a definition (admin). NOT_FOUND if it does not exist; FAILED_PRECONDITION on a
+        version mismatch or when stored values would break the new constraints.
+        """
+        reply: preferences_pb2.UpdateDefinitionResponse = self._unary("prefd.v1.PreferencesService", "UpdateDefinition", request, timeout)
+        return reply
+
+    def get_definition(
+        self, request: preferences_pb2.GetDefinitionRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.GetDefinitionResponse:
+        """/prefd.v1.PreferencesService/GetDefinition: Returns one definition. NOT_FOUND if it does not exist."""
+        reply: preferences_pb2.GetDefinitionResponse = self._unary("prefd.v1.PreferencesService", "GetDefinition", request, timeout)
+        return reply
+
+    def list_definitions(
+        self, request: preferences_pb2.ListDefinitionsRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.ListDefinitionsResponse:
+        """/prefd.v1.PreferencesService/ListDefinitions: Lists definitions ordered by key, optionally in one
+        category. INVALID_ARGUMENT for a page_token from another query.
+        """
+        reply: preferences_pb2.ListDefinitionsResponse = self._unary("prefd.v1.PreferencesService", "ListDefinitions", request, timeout)
+        return reply
+
+    def delete_definition(
+        self, request: preferences_pb2.DeleteDefinitionRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.DeleteDefinitionResponse:
+        """/prefd.v1.PreferencesService/DeleteDefinition: Deletes a definition (admin). NOT_FOUND if it does
+        not exist; FAILED_PRECONDITION while overrides exist, unless force is set (then they are removed,
+        with change rows).
+        """
+        reply: preferences_pb2.DeleteDefinitionResponse = self._unary("prefd.v1.PreferencesService", "DeleteDefinition", request, timeout)
+        return reply
+
+    def set_preferences(
+        self, request: preferences_pb2.SetPreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.SetPreferencesResponse:
+        """/prefd.v1.PreferencesService/SetPreferences: Writes several keys at one scope, all or nothing.
+        INVALID_ARGUMENT for an unknown key, a wrong type, a value outside its constraints or a broken
+        cross-field rule; FAILED_PRECONDITION when an expected_version does not match (names the key).
+        """
+        reply: preferences_pb2.SetPreferencesResponse = self._unary("prefd.v1.PreferencesService", "SetPreferences", request, timeout)
+        return reply
+
+    def delete_preferences(
+        self, request: preferences_pb2.DeletePreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.DeletePreferencesResponse:
+        """/prefd.v1.PreferencesService/DeletePreferences: Removes overrides at one scope so the keys inherit
+        again. Keys without an override are ignored; INVALID_ARGUMENT for an unknown key.
+        """
+        reply: preferences_pb2.DeletePreferencesResponse = self._unary("prefd.v1.PreferencesService", "DeletePreferences", request, timeout)
+        return reply
+
+    def reset_preferences(
+        self, request: preferences_pb2.ResetPreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.ResetPreferencesResponse:
+        """/prefd.v1.PreferencesService/ResetPreferences: Removes every override at one scope, or those of one
+        category.
+        """
+        reply: preferences_pb2.ResetPreferencesResponse = self._unary("prefd.v1.PreferencesService", "ResetPreferences", request, timeout)
+        return reply
+
+    def list_preferences(
+        self, request: preferences_pb2.ListPreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.ListPreferencesResponse:
+        """/prefd.v1.PreferencesService/ListPreferences: Lists the overrides stored at one scope, ordered by
+        key. INVALID_ARGUMENT for a page_token from another query.
+        """
+        reply: preferences_pb2.ListPreferencesResponse = self._unary("prefd.v1.PreferencesService", "ListPreferences", request, timeout)
+        return reply
+
+    def get_effective_preferences(
+        self, request: preferences_pb2.GetEffectivePreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.GetEffectivePreferencesResponse:
+        """/prefd.v1.PreferencesService/GetEffectivePreferences: Resolves every defined key (or those selected)
+        for a subject: default <- GLOBAL <- ORG <- USER, with provenance and the cursor the read is
+        consistent with.
+        """
+        reply: preferences_pb2.GetEffectivePreferencesResponse = self._unary("prefd.v1.PreferencesService", "GetEffectivePreferences", request, timeout)
+        return reply
+
+    def batch_get_effective_preferences(
+        self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, *, timeout: float | None = None
+    ) -> preferences_pb2.BatchGetEffectivePreferencesResponse:
+        """/prefd.v1.PreferencesService/BatchGetEffectivePreferences: GetEffectivePreferences for up to 1,000
+        subjects in one call; every value reflects every change up to the returned cursor.
+        """
+        reply: preferences_pb2.BatchGetEffectivePreferencesResponse = self._unary("prefd.v1.PreferencesService", "BatchGetEffectivePreferences", request, timeout)
+        return reply
+
+    def watch_preferences(
+        self, request: preferences_pb2.WatchPreferencesRequest, *, timeout: float | None = None
+    ) -> Iterator[preferences_pb2.WatchPreferencesResponse]:
+        """/prefd.v1.PreferencesService/WatchPreferences: Streams every change to a subject's scopes (GLOBAL,
+        its ORG, its USER) or to one scope, in feed order, from start_cursor (or from now). The first
+        message is `started`; idle streams get `progress` bookmarks; a start_cursor older than retention
+        gets `compacted` and the stream ends. INVALID_ARGUMENT for a malformed or foreign cursor, an unknown
+        scope kind or a key prefix over 128 characters; PERMISSION_DENIED for another user's subject. On
+        server shutdown the stream ends with UNAVAILABLE: resume from the last cursor received. ABORTED if
+        the watcher falls too far behind (resume likewise).
+        """
+        return self._stream("prefd.v1.PreferencesService", "WatchPreferences", request, timeout)
 
     def list_changes(
         self, request: audit_pb2.ListChangesRequest, *, timeout: float | None = None

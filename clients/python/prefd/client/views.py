@@ -311,7 +311,7 @@ class PreferencesView(_LiveView):
         provenance = {v.key: v.provenance for v in reply.values}
         changes = _diff(self._values, values)
         for key, source in provenance.items():
-            slot = (preferences_pb2.CHANGE_KIND_PREFERENCE, _scope_key(source.scope), key)
+            slot = (common_pb2.CHANGE_KIND_PREFERENCE, _scope_key(source.scope), key)
             if source.version > self._versions.get(slot, 0):
                 self._versions[slot] = source.version
         self._values, self._provenance = values, provenance

@@ -11,7 +11,6 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from prefd.v1 import common_pb2 as _common_pb2
-from prefd.v1 import preferences_pb2 as _preferences_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -1702,7 +1701,7 @@ class WatchAIConfigResponse(_message.Message):
     COMPACTED_FIELD_NUMBER: _builtins.int
     ERASED_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def started(self) -> _preferences_pb2.WatchStarted:
+    def started(self) -> _common_pb2.WatchStarted:
         """First message of every stream."""
 
     @_builtins.property
@@ -1714,26 +1713,26 @@ class WatchAIConfigResponse(_message.Message):
         """A budget threshold was crossed."""
 
     @_builtins.property
-    def progress(self) -> _preferences_pb2.WatchProgress:
+    def progress(self) -> _common_pb2.WatchProgress:
         """An idle bookmark."""
 
     @_builtins.property
-    def compacted(self) -> _preferences_pb2.WatchCompacted:
+    def compacted(self) -> _common_pb2.WatchCompacted:
         """The start cursor is too old; re-read and watch again. The stream ends after this."""
 
     @_builtins.property
-    def erased(self) -> _preferences_pb2.WatchErased:
+    def erased(self) -> _common_pb2.WatchErased:
         """The watched user's data was erased; the stream ends after this."""
 
     def __init__(
         self,
         *,
-        started: _preferences_pb2.WatchStarted | None = ...,
+        started: _common_pb2.WatchStarted | None = ...,
         config_changed: Global___AIConfigChanged | None = ...,
         budget: Global___BudgetEvent | None = ...,
-        progress: _preferences_pb2.WatchProgress | None = ...,
-        compacted: _preferences_pb2.WatchCompacted | None = ...,
-        erased: _preferences_pb2.WatchErased | None = ...,
+        progress: _common_pb2.WatchProgress | None = ...,
+        compacted: _common_pb2.WatchCompacted | None = ...,
+        erased: _common_pb2.WatchErased | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "compacted", b"compacted", "config_changed", b"config_changed", "erased", b"erased", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

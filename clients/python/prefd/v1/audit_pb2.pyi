@@ -70,7 +70,7 @@ class AuditChange(_message.Message):
     CURSOR_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The change id."""
-    kind: _preferences_pb2.ChangeKind.ValueType
+    kind: _common_pb2.ChangeKind.ValueType
     """What it changed."""
     key: _builtins.str
     """The key (preference key, definition key, ai_config/<id>, ai_model/<id>, ...)."""
@@ -112,7 +112,7 @@ class AuditChange(_message.Message):
         self,
         *,
         id: _builtins.int = ...,
-        kind: _preferences_pb2.ChangeKind.ValueType = ...,
+        kind: _common_pb2.ChangeKind.ValueType = ...,
         scope: _common_pb2.Scope | None = ...,
         key: _builtins.str = ...,
         old_value: _struct_pb2.Value | None = ...,
@@ -165,7 +165,7 @@ class ListChangesRequest(_message.Message):
         """Only changes at this scope."""
 
     @_builtins.property
-    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_preferences_pb2.ChangeKind.ValueType]:
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.ChangeKind.ValueType]:
         """Only these kinds (any when empty)."""
 
     @_builtins.property
@@ -181,7 +181,7 @@ class ListChangesRequest(_message.Message):
         *,
         scope: _common_pb2.Scope | None = ...,
         key_prefix: _builtins.str = ...,
-        kinds: _abc.Iterable[_preferences_pb2.ChangeKind.ValueType] | None = ...,
+        kinds: _abc.Iterable[_common_pb2.ChangeKind.ValueType] | None = ...,
         actor: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
@@ -346,7 +346,7 @@ class KeyDiff(_message.Message):
     AFTER_VERSION_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key."""
-    kind: _preferences_pb2.ChangeKind.ValueType
+    kind: _common_pb2.ChangeKind.ValueType
     """The kind of its changes (preference, ai_config, ...)."""
     before_version: _builtins.int
     """Its version at `from` (0: never written)."""
@@ -364,7 +364,7 @@ class KeyDiff(_message.Message):
         self,
         *,
         key: _builtins.str = ...,
-        kind: _preferences_pb2.ChangeKind.ValueType = ...,
+        kind: _common_pb2.ChangeKind.ValueType = ...,
         before: _struct_pb2.Value | None = ...,
         after: _struct_pb2.Value | None = ...,
         before_version: _builtins.int = ...,

@@ -26,19 +26,21 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prefd/v1/common.proto\x12\x08prefd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\x05Scope\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\n\n\x02id\x18\x02 \x01(\t\"*\n\x07Subject\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xd1\x01\n\nTypedValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x31\n\x11string_list_value\x18\x05 \x01(\x0b\x32\x14.prefd.v1.StringListH\x00\x12-\n\njson_value\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x06\n\x04kind\"\xa1\x01\n\nProvenance\x12\x1e\n\x05layer\x18\x01 \x01(\x0e\x32\x0f.prefd.v1.Layer\x12\x1e\n\x05scope\x18\x02 \x01(\x0b\x32\x0f.prefd.v1.Scope\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x05 \x01(\t\"\x17\n\x06\x43ursor\x12\r\n\x05token\x18\x01 \x01(\t*g\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11SCOPE_KIND_GLOBAL\x10\x01\x12\x12\n\x0eSCOPE_KIND_ORG\x10\x02\x12\x13\n\x0fSCOPE_KIND_USER\x10\x03*\xc4\x01\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x01\x12\x12\n\x0eVALUE_TYPE_INT\x10\x02\x12\x15\n\x11VALUE_TYPE_DOUBLE\x10\x03\x12\x15\n\x11VALUE_TYPE_STRING\x10\x04\x12\x13\n\x0fVALUE_TYPE_ENUM\x10\x05\x12\x1a\n\x16VALUE_TYPE_STRING_LIST\x10\x06\x12\x13\n\x0fVALUE_TYPE_JSON\x10\x07*q\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x11\n\rLAYER_DEFAULT\x10\x01\x12\r\n\tLAYER_ENV\x10\x02\x12\x10\n\x0cLAYER_GLOBAL\x10\x03\x12\r\n\tLAYER_ORG\x10\x04\x12\x0e\n\nLAYER_USER\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prefd/v1/common.proto\x12\x08prefd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\x05Scope\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\n\n\x02id\x18\x02 \x01(\t\"*\n\x07Subject\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xd1\x01\n\nTypedValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x31\n\x11string_list_value\x18\x05 \x01(\x0b\x32\x14.prefd.v1.StringListH\x00\x12-\n\njson_value\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x06\n\x04kind\"\xa1\x01\n\nProvenance\x12\x1e\n\x05layer\x18\x01 \x01(\x0e\x32\x0f.prefd.v1.Layer\x12\x1e\n\x05scope\x18\x02 \x01(\x0b\x32\x0f.prefd.v1.Scope\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x05 \x01(\t\"\x17\n\x06\x43ursor\x12\r\n\x05token\x18\x01 \x01(\t\"0\n\x0cWatchStarted\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"1\n\rWatchProgress\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"9\n\x0eWatchCompacted\x12\'\n\roldest_cursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"/\n\x0bWatchErased\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor*g\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11SCOPE_KIND_GLOBAL\x10\x01\x12\x12\n\x0eSCOPE_KIND_ORG\x10\x02\x12\x13\n\x0fSCOPE_KIND_USER\x10\x03*\xc4\x01\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x01\x12\x12\n\x0eVALUE_TYPE_INT\x10\x02\x12\x15\n\x11VALUE_TYPE_DOUBLE\x10\x03\x12\x15\n\x11VALUE_TYPE_STRING\x10\x04\x12\x13\n\x0fVALUE_TYPE_ENUM\x10\x05\x12\x1a\n\x16VALUE_TYPE_STRING_LIST\x10\x06\x12\x13\n\x0fVALUE_TYPE_JSON\x10\x07*q\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x11\n\rLAYER_DEFAULT\x10\x01\x12\r\n\tLAYER_ENV\x10\x02\x12\x10\n\x0cLAYER_GLOBAL\x10\x03\x12\r\n\tLAYER_ORG\x10\x04\x12\x0e\n\nLAYER_USER\x10\x05*\xe4\x01\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43HANGE_KIND_PREFERENCE\x10\x01\x12\x1a\n\x16\x43HANGE_KIND_DEFINITION\x10\x02\x12\x19\n\x15\x43HANGE_KIND_AI_CONFIG\x10\x03\x12\x18\n\x14\x43HANGE_KIND_AI_MODEL\x10\x04\x12\x16\n\x12\x43HANGE_KIND_BUDGET\x10\x05\x12\x1b\n\x17\x43HANGE_KIND_MAINTENANCE\x10\x06\x12\x17\n\x13\x43HANGE_KIND_ERASURE\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prefd.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOPEKIND']._serialized_start=629
-  _globals['_SCOPEKIND']._serialized_end=732
-  _globals['_VALUETYPE']._serialized_start=735
-  _globals['_VALUETYPE']._serialized_end=931
-  _globals['_LAYER']._serialized_start=933
-  _globals['_LAYER']._serialized_end=1046
+  _globals['_SCOPEKIND']._serialized_start=838
+  _globals['_SCOPEKIND']._serialized_end=941
+  _globals['_VALUETYPE']._serialized_start=944
+  _globals['_VALUETYPE']._serialized_end=1140
+  _globals['_LAYER']._serialized_start=1142
+  _globals['_LAYER']._serialized_end=1255
+  _globals['_CHANGEKIND']._serialized_start=1258
+  _globals['_CHANGEKIND']._serialized_end=1486
   _globals['_SCOPE']._serialized_start=98
   _globals['_SCOPE']._serialized_end=152
   _globals['_SUBJECT']._serialized_start=154
@@ -51,4 +53,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROVENANCE']._serialized_end=602
   _globals['_CURSOR']._serialized_start=604
   _globals['_CURSOR']._serialized_end=627
+  _globals['_WATCHSTARTED']._serialized_start=629
+  _globals['_WATCHSTARTED']._serialized_end=677
+  _globals['_WATCHPROGRESS']._serialized_start=679
+  _globals['_WATCHPROGRESS']._serialized_end=728
+  _globals['_WATCHCOMPACTED']._serialized_start=730
+  _globals['_WATCHCOMPACTED']._serialized_end=787
+  _globals['_WATCHERASED']._serialized_start=789
+  _globals['_WATCHERASED']._serialized_end=836
 # @@protoc_insertion_point(module_scope)

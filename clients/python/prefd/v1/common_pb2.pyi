@@ -129,6 +129,50 @@ LAYER_USER: Layer.ValueType  # 5
 """The subject's USER scope."""
 Global___Layer: _TypeAlias = Layer  # noqa: Y015
 
+class _ChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_KIND_UNSPECIFIED: _ChangeKind.ValueType  # 0
+    """Not set."""
+    CHANGE_KIND_PREFERENCE: _ChangeKind.ValueType  # 1
+    """A stored override was set or removed."""
+    CHANGE_KIND_DEFINITION: _ChangeKind.ValueType  # 2
+    """A definition was created, updated or deleted (its default may have changed)."""
+    CHANGE_KIND_AI_CONFIG: _ChangeKind.ValueType  # 3
+    """A named AI configuration (AuditService only)."""
+    CHANGE_KIND_AI_MODEL: _ChangeKind.ValueType  # 4
+    """A model of the AI catalog (AuditService only)."""
+    CHANGE_KIND_BUDGET: _ChangeKind.ValueType  # 5
+    """A budget threshold crossing (AuditService only)."""
+    CHANGE_KIND_MAINTENANCE: _ChangeKind.ValueType  # 6
+    """A maintenance operation such as the retention purge (AuditService only)."""
+    CHANGE_KIND_ERASURE: _ChangeKind.ValueType  # 7
+    """A user's data erasure."""
+
+class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper):
+    """ChangeKind says what a change event changed."""
+
+CHANGE_KIND_UNSPECIFIED: ChangeKind.ValueType  # 0
+"""Not set."""
+CHANGE_KIND_PREFERENCE: ChangeKind.ValueType  # 1
+"""A stored override was set or removed."""
+CHANGE_KIND_DEFINITION: ChangeKind.ValueType  # 2
+"""A definition was created, updated or deleted (its default may have changed)."""
+CHANGE_KIND_AI_CONFIG: ChangeKind.ValueType  # 3
+"""A named AI configuration (AuditService only)."""
+CHANGE_KIND_AI_MODEL: ChangeKind.ValueType  # 4
+"""A model of the AI catalog (AuditService only)."""
+CHANGE_KIND_BUDGET: ChangeKind.ValueType  # 5
+"""A budget threshold crossing (AuditService only)."""
+CHANGE_KIND_MAINTENANCE: ChangeKind.ValueType  # 6
+"""A maintenance operation such as the retention purge (AuditService only)."""
+CHANGE_KIND_ERASURE: ChangeKind.ValueType  # 7
+"""A user's data erasure."""
+Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
+
 @_typing.final
 class Scope(_message.Message):
     """Scope names where an override is stored: GLOBAL, ORG(id) or USER(id)."""
@@ -316,3 +360,99 @@ class Cursor(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Cursor: _TypeAlias = Cursor  # noqa: Y015
+
+@_typing.final
+class WatchStarted(_message.Message):
+    """WatchStarted confirms a watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursor(self) -> Global___Cursor:
+        """Events follow from this position."""
+
+    def __init__(
+        self,
+        *,
+        cursor: Global___Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStarted: _TypeAlias = WatchStarted  # noqa: Y015
+
+@_typing.final
+class WatchProgress(_message.Message):
+    """WatchProgress is a bookmark sent while the stream is idle."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursor(self) -> Global___Cursor:
+        """Every change up to here has been delivered."""
+
+    def __init__(
+        self,
+        *,
+        cursor: Global___Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProgress: _TypeAlias = WatchProgress  # noqa: Y015
+
+@_typing.final
+class WatchCompacted(_message.Message):
+    """WatchCompacted says the start cursor is older than the retained change history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLDEST_CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def oldest_cursor(self) -> Global___Cursor:
+        """The oldest cursor a watch can start from; re-read a snapshot and watch from its cursor."""
+
+    def __init__(
+        self,
+        *,
+        oldest_cursor: Global___Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_cursor", b"oldest_cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_cursor", b"oldest_cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCompacted: _TypeAlias = WatchCompacted  # noqa: Y015
+
+@_typing.final
+class WatchErased(_message.Message):
+    """WatchErased says the watched user's data was erased (GDPR); drop every local copy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cursor(self) -> Global___Cursor:
+        """The position of the erasure."""
+
+    def __init__(
+        self,
+        *,
+        cursor: Global___Cursor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchErased: _TypeAlias = WatchErased  # noqa: Y015

@@ -10,7 +10,6 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from prefd.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -22,50 +21,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _ChangeKind:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    CHANGE_KIND_UNSPECIFIED: _ChangeKind.ValueType  # 0
-    """Not set."""
-    CHANGE_KIND_PREFERENCE: _ChangeKind.ValueType  # 1
-    """A stored override was set or removed."""
-    CHANGE_KIND_DEFINITION: _ChangeKind.ValueType  # 2
-    """A definition was created, updated or deleted (its default may have changed)."""
-    CHANGE_KIND_AI_CONFIG: _ChangeKind.ValueType  # 3
-    """A named AI configuration (AuditService only)."""
-    CHANGE_KIND_AI_MODEL: _ChangeKind.ValueType  # 4
-    """A model of the AI catalog (AuditService only)."""
-    CHANGE_KIND_BUDGET: _ChangeKind.ValueType  # 5
-    """A budget threshold crossing (AuditService only)."""
-    CHANGE_KIND_MAINTENANCE: _ChangeKind.ValueType  # 6
-    """A maintenance operation such as the retention purge (AuditService only)."""
-    CHANGE_KIND_ERASURE: _ChangeKind.ValueType  # 7
-    """A user's data erasure."""
-
-class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper):
-    """ChangeKind says what a change event changed."""
-
-CHANGE_KIND_UNSPECIFIED: ChangeKind.ValueType  # 0
-"""Not set."""
-CHANGE_KIND_PREFERENCE: ChangeKind.ValueType  # 1
-"""A stored override was set or removed."""
-CHANGE_KIND_DEFINITION: ChangeKind.ValueType  # 2
-"""A definition was created, updated or deleted (its default may have changed)."""
-CHANGE_KIND_AI_CONFIG: ChangeKind.ValueType  # 3
-"""A named AI configuration (AuditService only)."""
-CHANGE_KIND_AI_MODEL: ChangeKind.ValueType  # 4
-"""A model of the AI catalog (AuditService only)."""
-CHANGE_KIND_BUDGET: ChangeKind.ValueType  # 5
-"""A budget threshold crossing (AuditService only)."""
-CHANGE_KIND_MAINTENANCE: ChangeKind.ValueType  # 6
-"""A maintenance operation such as the retention purge (AuditService only)."""
-CHANGE_KIND_ERASURE: ChangeKind.ValueType  # 7
-"""A user's data erasure."""
-Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
 
 @_typing.final
 class Definition(_message.Message):
@@ -1063,30 +1018,6 @@ class WatchPreferencesRequest(_message.Message):
 Global___WatchPreferencesRequest: _TypeAlias = WatchPreferencesRequest  # noqa: Y015
 
 @_typing.final
-class WatchStarted(_message.Message):
-    """WatchStarted confirms a watch."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CURSOR_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def cursor(self) -> _common_pb2.Cursor:
-        """Events follow from this position."""
-
-    def __init__(
-        self,
-        *,
-        cursor: _common_pb2.Cursor | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___WatchStarted: _TypeAlias = WatchStarted  # noqa: Y015
-
-@_typing.final
 class ChangeEvent(_message.Message):
     """ChangeEvent is one change, in feed order."""
 
@@ -1102,7 +1033,7 @@ class ChangeEvent(_message.Message):
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     EFFECTIVE_FIELD_NUMBER: _builtins.int
-    kind: Global___ChangeKind.ValueType
+    kind: _common_pb2.ChangeKind.ValueType
     """What changed."""
     key: _builtins.str
     """The key."""
@@ -1139,7 +1070,7 @@ class ChangeEvent(_message.Message):
     def __init__(
         self,
         *,
-        kind: Global___ChangeKind.ValueType = ...,
+        kind: _common_pb2.ChangeKind.ValueType = ...,
         scope: _common_pb2.Scope | None = ...,
         key: _builtins.str = ...,
         old_value: _common_pb2.TypedValue | None = ...,
@@ -1159,54 +1090,6 @@ class ChangeEvent(_message.Message):
 Global___ChangeEvent: _TypeAlias = ChangeEvent  # noqa: Y015
 
 @_typing.final
-class WatchProgress(_message.Message):
-    """WatchProgress is a bookmark sent while the stream is idle."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CURSOR_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def cursor(self) -> _common_pb2.Cursor:
-        """Every change up to here has been delivered."""
-
-    def __init__(
-        self,
-        *,
-        cursor: _common_pb2.Cursor | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___WatchProgress: _TypeAlias = WatchProgress  # noqa: Y015
-
-@_typing.final
-class WatchCompacted(_message.Message):
-    """WatchCompacted says the start cursor is older than the retained change history."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    OLDEST_CURSOR_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def oldest_cursor(self) -> _common_pb2.Cursor:
-        """The oldest cursor a watch can start from; re-read a snapshot and watch from its cursor."""
-
-    def __init__(
-        self,
-        *,
-        oldest_cursor: _common_pb2.Cursor | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_cursor", b"oldest_cursor"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["oldest_cursor", b"oldest_cursor"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___WatchCompacted: _TypeAlias = WatchCompacted  # noqa: Y015
-
-@_typing.final
 class WatchPreferencesResponse(_message.Message):
     """Response for WatchPreferences: one of the messages above."""
 
@@ -1218,7 +1101,7 @@ class WatchPreferencesResponse(_message.Message):
     COMPACTED_FIELD_NUMBER: _builtins.int
     ERASED_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def started(self) -> Global___WatchStarted:
+    def started(self) -> _common_pb2.WatchStarted:
         """First message of every stream."""
 
     @_builtins.property
@@ -1226,25 +1109,25 @@ class WatchPreferencesResponse(_message.Message):
         """A change."""
 
     @_builtins.property
-    def progress(self) -> Global___WatchProgress:
+    def progress(self) -> _common_pb2.WatchProgress:
         """An idle bookmark."""
 
     @_builtins.property
-    def compacted(self) -> Global___WatchCompacted:
+    def compacted(self) -> _common_pb2.WatchCompacted:
         """The start cursor is too old; the stream ends after this."""
 
     @_builtins.property
-    def erased(self) -> Global___WatchErased:
+    def erased(self) -> _common_pb2.WatchErased:
         """The watched user's data was erased; the stream ends after this."""
 
     def __init__(
         self,
         *,
-        started: Global___WatchStarted | None = ...,
+        started: _common_pb2.WatchStarted | None = ...,
         change: Global___ChangeEvent | None = ...,
-        progress: Global___WatchProgress | None = ...,
-        compacted: Global___WatchCompacted | None = ...,
-        erased: Global___WatchErased | None = ...,
+        progress: _common_pb2.WatchProgress | None = ...,
+        compacted: _common_pb2.WatchCompacted | None = ...,
+        erased: _common_pb2.WatchErased | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "compacted", b"compacted", "erased", b"erased", "message", b"message", "progress", b"progress", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1255,27 +1138,3 @@ class WatchPreferencesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WatchPreferencesResponse: _TypeAlias = WatchPreferencesResponse  # noqa: Y015
-
-@_typing.final
-class WatchErased(_message.Message):
-    """WatchErased says the watched user's data was erased (GDPR); drop every local copy."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    CURSOR_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def cursor(self) -> _common_pb2.Cursor:
-        """The position of the erasure."""
-
-    def __init__(
-        self,
-        *,
-        cursor: _common_pb2.Cursor | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___WatchErased: _TypeAlias = WatchErased  # noqa: Y015
