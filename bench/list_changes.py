@@ -40,7 +40,7 @@ from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2
 
 
 async def page_token_at(
-    stub: audit_pb2_grpc.AuditServiceStub, request: audit_pb2.ListChangesRequest, depth: int, meta: Any
+    stub: audit_pb2_grpc.AuditServiceAsyncStub, request: audit_pb2.ListChangesRequest, depth: int, meta: Any
 ) -> str:
     """The token of the page that starts `depth` rows (a multiple of 100) into the listing."""
     walker = audit_pb2.ListChangesRequest()
@@ -60,7 +60,11 @@ async def page_token_at(
 
 
 async def measure(
-    stub: audit_pb2_grpc.AuditServiceStub, request: audit_pb2.ListChangesRequest, token: str, samples: int, meta: Any
+    stub: audit_pb2_grpc.AuditServiceAsyncStub,
+    request: audit_pb2.ListChangesRequest,
+    token: str,
+    samples: int,
+    meta: Any,
 ) -> dict[str, Any]:
     first_ms: list[float] = []
     deep_ms: list[float] = []
