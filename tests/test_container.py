@@ -15,8 +15,8 @@ from typing import Any
 
 import asyncpg
 
-from tests.conftest import SECRET
-from tests.processes import ROOT
+from tests.helpers.processes import ROOT
+from tests.helpers.settings import SECRET
 
 
 def _environment(**settings: str) -> dict[str, str]:

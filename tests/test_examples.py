@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 
 from prefd_server.app import App
-from tests.conftest import auth, token, unique
-from tests.helpers import set_request, user
-from tests.processes import ROOT
+from tests.helpers.auth import auth, token, unique
+from tests.helpers.processes import ROOT
+from tests.helpers.requests import set_request, user
 
 ADMIN = auth("admin")
 EXAMPLES = ROOT / "clients" / "python" / "examples"
@@ -44,7 +44,7 @@ async def _events(process: asyncio.subprocess.Process, count: int) -> list[dict[
     return events
 
 
-async def test_the_trading_engine_applies_new_risk_limits_on_change(app: App, stub) -> None:  # type: ignore[no-untyped-def]
+async def test_the_trading_engine_applies_new_risk_limits_on_change(app: App, stub) -> None:
     uid = unique("trader")
     process = await _start(app, "trading_engine.py", "--user", uid, "--changes", "1")
     ready, check = await _events(process, 2)
@@ -68,7 +68,7 @@ async def test_the_generation_worker_reads_model_settings_and_records_usage(app:
     assert await db.fetchval("SELECT count(*) FROM ai_usage WHERE user_id = $1", uid) == 3
 
 
-async def test_the_notification_worker_routes_by_the_users_switches(app: App, stub) -> None:  # type: ignore[no-untyped-def]
+async def test_the_notification_worker_routes_by_the_users_switches(app: App, stub) -> None:
     uid = unique("reader")
     switches = {"notifications.email.enabled": False, "notifications.push.enabled": True}
     await stub.SetPreferences(set_request(user(uid), switches), metadata=ADMIN)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import prefd
-from tests.processes import ROOT
+from tests.helpers.processes import ROOT
 
 # What the Dockerfile's build stage copies to build the server's wheel.
 BUILD_INPUTS = ("pyproject.toml", "README.md", "prefd_server", "clients/python")

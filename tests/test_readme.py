@@ -7,8 +7,8 @@ import os
 import sys
 
 from prefd_server.app import App
-from tests.conftest import token
-from tests.processes import ROOT
+from tests.helpers.auth import token
+from tests.helpers.processes import ROOT
 
 
 async def test_readme_grpcurl_examples_succeed(app: App) -> None:

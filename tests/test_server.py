@@ -21,12 +21,11 @@ from prefd.v1 import health_pb2 as prefd_health_pb2
 from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
 from prefd_server.app import App
 from prefd_server.ops.checks import Probe
-from tests.conftest import SECRET, auth, make_settings, unique
-from tests.helpers import set_request, user
-from tests.processes import PgProxy, prefd_process
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+from tests.helpers.auth import auth, unique
+from tests.helpers.health import NOT_SERVING, SERVING, next_status
+from tests.helpers.processes import PgProxy, prefd_process
+from tests.helpers.requests import set_request, user
+from tests.helpers.settings import SECRET, make_settings
 
 # Someone waits on the advisory lock hashtextextended($1, 0) in this connection's database.
 # pg_locks shows the cluster; an 8-byte advisory key is split into classid (high) and objid (low).
@@ -66,24 +65,14 @@ def _check_reflection(port: int) -> None:
         }
 
 
-async def test_health_needs_no_token_and_reports_serving(channel) -> None:  # type: ignore[no-untyped-def]
+async def test_health_needs_no_token_and_reports_serving(channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "prefd.v1.PreferencesService"):
         reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert reply.status == SERVING
 
 
-async def next_status(stream, want: int, deadline_s: float) -> float:  # type: ignore[no-untyped-def]
-    """Seconds until the Watch stream reports `want`."""
-    start = time.monotonic()
-    async with asyncio.timeout(deadline_s):
-        async for reply in stream:
-            if reply.status == want:
-                return time.monotonic() - start
-    raise AssertionError("stream ended")
-
-
-async def test_health_follows_postgresql_reachability(server_url, fresh_database, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+async def test_health_follows_postgresql_reachability(server_url, fresh_database, tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="prefd_server.app")
     database = urlparse(await fresh_database()).path.lstrip("/")
     proxy = PgProxy(server_url)
@@ -126,7 +115,7 @@ async def test_health_follows_postgresql_reachability(server_url, fresh_database
     ]
 
 
-async def test_a_hung_postgresql_never_hangs_health(server_url, fresh_database, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_hung_postgresql_never_hangs_health(server_url, fresh_database, tmp_path) -> None:
     """PostgreSQL stops answering without closing anything: each check gives up at its timeout."""
     database = urlparse(await fresh_database()).path.lstrip("/")
     proxy = PgProxy(server_url)
@@ -156,7 +145,7 @@ async def test_a_hung_postgresql_never_hangs_health(server_url, fresh_database, 
     await proxy.stop()
 
 
-async def test_sigterm_lets_in_flight_calls_finish(fresh_database) -> None:  # type: ignore[no-untyped-def]
+async def test_sigterm_lets_in_flight_calls_finish(fresh_database) -> None:
     url = await fresh_database()
     env = {
         "DATABASE_URL": url,
@@ -202,7 +191,7 @@ async def test_sigterm_lets_in_flight_calls_finish(fresh_database) -> None:  # t
         await check.close()
 
 
-async def test_embedded_mode_prints_a_working_token_and_grpcurl_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_embedded_mode_prints_a_working_token_and_grpcurl_line(tmp_path) -> None:
     env = {"DATABASE_URL": "", "PREFD_PORT": "0", "PREFD_HOST": "127.0.0.1", "PREFD_DATA_DIR": str(tmp_path / "d")}
     env_without_db = {k: v for k, v in env.items() if v}
     os.environ.pop("PREFD_JWT_SECRET", None)

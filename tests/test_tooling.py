@@ -11,7 +11,7 @@ import tomllib
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.app import App
-from tests.processes import ROOT
+from tests.helpers.processes import ROOT
 
 
 def test_generated_code_is_fresh() -> None:
@@ -21,7 +21,7 @@ def test_generated_code_is_fresh() -> None:
     assert result.returncode == 0, "run `python scripts/generate.py`:\n" + result.stderr
 
 
-async def test_cli_token_is_accepted(app: App, channel) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_token_is_accepted(app: App, channel) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

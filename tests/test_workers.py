@@ -9,9 +9,10 @@ import signal
 import grpc
 
 from prefd.v1 import common_pb2, health_pb2, health_pb2_grpc, preferences_pb2, preferences_pb2_grpc
-from tests.conftest import SECRET, auth, unique
-from tests.helpers import py, set_request, user
-from tests.processes import prefd_process
+from tests.helpers.auth import auth, unique
+from tests.helpers.processes import prefd_process
+from tests.helpers.requests import py, set_request, user
+from tests.helpers.settings import SECRET
 
 ADMIN = auth("admin")
 
@@ -24,7 +25,7 @@ async def worker_pid(channel: grpc.aio.Channel) -> str:
     return feed.details["process_id"]
 
 
-async def test_two_workers_share_a_port_and_see_each_others_writes(fresh_database) -> None:  # type: ignore[no-untyped-def]
+async def test_two_workers_share_a_port_and_see_each_others_writes(fresh_database) -> None:
     url = await fresh_database()
     env = {"DATABASE_URL": url, "PREFD_JWT_SECRET": SECRET, "PREFD_PORT": "0", "PREFD_HOST": "127.0.0.1"}
     async with prefd_process(env, "--workers", "2") as (proc, port, lines):

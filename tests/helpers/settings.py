@@ -1,0 +1,39 @@
+"""The settings of the in-process test servers: signing secret, master key, database URLs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefd_server.settings import Settings
+
+SECRET = "test-signing-secret-" + "x" * 32
+# The test servers' AES-GCM master key for API keys (32 bytes, base64url).
+MASTER_KEY = "dGVzdC1tYXN0ZXIta2V5LTMyLWJ5dGVzLWxvbmctLS0"
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` (works for host and unix-socket URLs)."""
+    base, _, query = url.partition("?")
+    head, _, _old = base.rpartition("/")
+    return f"{head}/{name}" + (f"?{query}" if query else "")
+
+
+def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settings:
+    """Settings for an in-process test server (REDIS_URL's Redis when set); overrides win."""
+    defaults: dict[str, Any] = dict(
+        database_url=database_url,
+        redis_url=os.environ.get("REDIS_URL") or None,
+        host="127.0.0.1",
+        port=0,
+        data_dir=data_dir,
+        jwt_secret=SECRET,
+        grace_period_s=2,
+        health_interval_s=0.2,
+        health_timeout_s=0.5,
+        print_token=False,
+        watch_progress_interval_s=0.5,
+        secret_key=MASTER_KEY,
+    )
+    return Settings(**{**defaults, **overrides})
