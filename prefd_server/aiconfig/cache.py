@@ -17,10 +17,9 @@ from prefd_server.aiconfig import store as ai_sql
 from prefd_server.aiconfig.model import AIConfigRecord, ChainLayer, EffectiveAIConfig, ModelInfo, merge
 from prefd_server.aiconfig.secretbox import SecretBox, sealing_context
 from prefd_server.aiconfig.writes import merged_chain
-from prefd_server.kernel import feed_store as feed_sql
-from prefd_server.kernel.db import translated_errors
+from prefd_server.kernel.db import snapshot, translated_errors
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import Scope, Subject
+from prefd_server.kernel.model import ChangeKind, Scope, Subject
 from prefd_server.kernel.response_cache import ResponseCache
 
 CHANGE_MEMORY_S = 120.0
@@ -66,15 +65,15 @@ class AIConfigCache:
     def on_changes(self, events: Sequence[ChangeEvent]) -> None:
         """Feed listener: forget what AI config and catalog changes make stale."""
         for event in events:
-            if event.kind == "erasure":  # names only a pseudonym: forget every scope
+            if event.kind == ChangeKind.ERASURE:  # names only a pseudonym: forget every scope
                 self._keys.clear()
                 for scope in list(self._scopes):
                     self._forget_scope(scope, event.xid)
                 self._drop_responses(None)
-            elif event.kind == "ai_config":
+            elif event.kind == ChangeKind.AI_CONFIG:
                 self._keys.pop(event.key.removeprefix("ai_config/"), None)
                 self._forget_scope(event.scope, event.xid)
-            elif event.kind == "ai_model":
+            elif event.kind == ChangeKind.AI_MODEL:
                 self.on_local_catalog_commit(event.xid)
         if len(self._changed) > MAX_SCOPES:
             cutoff = time.monotonic() - CHANGE_MEMORY_S
@@ -132,10 +131,9 @@ class AIConfigCache:
     async def catalog(self) -> dict[str, ModelInfo]:
         if self._catalog is not None:
             return self._catalog
-        async with translated_errors(), self._pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                xmin = await feed_sql.horizon_xid(conn)
-                loaded = await ai_sql.models(conn)
+        async with snapshot(self._pool) as snap:
+            xmin = snap.xmin
+            loaded = await ai_sql.models(snap.conn)
         if xmin > self._catalog_changed_xid:
             self._catalog = loaded
         return loaded
@@ -146,10 +144,9 @@ class AIConfigCache:
         missing = [s for s in scopes if s not in found]
         if not missing:
             return found
-        async with translated_errors(), self._pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                xmin = await feed_sql.horizon_xid(conn)
-                loaded = await ai_sql.at_scopes(conn, missing)
+        async with snapshot(self._pool) as snap:
+            xmin = snap.xmin
+            loaded = await ai_sql.at_scopes(snap.conn, missing)
         for scope in missing:
             configs = ScopeConfigs(loaded[scope], xmin)
             found[scope] = configs

@@ -30,14 +30,14 @@ from prefd_server.aiconfig.model import (
 )
 from prefd_server.aiconfig.usage_store import reached
 from prefd_server.aiconfig.writes import AIConfigStore, KeyUpdate, Mutation
-from prefd_server.audit.store import pseudonym_of
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import PermissionDenied, ValidationFailed, invalid
 from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.ids import id_problem
-from prefd_server.kernel.model import FieldViolation, Scope, ScopeKind, Subject
-from prefd_server.kernel.paging import decode_token, encode_token, page_size
+from prefd_server.kernel.model import ChangeKind, FieldViolation, Scope, ScopeKind, Subject
+from prefd_server.kernel.paging import paginate
+from prefd_server.kernel.privacy import pseudonym_of
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.kernel.watch import Compacted, Erased, Progress, Started, WatchTarget, watch
 from prefd_server.preferences.cache import RedisLayers
@@ -52,7 +52,7 @@ MAX_TOKENS_PER_CALL = 10**12
 MAX_PRICE_USD_PER_1K = 1000.0
 REQUEST_ID_PATTERN = re.compile(rf"[A-Za-z0-9._:@+/-]{{1,{MAX_REQUEST_ID}}}")
 _PRIORITY = re.compile(r"-?(0|[1-9][0-9]{0,9})")
-AI_WATCH_KINDS = frozenset({"ai_config", "budget"})
+AI_WATCH_KINDS = frozenset({ChangeKind.AI_CONFIG, ChangeKind.BUDGET})
 AI_WATCH_PREFIXES = ("ai_config/", "budget/")
 # Mask paths below `configuration` and the flat paths each one covers.
 _SECTION_PATHS = {s: [p for p in FIELD_TYPES if p.startswith(f"{s}.")] for s in SECTIONS}
@@ -280,24 +280,18 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         principal = current_principal()
         scope = _owner_scope(request.user_id, request.org_id, request.__getattribute__("global"), "request")
         _require_config_read(principal, scope)
-        if request.page_size < 0:
-            raise invalid("page_size", "must not be negative")
-        size = page_size(request.page_size)
         query = {"rpc": "ListAIConfigs", "kind": scope.kind.value, "id": scope.id}
-        after_token = decode_token(request.page_token, query, self._tokens)
+        page = paginate(query, request.page_size, request.page_token, self._tokens)
         after = None
-        if after_token is not None:
-            priority, sep, name = after_token.partition(":")
+        if page.after is not None:
+            priority, sep, name = page.after.partition(":")
             if not sep or not name:
                 raise invalid("page_token", "is malformed")
             after = (_parse_priority(priority), name)
-        found = await self._writer.page(scope, after, size + 1)
-        next_token = ""
-        if len(found) > size:
-            last = found[size - 1]
-            next_token = encode_token(query, f"{last.priority}:{last.name}", self._tokens)
+        found = await self._writer.page(scope, after, page.limit)
+        configs, next_token = page.cut(found, lambda c: f"{c.priority}:{c.name}")
         return ai_config_pb2.ListAIConfigsResponse(
-            configs=[await self._config_pb(r, principal) for r in found[:size]], next_page_token=next_token
+            configs=[await self._config_pb(r, principal) for r in configs], next_page_token=next_token
         )
 
     async def DeleteAIConfig(
@@ -603,7 +597,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self, event: ChangeEvent, subject: Subject, privileged: bool
     ) -> ai_config_pb2.WatchAIConfigResponse:
         cursor = self._encode(event.position)
-        if event.kind == "budget":
+        if event.kind == ChangeKind.BUDGET:
             crossing = ai_convert.crossing_from_document(event.scope.id, event.new_value or {})
             return ai_config_pb2.WatchAIConfigResponse(
                 budget=ai_config_pb2.BudgetEvent(crossed=ai_convert.crossing_to_pb(crossing), cursor=cursor)

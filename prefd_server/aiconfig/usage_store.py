@@ -14,7 +14,7 @@ from prefd_server.aiconfig.model import ModelInfo
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import RequestIdReused, invalid
-from prefd_server.kernel.model import CallInfo, FieldViolation, Scope, ScopeKind, Subject
+from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Scope, ScopeKind, Subject
 
 PERIODS = ("daily", "weekly", "monthly")
 
@@ -133,7 +133,7 @@ async def record(
         for crossing in crossings:
             xid = await feed_sql.append_change(
                 conn,
-                "budget",
+                ChangeKind.BUDGET,
                 Scope(ScopeKind.USER, subject.user_id),
                 f"budget/{crossing.period}",
                 None,

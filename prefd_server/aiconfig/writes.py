@@ -24,7 +24,7 @@ from prefd_server.aiconfig.secretbox import SecretBox, sealing_context
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import AIConfigExists, AIConfigNotFound, ValidationFailed, VersionConflict
-from prefd_server.kernel.model import CallInfo, FieldViolation, Layer, Scope, ScopeKind
+from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind
 
 LAYER_OF_SCOPE = {ScopeKind.GLOBAL: Layer.GLOBAL, ScopeKind.ORG: Layer.ORG, ScopeKind.USER: Layer.USER}
 
@@ -227,7 +227,7 @@ class AIConfigStore:
         config_id = new.id if new is not None else old.id  # type: ignore[union-attr]
         return await feed_sql.append_change(
             conn,
-            "ai_config",
+            ChangeKind.AI_CONFIG,
             scope,
             f"ai_config/{config_id}",
             old.audit_document() if old else None,
@@ -246,7 +246,7 @@ class AIConfigStore:
                 stored = await ai_sql.upsert_model(conn, model, call.actor)
                 xid = await feed_sql.append_change(
                     conn,
-                    "ai_model",
+                    ChangeKind.AI_MODEL,
                     Scope(ScopeKind.GLOBAL),
                     f"ai_model/{model.model}",
                     ai_sql.model_document(old) if old else None,

@@ -16,8 +16,8 @@ from prefd_server.audit.store import AuditRow, AuditStore, ChangeFilter, KeyStat
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import PermissionDenied, UserErased, ValidationFailed, invalid
 from prefd_server.kernel.ids import id_problem, key_problem
-from prefd_server.kernel.model import FieldViolation, Scope, ScopeKind, Subject
-from prefd_server.kernel.paging import decode_token, encode_token, page_size, parse_int64
+from prefd_server.kernel.model import ChangeKind, FieldViolation, Scope, ScopeKind, Subject
+from prefd_server.kernel.paging import paginate, parse_int64
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.preferences.cache import EffectiveCache
 from prefd_server.preferences.model import KeyWrite, WriteResult
@@ -30,13 +30,13 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 MAX_ROLLBACK_SCOPES = 100
 KIND_NAMES = {
-    common_pb2.CHANGE_KIND_PREFERENCE: "preference",
-    common_pb2.CHANGE_KIND_DEFINITION: "definition",
-    common_pb2.CHANGE_KIND_AI_CONFIG: "ai_config",
-    common_pb2.CHANGE_KIND_AI_MODEL: "ai_model",
-    common_pb2.CHANGE_KIND_BUDGET: "budget",
-    common_pb2.CHANGE_KIND_MAINTENANCE: "maintenance",
-    common_pb2.CHANGE_KIND_ERASURE: "erasure",
+    common_pb2.CHANGE_KIND_PREFERENCE: ChangeKind.PREFERENCE,
+    common_pb2.CHANGE_KIND_DEFINITION: ChangeKind.DEFINITION,
+    common_pb2.CHANGE_KIND_AI_CONFIG: ChangeKind.AI_CONFIG,
+    common_pb2.CHANGE_KIND_AI_MODEL: ChangeKind.AI_MODEL,
+    common_pb2.CHANGE_KIND_BUDGET: ChangeKind.BUDGET,
+    common_pb2.CHANGE_KIND_MAINTENANCE: ChangeKind.MAINTENANCE,
+    common_pb2.CHANGE_KIND_ERASURE: ChangeKind.ERASURE,
 }
 KIND_PB = {name: kind for kind, name in KIND_NAMES.items()}
 CONSENT_MARKERS = ("consent",)
@@ -139,7 +139,6 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             raise ValidationFailed(violations)
         where = ChangeFilter(scope, request.key_prefix, tuple(sorted(kinds)), request.actor, start, end)
         newest_first = request.order == audit_pb2.CHANGE_ORDER_NEWEST_FIRST
-        size = page_size(request.page_size)
         query = {
             "rpc": "ListChanges",
             "scope": str(scope) if scope else None,
@@ -150,20 +149,17 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             "end": end.isoformat() if end else None,
             "newest_first": newest_first,
         }
-        token = decode_token(request.page_token, query, self._tokens)
+        page = paginate(query, request.page_size, request.page_token, self._tokens)
         horizon = after = None
-        if token is not None:
-            parts = token.split(":")
+        if page.after is not None:
+            parts = page.after.split(":")
             if len(parts) != 3:
                 raise invalid("page_token", "is malformed")
             horizon, after = parse_int64(parts[0]), FeedCursor(parse_int64(parts[1]), parse_int64(parts[2]))
-        rows, horizon = await self._store.page(where, horizon, after, newest_first, size + 1)
-        next_token = ""
-        if len(rows) > size:
-            last = rows[size - 1]
-            next_token = encode_token(query, f"{horizon}:{last.xid}:{last.id}", self._tokens)
+        found, horizon = await self._store.page(where, horizon, after, newest_first, page.limit)
+        rows, next_token = page.cut(found, lambda r: f"{horizon}:{r.xid}:{r.id}")
         return audit_pb2.ListChangesResponse(
-            changes=[change_to_pb(r, self._tokens) for r in rows[:size]], next_page_token=next_token
+            changes=[change_to_pb(r, self._tokens) for r in rows], next_page_token=next_token
         )
 
     async def GetChange(self, request: audit_pb2.GetChangeRequest, context: Context) -> audit_pb2.GetChangeResponse:
@@ -236,7 +232,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         async def plan(conn: asyncpg.Connection, ordered: Sequence[Scope]) -> dict[Scope, list[KeyWrite]]:
             planned = {}
             for scope in ordered:
-                wanted = await state_at(conn, scope, point.change_id, point.time, ("preference",))
+                wanted = await state_at(conn, scope, point.change_id, point.time, (ChangeKind.PREFERENCE,))
                 current = await current_versions(conn, scope)
                 planned[scope] = _writes_back(wanted, current, keys)
             return planned

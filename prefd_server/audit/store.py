@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,10 +13,10 @@ import asyncpg
 from prefd_server.aiconfig import store as ai_sql
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.db import translated_errors
+from prefd_server.kernel.db import horizon_xid, snapshot, translated_errors
 from prefd_server.kernel.errors import ChangeNotFound, invalid
-from prefd_server.kernel.feed_store import horizon_xid
-from prefd_server.kernel.model import CallInfo, JsonValue, Scope, ScopeKind
+from prefd_server.kernel.model import CallInfo, ChangeKind, JsonValue, Scope, ScopeKind
+from prefd_server.kernel.privacy import pseudonym_of
 from prefd_server.preferences import store as preference_sql
 
 _COLUMNS = """id, xid::text::bigint AS xid, kind, scope_kind, scope_id, key, old_value, new_value, version,
@@ -30,7 +29,7 @@ class AuditRow:
 
     id: int
     xid: int
-    kind: str
+    kind: ChangeKind
     scope: Scope
     key: str
     old_value: JsonValue | None
@@ -69,7 +68,7 @@ def _row(row: Any) -> AuditRow:
     return AuditRow(
         id=row["id"],
         xid=row["xid"],
-        kind=row["kind"],
+        kind=ChangeKind(row["kind"]),
         scope=Scope(ScopeKind(row["scope_kind"]), row["scope_id"]),
         key=row["key"],
         old_value=row["old_value"],
@@ -91,7 +90,7 @@ class ChangeFilter:
 
     scope: Scope | None
     key_prefix: str
-    kinds: tuple[str, ...]
+    kinds: tuple[ChangeKind, ...]
     actor: str
     start: datetime | None
     end: datetime | None
@@ -174,7 +173,7 @@ async def max_change_id(conn: asyncpg.Connection) -> int:
 class KeyState:
     """A key's value (None: absent) and version at a point, and the kind of its changes."""
 
-    kind: str
+    kind: ChangeKind
     value: JsonValue | None
     version: int
 
@@ -184,7 +183,7 @@ async def state_at(
     scope: Scope,
     change_id: int | None,
     time: datetime | None,
-    kinds: Sequence[str],
+    kinds: Sequence[ChangeKind],
 ) -> dict[str, KeyState]:
     """Each key's latest change at the scope up to a change id or a time (both None: now)."""
     rows = await conn.fetch(
@@ -198,7 +197,7 @@ async def state_at(
         change_id,
         time,
     )
-    return {row["key"]: KeyState(row["kind"], row["new_value"], row["version"]) for row in rows}
+    return {row["key"]: KeyState(ChangeKind(row["kind"]), row["new_value"], row["version"]) for row in rows}
 
 
 async def scope_versions(conn: asyncpg.Connection, scope: Scope) -> list[tuple[str, int]]:
@@ -227,12 +226,6 @@ async def state_token(conn: asyncpg.Connection, scopes: Sequence[Scope]) -> str:
 async def pseudonym_key(conn: asyncpg.Connection) -> str:
     key: str = await conn.fetchval("SELECT pseudonym_key FROM installation")
     return key
-
-
-def pseudonym_of(key: str, user_id: str) -> str:
-    """The stable pseudonym an erased user id is replaced by (a keyed hash; the key stays in the database)."""
-    digest = hmac.new(key.encode(), user_id.encode(), hashlib.sha256).hexdigest()
-    return f"erased-{digest[:24]}"
 
 
 async def pseudonym(conn: asyncpg.Connection, user_id: str) -> str:
@@ -314,7 +307,7 @@ async def record_erasure(
     )
     return await feed_sql.append_change(
         conn,
-        "erasure",
+        ChangeKind.ERASURE,
         Scope(ScopeKind.USER, pseudonym_id),
         "erasure",
         None,
@@ -409,11 +402,10 @@ class AuditStore:
         self, scope: Scope, start: Point, end: Point | None
     ) -> list[tuple[str, KeyState | None, KeyState | None]]:
         """Keys whose value differs between the points: (key, before, after)."""
-        kinds = ("preference", "ai_config")
-        async with translated_errors(), self.pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                before = await state_at(conn, scope, start.change_id, start.time, kinds)
-                after = await state_at(conn, scope, end.change_id if end else None, end.time if end else None, kinds)
+        kinds = (ChangeKind.PREFERENCE, ChangeKind.AI_CONFIG)
+        async with snapshot(self.pool) as snap:
+            before = await state_at(snap.conn, scope, start.change_id, start.time, kinds)
+            after = await state_at(snap.conn, scope, end.change_id if end else None, end.time if end else None, kinds)
         found = []
         for key in sorted(before.keys() | after.keys()):
             old, new = before.get(key), after.get(key)
@@ -453,12 +445,11 @@ class AuditStore:
     async def export(self, user_id: str) -> dict[str, Any]:
         """The user's stored data that is not resolved elsewhere: overrides, AI configs, usage, history."""
         scope = Scope(ScopeKind.USER, user_id)
-        async with translated_errors(), self.pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                overrides = (await preference_sql.overrides(conn, [scope]))[scope]
-                configs = (await ai_sql.at_scopes(conn, [scope]))[scope]
-                usage = await user_usage(conn, user_id)
-                history = await user_history(conn, user_id)
+        async with snapshot(self.pool) as snap:
+            overrides = (await preference_sql.overrides(snap.conn, [scope]))[scope]
+            configs = (await ai_sql.at_scopes(snap.conn, [scope]))[scope]
+            usage = await user_usage(snap.conn, user_id)
+            history = await user_history(snap.conn, user_id)
         return {
             "overrides": {
                 key: {"value": v.value, "version": v.version, "updated_at": v.updated_at.isoformat()}

@@ -252,3 +252,28 @@ async def translated_errors() -> AsyncIterator[None]:
     except asyncpg.PostgresError as exc:
         log.exception("database error")
         raise DatabaseError(f"database error {exc.sqlstate}") from exc
+
+
+async def horizon_xid(conn: asyncpg.Connection) -> int:
+    """xmin of a fresh snapshot: every transaction with a smaller xid has finished."""
+    value: int = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A connection inside a REPEATABLE READ read-only transaction, and that snapshot's feed horizon."""
+
+    conn: asyncpg.Connection
+    xmin: int
+
+
+@asynccontextmanager
+async def snapshot(pool: asyncpg.Pool) -> AsyncIterator[Snapshot]:
+    """Read everything inside at one moment: one REPEATABLE READ transaction and its horizon (xmin).
+
+    Every change below xmin is visible to the reads; watching the feed from xmin misses none after.
+    """
+    async with translated_errors(), pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            yield Snapshot(conn, await horizon_xid(conn))

@@ -19,8 +19,9 @@ import asyncpg
 
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.db import horizon_xid
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import Scope
+from prefd_server.kernel.model import ChangeKind, Scope
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Subscription:
     def matches(self, event: ChangeEvent) -> bool:
         if self.scopes is not None and event.scope not in self.scopes:
             return False
-        return not self.key_prefixes or event.kind == "erasure" or event.key.startswith(self.key_prefixes)
+        return not self.key_prefixes or event.kind == ChangeKind.ERASURE or event.key.startswith(self.key_prefixes)
 
     def offer(self, event: ChangeEvent) -> None:
         if self.overflowed:
@@ -116,7 +117,7 @@ class FeedReader:
     async def start(self) -> None:
         """Start from the current horizon (nothing before it is replayed to listeners)."""
         async with self._pool.acquire() as conn:
-            self.position = FeedCursor.at_horizon(await feed_sql.horizon_xid(conn))
+            self.position = FeedCursor.at_horizon(await horizon_xid(conn))
         self.last_read_monotonic = time.monotonic()
         self.healthy = True
         await self._listen()
@@ -209,7 +210,7 @@ class FeedReader:
     async def _catch_up(self) -> None:
         async with self._pool.acquire() as conn:
             while True:
-                horizon = await feed_sql.horizon_xid(conn)
+                horizon = await horizon_xid(conn)
                 events = await feed_sql.read_after(conn, self.position, horizon, BATCH)
                 if events:
                     self._dispatch(events)

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.model import CallInfo, JsonValue, Scope, ScopeKind
+from prefd_server.kernel.model import CallInfo, ChangeKind, JsonValue, Scope, ScopeKind
 
 # The output column `xid` is converted to bigint; ORDER BY must name `changes.xid` to walk the index.
 _COLUMNS = """id, xid::text::bigint AS xid, kind, scope_kind, scope_id, key, old_value, new_value, version,
@@ -23,7 +23,7 @@ class ChangeEvent:
 
     id: int
     xid: int
-    kind: str
+    kind: ChangeKind
     scope: Scope
     key: str
     old_value: JsonValue | None
@@ -41,7 +41,7 @@ def _event(row: Any) -> ChangeEvent:
     return ChangeEvent(
         id=row["id"],
         xid=row["xid"],
-        kind=row["kind"],
+        kind=ChangeKind(row["kind"]),
         scope=Scope(ScopeKind(row["scope_kind"]), row["scope_id"]),
         key=row["key"],
         old_value=row["old_value"],
@@ -50,12 +50,6 @@ def _event(row: Any) -> ChangeEvent:
         actor=row["actor"],
         created_at=row["created_at"],
     )
-
-
-async def horizon_xid(conn: asyncpg.Connection) -> int:
-    """xmin of a fresh snapshot: every transaction with a smaller xid has finished."""
-    value: int = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-    return value
 
 
 async def current_xid(conn: asyncpg.Connection) -> int:
@@ -123,7 +117,7 @@ def _like_prefix(prefix: str) -> str:
 
 async def append_change(
     conn: asyncpg.Connection,
-    kind: str,
+    kind: ChangeKind,
     scope: Scope,
     key: str,
     old: JsonValue | None,
@@ -200,7 +194,7 @@ async def compact(conn: asyncpg.Connection, older_than: timedelta, call: CallInf
         )
     await append_change(
         conn,
-        "maintenance",
+        ChangeKind.MAINTENANCE,
         Scope(ScopeKind.GLOBAL),
         "changes.purge",
         None,

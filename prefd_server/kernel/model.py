@@ -25,6 +25,18 @@ class ScopeKind(enum.StrEnum):
 ALL_SCOPES = frozenset(ScopeKind)
 
 
+class ChangeKind(enum.StrEnum):
+    """What a row of the change feed changed (its `kind` column)."""
+
+    PREFERENCE = "preference"
+    DEFINITION = "definition"
+    AI_CONFIG = "ai_config"
+    AI_MODEL = "ai_model"
+    BUDGET = "budget"
+    MAINTENANCE = "maintenance"
+    ERASURE = "erasure"
+
+
 class Layer(enum.IntEnum):
     """Where an effective value came from, least to most specific."""
 

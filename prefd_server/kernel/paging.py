@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from prefd_server.kernel.errors import invalid
 from prefd_server.kernel.tokens import TokenKey
@@ -15,6 +17,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _INT64 = re.compile(r"(0|[1-9][0-9]{0,18})")
 INT64_MAX = 2**63 - 1
+T = TypeVar("T")
 
 
 def page_size(requested: int) -> int:
@@ -56,3 +59,31 @@ def parse_int64(text: str, field: str = "page_token") -> int:
     if not _INT64.fullmatch(text) or int(text) > INT64_MAX:
         raise invalid(field, "is malformed")
     return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class PageRequest:
+    """One keyset page to read: `limit` rows after `after` (None: from the start)."""
+
+    size: int
+    after: str | None
+    query: dict[str, Any]
+    tokens: TokenKey
+
+    @property
+    def limit(self) -> int:
+        """How many rows to fetch: one more than the page, to know whether another page follows."""
+        return self.size + 1
+
+    def cut(self, found: Sequence[T], sort_key: Callable[[T], str]) -> tuple[list[T], str]:
+        """The page's rows and the token of the next page ("" after the last one)."""
+        rows = list(found[: self.size])
+        if len(found) <= self.size:
+            return rows, ""
+        return rows, encode_token(self.query, sort_key(rows[-1]), self.tokens)
+
+
+def paginate(query: dict[str, Any], requested_size: int, page_token: str, tokens: TokenKey) -> PageRequest:
+    """Check a listing's page_size and page_token against its query; INVALID_ARGUMENT if either is bad."""
+    size = page_size(requested_size)
+    return PageRequest(size, decode_token(page_token, query, tokens), query, tokens)

@@ -14,11 +14,11 @@ from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import ServerStopping, WatchOverflow, invalid
 from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import Scope, ScopeKind, Subject
+from prefd_server.kernel.model import ChangeKind, Scope, ScopeKind, Subject
 from prefd_server.kernel.tokens import TokenKey
 
 HISTORY_PAGE = 1000
-WATCHED_KINDS = frozenset({"preference", "definition"})
+WATCHED_KINDS = frozenset({ChangeKind.PREFERENCE, ChangeKind.DEFINITION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +98,13 @@ async def watch(
             last = start
         yield Started(last)
         if start is not None and start < live_from:
-            async for event in _history(pool, target, start, live_from, kinds | {"erasure"}):
+            async for event in _history(pool, target, start, live_from, kinds | {ChangeKind.ERASURE}):
                 if event.scope == target.erased_scope:
-                    if event.kind == "erasure":
+                    if event.kind == ChangeKind.ERASURE:
                         yield Erased(event.position)
                         return
                     continue
-                if event.kind == "erasure":
+                if event.kind == ChangeKind.ERASURE:
                     continue
                 yield Change(event)
             last = live_from
@@ -123,7 +123,7 @@ async def watch(
                 raise ServerStopping(subscription.closed_reason or "server stopping", cursor=last.encode(tokens))
             if queued.position <= last:
                 continue
-            if queued.kind == "erasure" and queued.scope == target.erased_scope:
+            if queued.kind == ChangeKind.ERASURE and queued.scope == target.erased_scope:
                 yield Erased(queued.position)
                 return
             if queued.kind not in kinds or queued.scope == target.erased_scope:

@@ -25,7 +25,7 @@ import asyncpg
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import MaintenanceInProgress, MaintenanceNotFound, invalid
 from prefd_server.kernel.feed_store import append_change
-from prefd_server.kernel.model import CallInfo, Scope, ScopeKind
+from prefd_server.kernel.model import CallInfo, ChangeKind, Scope, ScopeKind
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class MaintenanceStore:
             finished = _record(row)
             xid = await append_change(
                 conn,
-                "maintenance",
+                ChangeKind.MAINTENANCE,
                 Scope(ScopeKind.GLOBAL),
                 f"maintenance/{record.id}",
                 None,

@@ -11,7 +11,7 @@ from prefd.v1 import health_pb2, health_pb2_grpc
 from prefd_server import __version__
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.model import FieldViolation
-from prefd_server.kernel.paging import decode_token, encode_token, page_size, parse_int64
+from prefd_server.kernel.paging import paginate, parse_int64
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.ops.checks import HealthChecker
 from prefd_server.ops.database_report import database_health_to_pb
@@ -149,13 +149,12 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
         self, request: health_pb2.ListMaintenanceOperationsRequest, context: Context
     ) -> health_pb2.ListMaintenanceOperationsResponse:
         current_principal().require_admin("ListMaintenanceOperations")
-        size = page_size(request.page_size)
         query = {"rpc": "ListMaintenanceOperations", "target": request.target}
-        after = decode_token(request.page_token, query, self._tokens)
-        records = await self._maintenance.page(
-            request.target, parse_int64(after) if after is not None else None, size + 1
+        page = paginate(query, request.page_size, request.page_token, self._tokens)
+        after = parse_int64(page.after) if page.after is not None else None
+        records, next_token = page.cut(
+            await self._maintenance.page(request.target, after, page.limit), lambda r: str(r.id)
         )
-        next_token = encode_token(query, str(records[size - 1].id), self._tokens) if len(records) > size else ""
         return health_pb2.ListMaintenanceOperationsResponse(
-            operations=[maintenance_to_pb(r) for r in records[:size]], next_page_token=next_token
+            operations=[maintenance_to_pb(r) for r in records], next_page_token=next_token
         )

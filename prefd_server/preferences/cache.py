@@ -23,10 +23,9 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from prefd_server.kernel import feed_store as feed_sql
-from prefd_server.kernel.db import translated_errors
+from prefd_server.kernel.db import snapshot
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import Scope, Subject
+from prefd_server.kernel.model import ChangeKind, Scope, Subject
 from prefd_server.kernel.response_cache import ResponseCache
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
@@ -246,11 +245,11 @@ class EffectiveCache:
         """Feed listener: forget everything the changes make stale."""
         scopes = set()
         for event in events:
-            if event.kind == "erasure":  # names only a pseudonym: forget every layer
+            if event.kind == ChangeKind.ERASURE:  # names only a pseudonym: forget every layer
                 self.forget_all_layers(event.xid)
-            elif event.kind == "definition":
+            elif event.kind == ChangeKind.DEFINITION:
                 self._forget_definitions(event.xid)
-            elif event.kind == "preference":
+            elif event.kind == ChangeKind.PREFERENCE:
                 scopes.add(event.scope)
                 self._forget_scope(event.scope, event.xid)
         if scopes and self.redis is not None:
@@ -352,10 +351,9 @@ class EffectiveCache:
             future.exception()  # retrieved here; each waiter still sees it
 
     async def _load_definitions(self) -> list[Definition]:
-        async with translated_errors(), self._pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                xmin = await feed_sql.horizon_xid(conn)
-                loaded = await definition_sql.all_definitions(conn)
+        async with snapshot(self._pool) as snap:
+            xmin = snap.xmin
+            loaded = await definition_sql.all_definitions(snap.conn)
         if xmin > self._definitions_changed_xid:
             self._definitions = loaded
             self._definitions_by_key = {d.key: d for d in loaded}
@@ -421,10 +419,9 @@ class EffectiveCache:
             missing = [s for s in missing if s not in from_redis]
             if not missing:
                 return found
-        async with translated_errors(), self._pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                xmin = await feed_sql.horizon_xid(conn)
-                stored = await preference_sql.overrides(conn, missing)
+        async with snapshot(self._pool) as snap:
+            xmin = snap.xmin
+            stored = await preference_sql.overrides(snap.conn, missing)
         loaded = {scope: CachedLayer(stored[scope], xmin) for scope in missing}
         fresh = {s: layer for s, layer in loaded.items() if self._layer_fresh(s, layer)}
         for scope, layer in loaded.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.db import translated_errors
+from prefd_server.kernel.db import snapshot, translated_errors
 from prefd_server.kernel.errors import DefinitionNotFound
 from prefd_server.kernel.model import Scope
 from prefd_server.preferences import definitions_store as definition_sql
@@ -25,11 +25,9 @@ class PreferenceReader:
 
     async def overrides_page(self, scope: Scope, after: str | None, limit: int) -> tuple[list[StoredValue], FeedCursor]:
         """A page of the overrides stored at a scope, with its cursor."""
-        async with translated_errors(), self._pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await preference_sql.horizon(conn)
-                values = await preference_sql.page(conn, scope, after, limit)
-        return values, cursor
+        async with snapshot(self._pool) as snap:
+            values = await preference_sql.page(snap.conn, scope, after, limit)
+        return values, FeedCursor.at_horizon(snap.xmin)
 
     async def definition(self, key: str) -> Definition:
         """One definition; NOT_FOUND if it does not exist."""

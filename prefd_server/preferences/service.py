@@ -9,17 +9,17 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from prefd_server.audit.store import pseudonym_of
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.ids import id_problem, key_problem
 from prefd_server.kernel.model import MAX_KEY_LENGTH, FieldViolation, ScopeKind, Subject
-from prefd_server.kernel.paging import decode_token, encode_token, page_size
+from prefd_server.kernel.paging import paginate
+from prefd_server.kernel.privacy import pseudonym_of
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.kernel.watch import Compacted, Erased, Progress, Started, WatchItem, WatchTarget, watch
 from prefd_server.preferences.cache import EffectiveCache
-from prefd_server.preferences.model import MAX_BATCH_SUBJECTS, MAX_WRITES_PER_CALL, Definition, KeyWrite, WriteResult
+from prefd_server.preferences.model import MAX_BATCH_SUBJECTS, MAX_WRITES_PER_CALL, KeyWrite, WriteResult
 from prefd_server.preferences.reads import PreferenceReader
 from prefd_server.preferences.rules import definition_violations
 from prefd_server.preferences.writes import PreferenceWriter
@@ -160,13 +160,12 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     async def ListDefinitions(
         self, request: preferences_pb2.ListDefinitionsRequest, context: Context
     ) -> preferences_pb2.ListDefinitionsResponse:
-        size = page_size(request.page_size)
         query = {"rpc": "ListDefinitions", "category": request.category}
-        after = decode_token(request.page_token, query, self._tokens)
-        found: list[Definition] = await self._reader.definitions_page(request.category, after, size + 1)
-        next_token = encode_token(query, found[size - 1].key, self._tokens) if len(found) > size else ""
+        page = paginate(query, request.page_size, request.page_token, self._tokens)
+        found = await self._reader.definitions_page(request.category, page.after, page.limit)
+        definitions, next_token = page.cut(found, lambda d: d.key)
         return preferences_pb2.ListDefinitionsResponse(
-            definitions=[convert.definition_to_pb(d) for d in found[:size]], next_page_token=next_token
+            definitions=[convert.definition_to_pb(d) for d in definitions], next_page_token=next_token
         )
 
     async def DeleteDefinition(
@@ -253,13 +252,12 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     ) -> preferences_pb2.ListPreferencesResponse:
         scope = convert.scope_from_pb(request.scope)
         current_principal().require_read_scope(scope)
-        size = page_size(request.page_size)
         query = {"rpc": "ListPreferences", "kind": scope.kind.value, "id": scope.id}
-        after = decode_token(request.page_token, query, self._tokens)
-        found, cursor = await self._reader.overrides_page(scope, after, size + 1)
-        next_token = encode_token(query, found[size - 1].key, self._tokens) if len(found) > size else ""
+        page = paginate(query, request.page_size, request.page_token, self._tokens)
+        found, cursor = await self._reader.overrides_page(scope, page.after, page.limit)
+        stored, next_token = page.cut(found, lambda v: v.key)
         return preferences_pb2.ListPreferencesResponse(
-            preferences=[convert.stored_to_pb(v) for v in found[:size]],
+            preferences=[convert.stored_to_pb(v) for v in stored],
             next_page_token=next_token,
             cursor=convert.cursor_to_pb(cursor, self._tokens),
         )

@@ -8,7 +8,6 @@ from typing import Any
 
 import asyncpg
 
-from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.model import GLOBAL_SCOPE, CallInfo, JsonValue, Scope, ScopeKind, Subject
 from prefd_server.preferences.model import KeyChange, StoredValue
 
@@ -36,12 +35,6 @@ async def lock_scope(conn: asyncpg.Connection, scope: Scope) -> datetime:
         "SELECT now() FROM pg_advisory_xact_lock(hashtextextended($1, 0))", f"prefd:{scope.kind}:{scope.id}"
     )
     return written_at
-
-
-async def horizon(conn: asyncpg.Connection) -> FeedCursor:
-    """The feed position of the current snapshot: every transaction below xmin has finished."""
-    xmin = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-    return FeedCursor.at_horizon(xmin)
 
 
 async def installation_id(conn: asyncpg.Connection) -> str:

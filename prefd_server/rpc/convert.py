@@ -13,7 +13,7 @@ from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.ids import id_problem
-from prefd_server.kernel.model import ALL_SCOPES, FieldViolation, JsonValue, Scope, ScopeKind, Subject
+from prefd_server.kernel.model import ALL_SCOPES, ChangeKind, FieldViolation, JsonValue, Scope, ScopeKind, Subject
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.preferences.model import Definition, KeyChange, ResolvedValue, StoredValue, ValueType
 from prefd_server.preferences.resolve import nest
@@ -250,7 +250,7 @@ def definition_to_pb(definition: Definition) -> preferences_pb2.Definition:
 def change_event_to_pb(event: ChangeEvent, cursor: common_pb2.Cursor) -> preferences_pb2.ChangeEvent:
     """A feed row as a ChangeEvent (definition rows carry the default as old and new value)."""
     old, new = event.old_value, event.new_value
-    if event.kind == "definition":
+    if event.kind == ChangeKind.DEFINITION:
         kind = common_pb2.CHANGE_KIND_DEFINITION
         old = old.get("default") if isinstance(old, dict) else None
         new = new.get("default") if isinstance(new, dict) else None
