@@ -24,9 +24,10 @@ from prefd_server.aiconfig.writes import AIConfigStore
 from prefd_server.audit.service import AuditService
 from prefd_server.audit.store import AuditStore, pseudonym_key
 from prefd_server.embedded import EmbeddedPostgres
+from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.db import breaker_of, create_pool, migrate
 from prefd_server.kernel.feed import FeedReader, WakeupNotifier
-from prefd_server.kernel.model import CallInfo, Scope, ScopeKind
+from prefd_server.kernel.model import CallInfo, ChangeKind, Scope, ScopeKind
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.memory import return_large_buffers
 from prefd_server.ops.checks import HealthChecker, Probe
@@ -121,49 +122,6 @@ class HealthMonitor:
             await asyncio.sleep(self._interval)
 
 
-class CommitFanout:
-    """After a local commit: drop this process's stale cache entries and wake every feed reader."""
-
-    def __init__(
-        self, cache: EffectiveCache, ai_cache: AIConfigCache, feed: FeedReader, notifier: WakeupNotifier | None
-    ) -> None:
-        self._cache = cache
-        self._ai_cache = ai_cache
-        self._feed = feed
-        self._notifier = notifier
-
-    def ai_scope_committed(self, scope: Scope, xid: int) -> None:
-        self._ai_cache.on_local_commit(scope, xid)
-        self._wake()
-
-    def ai_catalog_committed(self, xid: int) -> None:
-        self._ai_cache.on_local_catalog_commit(xid)
-        self._wake()
-
-    def user_erased(self, scope: Scope, xid: int | None) -> None:
-        """A user's data was erased here: drop this process's copies now (others drop theirs from the feed)."""
-        self._cache.on_local_commit(scope, xid or 0)
-        self._ai_cache.on_local_commit(scope, xid or 0)
-        self._wake()
-
-    def feed_appended(self, xid: int) -> None:
-        """Change rows that invalidate nothing (budget events) committed: wake the readers."""
-        self._wake()
-
-    def scope_committed(self, scope: Scope, xid: int) -> None:
-        self._cache.on_local_commit(scope, xid)
-        self._wake()
-
-    def definitions_committed(self, xid: int) -> None:
-        self._cache.on_local_definition_commit(xid)
-        self._wake()
-
-    def _wake(self) -> None:
-        self._feed.wake()
-        if self._notifier is not None:
-            self._notifier.notify()
-
-
 class App:
     """One prefd server process: `async with App(settings) as app:` serves on app.port."""
 
@@ -234,17 +192,29 @@ class App:
         if settings.feed_notify:
             self._notifier = WakeupNotifier(self._pool)
             self._notifier.start()
-        fanout = CommitFanout(self.cache, self.ai_cache, self.feed, self._notifier)
-        writer = PreferenceWriter(self._pool, self.catalog.rules, fanout)
-        ai_store = AIConfigStore(self._pool, box, ai_env, fanout)
+        commits = LocalCommits(self._wake_feed_readers)
+        cache = self.cache
+        ai_cache = self.ai_cache
+        commits.add_listener(ChangeKind.PREFERENCE, cache.on_local_commit)
+        commits.add_listener(ChangeKind.DEFINITION, lambda _scope, xid: cache.on_local_definition_commit(xid))
+        commits.add_listener(ChangeKind.AI_CONFIG, ai_cache.on_local_commit)
+        commits.add_listener(ChangeKind.AI_MODEL, lambda _scope, xid: ai_cache.on_local_catalog_commit(xid))
+        commits.add_listener(ChangeKind.ERASURE, cache.on_local_commit)
+        commits.add_listener(ChangeKind.ERASURE, ai_cache.on_local_commit)
+
+        def feed_appended(xid: int) -> None:
+            commits.committed(ChangeKind.BUDGET, xid=xid)
+
+        writer = PreferenceWriter(self._pool, self.catalog.rules, commits)
+        ai_store = AIConfigStore(self._pool, box, ai_env, commits)
         async with self._pool.acquire() as conn:
             pseudonym_secret = await pseudonym_key(conn)
         tokens = TokenKey.derive(installation, pseudonym_secret)
         audit_store = AuditStore(self._pool)
-        self._maintenance = MaintenanceStore(self._pool, self.dsn, fanout.feed_appended)
+        self._maintenance = MaintenanceStore(self._pool, self.dsn, feed_appended)
 
         def user_erased(user_id: str, xid: int | None) -> None:
-            fanout.user_erased(Scope(ScopeKind.USER, user_id), xid)
+            commits.committed(ChangeKind.ERASURE, Scope(ScopeKind.USER, user_id), xid or 0)
             if redis is not None:
                 self._spawn_cleanup(redis.delete_counters(f"usage:{user_id}:"))
 
@@ -283,7 +253,7 @@ class App:
                 redis,
                 tokens,
                 settings.watch_progress_interval_s,
-                fanout.feed_appended,
+                feed_appended,
                 pseudonym_secret,
             ),
         )
@@ -354,6 +324,13 @@ class App:
             self._pool = None
         if self._embedded is not None:
             await self._embedded.stop()
+
+    def _wake_feed_readers(self) -> None:
+        """After a local commit: the local feed reader reads now, other processes' on NOTIFY."""
+        if self.feed is not None:
+            self.feed.wake()
+        if self._notifier is not None:
+            self._notifier.notify()
 
     def _spawn_cleanup(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import asyncpg
 
@@ -22,19 +21,12 @@ from prefd_server.aiconfig.model import (
 )
 from prefd_server.aiconfig.secretbox import SecretBox, sealing_context
 from prefd_server.kernel import feed_store as feed_sql
+from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import AIConfigExists, AIConfigNotFound, ValidationFailed, VersionConflict
 from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind
 
 LAYER_OF_SCOPE = {ScopeKind.GLOBAL: Layer.GLOBAL, ScopeKind.ORG: Layer.ORG, ScopeKind.USER: Layer.USER}
-
-
-class AICommitHooks(Protocol):
-    """Told after an AI config or catalog transaction commits."""
-
-    def ai_scope_committed(self, scope: Scope, xid: int) -> None: ...
-
-    def ai_catalog_committed(self, xid: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +46,11 @@ Mutation = Callable[[AIConfigRecord | None], tuple[AIConfigRecord | None, KeyUpd
 class AIConfigStore:
     """Reads named configs; creates, changes and deletes them, validating the chain each lands in."""
 
-    def __init__(self, pool: asyncpg.Pool, box: SecretBox, env: ChainLayer, hooks: AICommitHooks | None) -> None:
+    def __init__(self, pool: asyncpg.Pool, box: SecretBox, env: ChainLayer, commits: LocalCommits | None) -> None:
         self._pool = pool
         self._box = box
         self._env = env
-        self._hooks = hooks
+        self._commits = commits
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -141,8 +133,8 @@ class AIConfigStore:
                 await self._check_chain(conn, scope, old, new, chain_org)
                 xid = await self._store(conn, scope, old, new, keys, call, reason)
                 stored = await ai_sql.get(conn, new.id) if new is not None else None
-        if self._hooks is not None:
-            self._hooks.ai_scope_committed(scope, xid)
+        if self._commits is not None:
+            self._commits.committed(ChangeKind.AI_CONFIG, scope, xid)
         return stored
 
     def _with_keys(self, new: AIConfigRecord, old: AIConfigRecord | None, keys: KeyUpdate) -> AIConfigRecord:
@@ -255,8 +247,8 @@ class AIConfigStore:
                     call,
                     reason,
                 )
-        if self._hooks is not None:
-            self._hooks.ai_catalog_committed(xid)
+        if self._commits is not None:
+            self._commits.committed(ChangeKind.AI_MODEL, xid=xid)
         return stored
 
 

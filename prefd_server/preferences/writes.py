@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
 
 import asyncpg
 
 from prefd_server.audit.store import state_token
 from prefd_server.kernel import feed_store as feed_sql
+from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import (
     DefinitionExists,
@@ -20,7 +20,7 @@ from prefd_server.kernel.errors import (
     ValidationFailed,
     VersionConflict,
 )
-from prefd_server.kernel.model import CallInfo, FieldViolation, Layer, Scope, ScopeKind, Subject
+from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind, Subject
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
 from prefd_server.preferences.model import CrossFieldRule, Definition, KeyChange, KeyWrite, ResolvedValue, WriteResult
@@ -63,21 +63,15 @@ def layers_for_scope(scope: Scope, org_id: str) -> list[tuple[Layer, Scope]]:
     return Subject(scope.id, org_id).layers()
 
 
-class CommitHooks(Protocol):
-    """Told after a write transaction commits (caches, the local feed reader, other processes)."""
-
-    def scope_committed(self, scope: Scope, xid: int) -> None: ...
-
-    def definitions_committed(self, xid: int) -> None: ...
-
-
 class PreferenceWriter:
     """Every write to definitions and overrides, each in one transaction with its change rows."""
 
-    def __init__(self, pool: asyncpg.Pool, rules: Sequence[CrossFieldRule], hooks: CommitHooks | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, rules: Sequence[CrossFieldRule], commits: LocalCommits | None = None
+    ) -> None:
         self._pool = pool
         self._rules = tuple(rules)
-        self._hooks = hooks
+        self._commits = commits
 
     async def write(
         self,
@@ -99,8 +93,8 @@ class PreferenceWriter:
                         raise _Rollback
             except _Rollback:
                 pass
-        if xid is not None and not dry_run and self._hooks is not None:
-            self._hooks.scope_committed(scope, xid)
+        if xid is not None and not dry_run and self._commits is not None:
+            self._commits.committed(ChangeKind.PREFERENCE, scope, xid)
         return result
 
     async def _write_locked(
@@ -258,9 +252,9 @@ class PreferenceWriter:
                         xid = written or xid
             except _Rollback:
                 pass
-        if xid is not None and self._hooks is not None:
+        if xid is not None and self._commits is not None:
             for scope in ordered:
-                self._hooks.scope_committed(scope, xid)
+                self._commits.committed(ChangeKind.PREFERENCE, scope, xid)
         return [results[s] for s in scopes], token
 
     async def reset(self, scope: Scope, category: str, call: CallInfo, reason: str) -> WriteResult:
@@ -313,8 +307,8 @@ class PreferenceWriter:
         return updated
 
     def _definitions_committed(self, xid: int) -> None:
-        if self._hooks is not None:
-            self._hooks.definitions_committed(xid)
+        if self._commits is not None:
+            self._commits.committed(ChangeKind.DEFINITION, xid=xid)
 
     async def delete_definition(self, key: str, force: bool, call: CallInfo, reason: str) -> int:
         """Delete a definition; with force, first remove its overrides (recorded). Returns how many."""
@@ -335,9 +329,9 @@ class PreferenceWriter:
                 await preference_sql.apply_changes(conn, scope, [change], call, reason)
             await definition_sql.delete(conn, old, call, reason)
             xid = await feed_sql.current_xid(conn)
-        if self._hooks is not None:
+        if self._commits is not None:
             for scope in scopes:
-                self._hooks.scope_committed(scope, xid)
+                self._commits.committed(ChangeKind.PREFERENCE, scope, xid)
         self._definitions_committed(xid)
         return len(scopes)
 
