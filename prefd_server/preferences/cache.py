@@ -12,27 +12,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from prefd_server.kernel.db import snapshot
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, Subject
+from prefd_server.kernel.redis import RedisLayers as RedisLayers  # re-exported until callers import the kernel
 from prefd_server.kernel.response_cache import ResponseCache
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
 from prefd_server.preferences.model import Definition, ResolvedValue, StoredValue
 from prefd_server.preferences.resolve import key_selected, resolve
-
-log = logging.getLogger(__name__)
 
 # How long a processed change keeps vetoing layers read before it (longer than any read takes).
 CHANGE_MEMORY_S = 120.0
@@ -61,138 +57,6 @@ class CacheStats:
             {**self.hits, "response": self.response_hits},
             {**self.misses, "response": self.response_misses},
         )
-
-
-class RedisLayers:
-    """L2: scope layers in Redis as JSON with a TTL; a failing Redis is skipped for a while, not fatal."""
-
-    def __init__(self, url: str, namespace: str, ttl_s: int = 60, retry_after_s: float = 1.0) -> None:
-        self._client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        self._prefix = f"prefd:{namespace}:layer:"
-        self._counter_prefix = f"prefd:{namespace}:counter:"
-        self._ttl_s = ttl_s
-        self._retry_after_s = retry_after_s
-        self._down_until = 0.0
-        self.errors = 0
-        self.last_error = ""
-
-    @property
-    def available(self) -> bool:
-        """False while Redis is considered down (after a failure, until the retry time)."""
-        return time.monotonic() >= self._down_until
-
-    def _key(self, scope: Scope) -> str:
-        return f"{self._prefix}{scope.kind.value}:{scope.id}"
-
-    def _failed(self, exc: Exception) -> None:
-        if self.available:
-            log.warning("redis unavailable, serving from PostgreSQL and memory: %s", exc)
-        self.errors += 1
-        self.last_error = str(exc)
-        self._down_until = time.monotonic() + self._retry_after_s
-
-    def _recovered(self) -> None:
-        if self.last_error:
-            log.info("redis available again")
-            self.last_error = ""
-
-    async def ping(self) -> bool:
-        """Probe Redis (also while marked down) and update availability."""
-        try:
-            await self._client.ping()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            return False
-        self._down_until = 0.0
-        self._recovered()
-        return True
-
-    async def get_many(self, scopes: Sequence[Scope]) -> dict[Scope, CachedLayer]:
-        if not self.available or not scopes:
-            return {}
-        try:
-            raw = await self._client.mget([self._key(s) for s in scopes])
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            return {}
-        self._recovered()
-        found = {}
-        for scope, blob in zip(scopes, raw, strict=True):
-            if blob is not None:
-                found[scope] = _decode_layer(scope, blob)
-        return found
-
-    async def set_many(self, layers: dict[Scope, CachedLayer]) -> None:
-        if not self.available or not layers:
-            return
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for scope, layer in layers.items():
-                    pipe.set(self._key(scope), _encode_layer(layer), ex=self._ttl_s)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-
-    async def delete(self, scopes: Iterable[Scope]) -> None:
-        keys = [self._key(s) for s in scopes]
-        if not keys or not self.available:
-            return
-        try:
-            await self._client.delete(*keys)
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-
-    async def raise_counters(self, values: dict[str, int], ttl_s: int) -> bool:
-        """Set each counter to its value unless it already holds a larger one (totals only grow).
-
-        False if Redis could not be updated."""
-        if not values:
-            return True
-        if not self.available:
-            return False
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for name, value in values.items():
-                    pipe.eval(_RAISE_SCRIPT, 1, f"{self._counter_prefix}{name}", value, ttl_s)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            return False
-        return True
-
-    async def counters(self, names: Sequence[str]) -> dict[str, int] | None:
-        """The counters that exist (None while Redis is unavailable)."""
-        if not self.available:
-            return None
-        try:
-            raw = await self._client.mget([f"{self._counter_prefix}{n}" for n in names])
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            return None
-        self._recovered()
-        return {name: int(value) for name, value in zip(names, raw, strict=True) if value is not None}
-
-    async def delete_counters(self, prefix: str) -> None:
-        """Delete every counter whose name starts with `prefix`."""
-        if not self.available:
-            return
-        try:
-            names = [n async for n in self._client.scan_iter(match=f"{self._counter_prefix}{prefix}*", count=500)]
-            if names:
-                await self._client.delete(*names)
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
-
-# Raise a counter to ARGV[1] (never lower it), with a TTL of ARGV[2] seconds.
-_RAISE_SCRIPT = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
-return 1
-"""
 
 
 def _encode_layer(layer: CachedLayer) -> bytes:
@@ -408,7 +272,9 @@ class EffectiveCache:
         if self.redis is not None:
             from_redis = {
                 s: layer
-                for s, layer in (await self.redis.get_many(missing)).items()
+                for s, layer in (
+                    (s, _decode_layer(s, blob)) for s, blob in (await self.redis.get_many(missing)).items()
+                )
                 if self._layer_fresh(s, layer) and layer.xmin >= self._floor.get(s, (0, 0.0))[0]
             }
             self.stats.hits["l2"] += len(from_redis)
@@ -427,7 +293,7 @@ class EffectiveCache:
         for scope, layer in loaded.items():
             self._loaded(scope, layer, cache=scope in fresh)
         if fresh and self.redis is not None:
-            self._spawn(self.redis.set_many(fresh))
+            self._spawn(self.redis.set_many({s: _encode_layer(layer) for s, layer in fresh.items()}))
         found.update(loaded)
         return found
 
