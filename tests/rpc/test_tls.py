@@ -30,7 +30,7 @@ from prefd.client import AsyncPrefdClient, PrefdClient, PrefdError
 from prefd.client.channel import TLSConfig
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.app import App
-from prefd_server.cli import _print_quickstart
+from prefd_server.cli.serve import print_quickstart
 from prefd_server.settings import Settings, SettingsError
 from tests.helpers.auth import auth, token, unique
 from tests.helpers.processes import ROOT
@@ -402,7 +402,7 @@ async def test_the_printed_grpcurl_line_and_the_healthcheck_trust_a_self_anchore
     ):
         async with tls_server(database_url, tmp_path, pki, tls_cert_file=cert, tls_key_file=key) as app:
             settings = _embedded_settings(tmp_path, tls_cert_file=cert, tls_key_file=key)
-            _print_quickstart(settings, app.port, embedded=True)
+            print_quickstart(settings, app.port, embedded=True)
             printed = capsys.readouterr().out.splitlines()
             export = next(line for line in printed if line.startswith("export PREFD_TOKEN="))
             [grpcurl] = [line for line in printed if line.startswith("grpcurl ")]
@@ -435,13 +435,13 @@ async def test_the_printed_grpcurl_line_and_the_healthcheck_trust_a_self_anchore
     # runnable line, a comment saying what to add.
     for extra in ({}, {"tls_client_ca_file": pki.ca}):
         settings = _embedded_settings(tmp_path, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, **extra)
-        _print_quickstart(settings, 50051, embedded=True)
+        print_quickstart(settings, 50051, embedded=True)
         printed_text = capsys.readouterr().out
         assert "\ngrpcurl " not in printed_text and "-plaintext" not in printed_text
         assert "# grpcurl -cacert CA.pem" in printed_text
         assert ("-cert CLIENT.pem -key CLIENT.key" in printed_text) == bool(extra)
     # Plaintext: unchanged.
-    _print_quickstart(_embedded_settings(tmp_path), 50051, embedded=True)
+    print_quickstart(_embedded_settings(tmp_path), 50051, embedded=True)
     assert "\ngrpcurl -plaintext " in capsys.readouterr().out
 
 
