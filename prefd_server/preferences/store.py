@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -173,3 +174,23 @@ def pending_value(scope: Scope, change: KeyChange, actor: str, written_at: datet
     `written_at` is the writing transaction's `now()`, the time apply_changes stores.
     """
     return StoredValue(scope, change.key, change.new_value, change.new_version, written_at, actor)
+
+
+async def scope_versions(conn: asyncpg.Connection, scope: Scope) -> list[tuple[str, int]]:
+    """(key, version) of every preference key ever written at the scope, by key."""
+    rows = await conn.fetch(
+        "SELECT key, version FROM preference_values WHERE scope_kind = $1 AND scope_id = $2 ORDER BY key",
+        scope.kind.value,
+        scope.id,
+    )
+    return [(row["key"], row["version"]) for row in rows]
+
+
+async def state_token(conn: asyncpg.Connection, scopes: Sequence[Scope]) -> str:
+    """A digest of every preference key's version at the scopes: it changes with any write to them."""
+    digest = hashlib.sha256()
+    for scope in scopes:
+        digest.update(f"{scope}\n".encode())
+        for key, version in await scope_versions(conn, scope):
+            digest.update(f"{key}={version}\n".encode())
+    return digest.hexdigest()[:32]

@@ -8,7 +8,6 @@ from datetime import datetime
 
 import asyncpg
 
-from prefd_server.audit.store import state_token
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.db import translated_errors
@@ -229,7 +228,7 @@ class PreferenceWriter:
                     planned = await plan(conn, ordered)  # again, now that nothing can move
                     extra = sorted({w.key for writes in planned.values() for w in writes} - set(locked))
                     await definition_sql.lock_keys_shared(conn, extra)
-                    token = await state_token(conn, ordered)
+                    token = await preference_sql.state_token(conn, ordered)
                     if expected_token and expected_token != token:
                         raise StaleRollback("the scopes changed since the preview; preview again")
                     staged: dict[Scope, _Staged] = {}
