@@ -7,10 +7,11 @@ from datetime import UTC as _UTC
 from datetime import date, datetime, time
 from typing import Any
 
-from prefd.v1 import ai_config_pb2
+from prefd.v1 import ai_config_pb2, common_pb2
 from prefd_server.aiconfig.model import (
     BACKOFF_TYPES,
     FIELD_TYPES,
+    KEY_SLOTS,
     ROTATION_SCHEDULES,
     AIConfigRecord,
     APIKeySet,
@@ -21,8 +22,11 @@ from prefd_server.aiconfig.model import (
     key_problems,
     mask,
     nanos_to_usd,
+    usd_to_nanos,
 )
-from prefd_server.aiconfig.usage_store import Crossing
+from prefd_server.aiconfig.rules import ConfigFields, check_model
+from prefd_server.aiconfig.usage import Crossing, PeriodStatus, UsageRecord
+from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import FieldViolation
 from prefd_server.rpc.convert import scope_to_pb, timestamp
 
@@ -37,7 +41,6 @@ PERIOD_PB = {
 }
 _ENUM_FIELDS = {"retry.backoff": _BACKOFF_NAME, "api_keys.rotation_schedule": _ROTATION_NAME}
 _ENUM_VALUES = {"retry.backoff": _BACKOFF_PB, "api_keys.rotation_schedule": _ROTATION_PB}
-KEY_SLOTS = ("primary", "secondary")
 
 
 def configuration_from_pb(
@@ -70,6 +73,15 @@ def configuration_from_pb(
     if message.api_keys.HasField("key_version"):
         violations.append(FieldViolation(f"{field}.api_keys.key_version", "is output only; RotateAPIKey changes it"))
     return values, keys, violations
+
+
+def config_fields_from_pb(message: ai_config_pb2.AIConfig) -> ConfigFields:
+    return ConfigFields(message.name, message.priority, message.active)
+
+
+def owner_from_pb(message: ai_config_pb2.AIConfig) -> tuple[str, str, bool]:
+    """(user_id, org_id, global) as a config message names its owner."""
+    return message.user_id, message.org_id, message.__getattribute__("global")
 
 
 def configuration_to_pb(
@@ -128,6 +140,14 @@ def violation_to_pb(violation: Violation) -> ai_config_pb2.AIConfigViolation:
     )
 
 
+def fill_effective(message: Any, effective: EffectiveAIConfig, plaintext: Mapping[str, str] | None) -> None:
+    """Set the configuration, provenance and violations of a response that carries an effective config."""
+    message.configuration.CopyFrom(configuration_to_pb(effective.values, effective.keys, plaintext))
+    for path, source in provenance_to_pb(effective).items():
+        message.provenance[path].CopyFrom(source)
+    message.violations.extend(violation_to_pb(v) for v in effective.violations)
+
+
 def config_to_pb(record: AIConfigRecord, plaintext: Mapping[str, str] | None) -> ai_config_pb2.AIConfig:
     return ai_config_pb2.AIConfig(
         id=record.id,
@@ -159,6 +179,54 @@ def model_to_pb(model: ModelInfo) -> ai_config_pb2.AIModel:
     )
 
 
+def model_from_pb(message: ai_config_pb2.AIModel) -> ModelInfo:
+    """A validated catalog model."""
+    prices = {"input_usd_per_1k": message.input_usd_per_1k, "output_usd_per_1k": message.output_usd_per_1k}
+    check_model(message.model, message.context_window, message.output_limit, prices, message.features)
+    return ModelInfo(
+        model=message.model,
+        context_window=message.context_window,
+        output_limit=message.output_limit,
+        input_nanos_per_1k=usd_to_nanos(message.input_usd_per_1k),
+        output_nanos_per_1k=usd_to_nanos(message.output_usd_per_1k),
+        features=tuple(message.features),
+    )
+
+
+def estimate_to_pb(input_cost: int, output_cost: int) -> ai_config_pb2.EstimateCostResponse:
+    total = input_cost + output_cost
+    return ai_config_pb2.EstimateCostResponse(
+        cost_usd=nanos_to_usd(total), cost_nanos=total, input_cost_nanos=input_cost, output_cost_nanos=output_cost
+    )
+
+
+def usage_to_pb(record: UsageRecord) -> ai_config_pb2.RecordUsageResponse:
+    return ai_config_pb2.RecordUsageResponse(
+        cost_nanos=record.cost_nanos,
+        cost_usd=nanos_to_usd(record.cost_nanos),
+        recorded=record.recorded,
+        record_time=timestamp(record.recorded_at),
+        crossed=[crossing_to_pb(c) for c in record.crossings],
+    )
+
+
+def budget_status_to_pb(periods: list[PeriodStatus]) -> ai_config_pb2.GetBudgetStatusResponse:
+    return ai_config_pb2.GetBudgetStatusResponse(
+        periods=[
+            ai_config_pb2.BudgetPeriodStatus(
+                period=PERIOD_PB[p.period],
+                period_start=timestamp(day_start(p.start)),
+                spent_usd=nanos_to_usd(p.spent_nanos),
+                spent_nanos=p.spent_nanos,
+                budget_usd=nanos_to_usd(p.budget_nanos),
+                thresholds_crossed=p.thresholds_crossed,
+                exceeded=p.exceeded,
+            )
+            for p in periods
+        ]
+    )
+
+
 def day_start(day: date) -> datetime:
     return datetime.combine(day, time(0), tzinfo=_UTC)
 
@@ -185,4 +253,24 @@ def crossing_from_document(user_id: str, doc: Mapping[str, Any]) -> Crossing:
         budget_nanos=int(doc["budget_nanos"]),
         user_id=user_id,
         request_id=str(doc["request_id"]),
+    )
+
+
+def budget_event_to_pb(event: ChangeEvent, cursor: common_pb2.Cursor) -> ai_config_pb2.WatchAIConfigResponse:
+    """A watched budget change row as the threshold crossing it records."""
+    crossing = crossing_from_document(event.scope.id, event.new_value or {})
+    return ai_config_pb2.WatchAIConfigResponse(
+        budget=ai_config_pb2.BudgetEvent(crossed=crossing_to_pb(crossing), cursor=cursor)
+    )
+
+
+def config_changed_to_pb(event: ChangeEvent, cursor: common_pb2.Cursor) -> ai_config_pb2.AIConfigChanged:
+    """A watched config change row (the effective configuration is filled in by the caller)."""
+    doc = event.new_value or event.old_value or {}
+    return ai_config_pb2.AIConfigChanged(
+        config_id=event.key.removeprefix("ai_config/"),
+        config_name=str(doc.get("name", "")),
+        scope=scope_to_pb(event.scope),
+        version=event.version,
+        cursor=cursor,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -97,6 +97,17 @@ class APIKeySet:
         return bool(self.secondary_last4)
 
 
+@dataclass(frozen=True, slots=True)
+class KeyUpdate:
+    """New plaintext keys for a config's slots ("" empties a slot; absent slots keep theirs)."""
+
+    slots: Mapping[str, str]
+    # True when the primary changes and key_version must grow.
+    new_primary: bool
+    # True when the stored primary becomes the secondary (the new primary is in slots).
+    rotate: bool = False
+
+
 def mask(last4: str) -> str:
     """What an unprivileged caller sees of a key."""
     return MASK_PREFIX + last4
@@ -133,6 +144,10 @@ class AIConfigRecord:
                 doc["configuration"]["api_keys.secondary"] = mask(self.keys.secondary_last4)
             doc["configuration"]["api_keys.key_version"] = self.keys.key_version
         return doc
+
+
+# What a write does to a stored config (None: there is none / delete it) and to its keys.
+Mutation = Callable[[AIConfigRecord | None], tuple[AIConfigRecord | None, KeyUpdate | None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,72 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from datetime import date, datetime
 
 import asyncpg
 
 from prefd_server.aiconfig import store as ai_sql
 from prefd_server.aiconfig.model import ModelInfo
+from prefd_server.aiconfig.usage import PERIODS, Crossing, UsageRecord, crossed, period_starts
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import RequestIdReused, invalid
 from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Scope, ScopeKind, Subject
-
-PERIODS = ("daily", "weekly", "monthly")
-
-
-def period_starts(moment: datetime) -> dict[str, date]:
-    """The UTC day, ISO week (Monday) and month that `moment` falls in."""
-    day = (moment if moment.tzinfo is None else moment.astimezone(UTC)).date()
-    return {"daily": day, "weekly": day - timedelta(days=day.weekday()), "monthly": day.replace(day=1)}
-
-
-@dataclass(frozen=True, slots=True)
-class Crossing:
-    """Spend in a period reached threshold * budget with this record."""
-
-    period: str
-    threshold: float
-    period_start: date
-    spent_nanos: int
-    budget_nanos: int
-    user_id: str
-    request_id: str
-
-    def document(self) -> dict[str, object]:
-        return {
-            "period": self.period,
-            "threshold": self.threshold,
-            "period_start": self.period_start.isoformat(),
-            "spent_nanos": self.spent_nanos,
-            "budget_nanos": self.budget_nanos,
-            "request_id": self.request_id,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """A ledger row and what recording it did."""
-
-    cost_nanos: int
-    recorded: bool
-    recorded_at: datetime
-    totals: dict[str, tuple[date, int]]  # period -> (start, total nanos after this record)
-    crossings: list[Crossing]
-
-
-def reached(spent: int, budget: int, threshold: float) -> bool:
-    """spent >= threshold * budget, in exact decimal arithmetic (nano-USD)."""
-    return spent >= Decimal(repr(threshold)) * budget
-
-
-def crossed(before: int, after: int, budget: int, thresholds: Sequence[float]) -> list[float]:
-    """Thresholds t with before < t * budget <= after."""
-    if budget <= 0:
-        return []
-    return [t for t in thresholds if reached(after, budget, t) and not reached(before, budget, t)]
 
 
 async def record(

@@ -3,44 +3,39 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import date
 
 import asyncpg
 
 from prefd_server.aiconfig import store as ai_sql
+from prefd_server.aiconfig import usage_store as usage_sql
 from prefd_server.aiconfig.model import (
     DEFAULT_LAYER,
     AIConfigRecord,
     APIKeySet,
     ChainLayer,
+    KeyUpdate,
     ModelInfo,
+    Mutation,
     Violation,
     config_layers,
     merge,
 )
 from prefd_server.aiconfig.secretbox import SecretBox, sealing_context
+from prefd_server.aiconfig.usage import UsageRecord
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.commits import LocalCommits
+from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import AIConfigExists, AIConfigNotFound, ValidationFailed, VersionConflict
-from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind
+from prefd_server.kernel.feed import FeedReader
+from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind, Subject
+from prefd_server.kernel.tokens import TokenKey
+from prefd_server.kernel.watch import WatchItem, WatchTarget, watch
 
 LAYER_OF_SCOPE = {ScopeKind.GLOBAL: Layer.GLOBAL, ScopeKind.ORG: Layer.ORG, ScopeKind.USER: Layer.USER}
-
-
-@dataclass(frozen=True, slots=True)
-class KeyUpdate:
-    """New plaintext keys for a config's slots ("" empties a slot; absent slots keep theirs)."""
-
-    slots: Mapping[str, str]
-    # True when the primary changes and key_version must grow.
-    new_primary: bool
-    # True when the stored primary becomes the secondary (the new primary is in slots).
-    rotate: bool = False
-
-
-Mutation = Callable[[AIConfigRecord | None], tuple[AIConfigRecord | None, KeyUpdate | None]]
 
 
 class AIConfigStore:
@@ -51,10 +46,6 @@ class AIConfigStore:
         self._box = box
         self._env = env
         self._commits = commits
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self._pool
 
     async def get(self, config_id: str) -> AIConfigRecord:
         """One config; NOT_FOUND if it does not exist."""
@@ -228,6 +219,38 @@ class AIConfigStore:
             call,
             reason,
         )
+
+    async def record_usage(
+        self,
+        subject: Subject,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        request_id: str,
+        budgets: dict[str, int],
+        thresholds: Sequence[float],
+        call: CallInfo,
+    ) -> tuple[UsageRecord, int | None]:
+        """Append a usage ledger row (see usage_store.record): the record and the xid of its crossings."""
+        return await usage_sql.record(
+            self._pool, subject, model, input_tokens, output_tokens, request_id, budgets, thresholds, call
+        )
+
+    async def usage_totals(self, user_id: str, starts: dict[str, date]) -> dict[str, int]:
+        """The user's spend (nano-USD) in each of the given periods, from the ledger."""
+        return await usage_sql.totals(self._pool, user_id, starts)
+
+    def watch(
+        self,
+        feed: FeedReader,
+        target: WatchTarget,
+        start: FeedCursor | None,
+        progress_interval_s: float,
+        tokens: TokenKey,
+        kinds: frozenset[ChangeKind],
+    ) -> AsyncIterator[WatchItem]:
+        """A watch session on `target`: its history from this store's database, then the live feed."""
+        return watch(feed, self._pool, target, start, progress_interval_s, tokens, kinds=kinds)
 
     async def update_model(self, model: ModelInfo, call: CallInfo, reason: str) -> ModelInfo:
         """Create or replace a catalog model, with its change row."""
