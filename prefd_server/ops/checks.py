@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import asyncpg
 
 from prefd_server.kernel.deadline import outside_call
 from prefd_server.kernel.feed import FeedReader
-from prefd_server.preferences.cache import RedisLayers
+from prefd_server.kernel.redis import RedisLayers
+from prefd_server.ops.health_store import oldest_write_transaction_ms, select_one
+from prefd_server.ops.model import ComponentReport, Status, SystemReport
 
 T = TypeVar("T")
 
@@ -62,35 +62,6 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()  # a failure nobody waited for any more is not news
 
 
-class Status(enum.IntEnum):
-    """A component's or the server's state (values match prefd.v1.HealthStatus)."""
-
-    HEALTHY = 1
-    DEGRADED = 2
-    UNHEALTHY = 3
-
-
-@dataclass(frozen=True, slots=True)
-class ComponentReport:
-    """One component's check."""
-
-    name: str
-    status: Status
-    critical: bool
-    latency_s: float
-    error: str = ""
-    details: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class SystemReport:
-    """Every component and the rolled-up state."""
-
-    status: Status
-    components: list[ComponentReport]
-    uptime_s: float
-
-
 class HealthChecker:
     """Runs the checks concurrently; a hung dependency costs at most its timeout."""
 
@@ -115,6 +86,7 @@ class HealthChecker:
         }
 
     async def report(self) -> SystemReport:
+        """Every component's check, run concurrently, and the state they roll up to."""
         components = list(
             await asyncio.gather(
                 self._timed("postgresql", True),
@@ -144,8 +116,7 @@ class HealthChecker:
         return ComponentReport(name, status, critical, time.monotonic() - start, error, details)
 
     async def _check_postgresql(self) -> tuple[Status, dict[str, str]]:
-        async with self._pool.acquire() as conn:
-            await conn.fetchval("SELECT 1")
+        await select_one(self._pool)
         return Status.HEALTHY, {"pool_size": str(self._pool.get_size()), "pool_idle": str(self._pool.get_idle_size())}
 
     async def _check_redis(self) -> tuple[Status, dict[str, str]]:
@@ -160,11 +131,7 @@ class HealthChecker:
         }
 
     async def _check_feed(self) -> tuple[Status, dict[str, str]]:
-        async with self._pool.acquire() as conn:
-            oldest_ms = await conn.fetchval(
-                """SELECT coalesce(extract(epoch FROM now() - min(xact_start)) * 1000, 0)::bigint
-                   FROM pg_stat_activity WHERE backend_xid IS NOT NULL"""
-            )
+        oldest_ms = await oldest_write_transaction_ms(self._pool)
         since_read_s = time.monotonic() - self._feed.last_read_monotonic
         details = {
             "lag_ms": f"{self._feed.lag_ms:.1f}",

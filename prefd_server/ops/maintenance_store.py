@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -26,6 +23,7 @@ from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import MaintenanceInProgress, MaintenanceNotFound, invalid
 from prefd_server.kernel.feed_store import append_change
 from prefd_server.kernel.model import CallInfo, ChangeKind, Scope, ScopeKind
+from prefd_server.ops.model import MaintenanceRecord, Operation, TargetKind
 
 log = logging.getLogger(__name__)
 
@@ -53,40 +51,10 @@ _COLUMNS = """id, operation, target, full_vacuum, status, initiator, reason, cre
     finished_at, duration_ms, error"""
 
 
-class Operation(enum.StrEnum):
-    VACUUM = "VACUUM"
-    VACUUM_ANALYZE = "VACUUM_ANALYZE"
-    ANALYZE = "ANALYZE"
-    REINDEX = "REINDEX"
-
-
-class TargetKind(enum.StrEnum):
-    TABLE = "table"
-    INDEX = "index"
-
-
-@dataclass(frozen=True, slots=True)
-class MaintenanceRecord:
-    """One row of the maintenance log."""
-
-    id: int
-    operation: Operation
-    target: str
-    full: bool
-    status: str
-    initiator: str
-    reason: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    duration_ms: float | None
-    error: str
-
-
 def _record(row: Any) -> MaintenanceRecord:
     return MaintenanceRecord(
         id=row["id"],
-        operation=Operation(row["operation"]),
+        operation=Operation[row["operation"]],
         target=row["target"],
         full=row["full_vacuum"],
         status=row["status"],
@@ -168,7 +136,7 @@ class MaintenanceStore:
         task = asyncio.create_task(self._run(record, runner, sql, call), name=f"prefd-maintenance-{record.id}")
         self._running[record.id] = task
         task.add_done_callback(lambda done: self._forget(record.id, done))
-        log.info("maintenance %d queued: %s %s", record.id, operation.value, target)
+        log.info("maintenance %d queued: %s %s", record.id, operation.name, target)
         return record, task
 
     def _forget(self, operation_id: int, task: asyncio.Task[MaintenanceRecord]) -> None:
@@ -196,7 +164,7 @@ class MaintenanceStore:
                         f"""INSERT INTO maintenance_operations
                                 (operation, target, full_vacuum, status, initiator, reason, backend_pid)
                             VALUES ($1, $2, $3, 'queued', $4, $5, $6) RETURNING {_COLUMNS}""",
-                        operation.value,
+                        operation.name,
                         target,
                         full,
                         call.actor,
@@ -264,7 +232,7 @@ class MaintenanceStore:
                 f"maintenance/{record.id}",
                 None,
                 {
-                    "operation": record.operation.value,
+                    "operation": record.operation.name,
                     "target": record.target,
                     "full": record.full,
                     "status": finished.status,

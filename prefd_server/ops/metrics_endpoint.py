@@ -4,8 +4,8 @@ reader, caches and pool at scrape time (no hot-path cost)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 import asyncpg
 from prometheus_client import CollectorRegistry, start_http_server
@@ -14,17 +14,36 @@ from prometheus_client.registry import Collector
 
 from prefd_server.kernel.db import pool_stats
 from prefd_server.kernel.feed import FeedReader
-from prefd_server.preferences.cache import EffectiveCache
+from prefd_server.kernel.redis import RedisLayers
+
+
+class CacheFigures(Protocol):
+    """A cache's hit and miss counts by layer (the preferences cache's stats)."""
+
+    def by_layer(self) -> tuple[Mapping[str, int], Mapping[str, int]]:
+        """(hits by layer, misses by layer)."""
+        ...
+
+
+class _CacheWithFigures(Protocol):
+    """What serve_metrics() used to take: a cache carrying its stats and its Redis."""
+
+    @property
+    def stats(self) -> CacheFigures: ...
+
+    @property
+    def redis(self) -> RedisLayers | None: ...
 
 
 class PrefdCollector(Collector):
     """Feed lag and position, open watch streams, cache hits and misses per layer, the database pool,
     Redis errors."""
 
-    def __init__(self, feed: FeedReader, cache: EffectiveCache, pool: asyncpg.Pool) -> None:
+    def __init__(self, feed: FeedReader, cache: CacheFigures, pool: asyncpg.Pool, redis: RedisLayers | None) -> None:
         self._feed = feed
         self._cache = cache
         self._pool = pool
+        self._redis = redis
 
     def collect(self) -> Iterator[Any]:
         yield GaugeMetricFamily(
@@ -42,7 +61,7 @@ class PrefdCollector(Collector):
         )
         hits = CounterMetricFamily("prefd_cache_hits", "Cache hits by layer", labels=["layer"])
         misses = CounterMetricFamily("prefd_cache_misses", "Cache misses by layer", labels=["layer"])
-        hit_counts, miss_counts = self._cache.stats.by_layer()
+        hit_counts, miss_counts = self._cache.by_layer()
         for layer, count in hit_counts.items():
             hits.add_metric([layer], count)
         for layer, count in miss_counts.items():
@@ -56,14 +75,27 @@ class PrefdCollector(Collector):
         yield connections
         yield GaugeMetricFamily("prefd_db_pool_waiting", "Callers waiting for a pool connection", value=pool.waiting)
         yield GaugeMetricFamily("prefd_db_pool_max", "The pool's upper bound", value=pool.max_size)
-        if self._cache.redis is not None:
-            yield CounterMetricFamily("prefd_redis_errors", "Failed Redis operations", value=self._cache.redis.errors)
+        if self._redis is not None:
+            yield CounterMetricFamily("prefd_redis_errors", "Failed Redis operations", value=self._redis.errors)
+
+
+def start_metrics_endpoint(
+    registry: CollectorRegistry,
+    port: int,
+    host: str,
+    feed: FeedReader,
+    cache: CacheFigures,
+    pool: asyncpg.Pool,
+    redis: RedisLayers | None,
+) -> Any:
+    """Start the /metrics HTTP endpoint on its own port; returns the HTTP server (call shutdown())."""
+    registry.register(PrefdCollector(feed, cache, pool, redis))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
 
 
 def serve_metrics(
-    registry: CollectorRegistry, port: int, host: str, feed: FeedReader, cache: EffectiveCache, pool: asyncpg.Pool
+    registry: CollectorRegistry, port: int, host: str, feed: FeedReader, cache: _CacheWithFigures, pool: asyncpg.Pool
 ) -> Any:
-    """Start the /metrics HTTP endpoint on its own port; returns the HTTP server (call shutdown())."""
-    registry.register(PrefdCollector(feed, cache, pool))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server
+    """start_metrics_endpoint() with the cache's own stats and Redis; kept until app.py calls that."""
+    return start_metrics_endpoint(registry, port, host, feed, cache.stats, pool, cache.redis)

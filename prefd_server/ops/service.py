@@ -1,4 +1,4 @@
-"""prefd.v1.HealthService."""
+"""prefd.v1.HealthService: system and database health, and maintenance of prefd's tables."""
 
 from __future__ import annotations
 
@@ -8,51 +8,18 @@ from typing import Any, TypeAlias
 import grpc
 
 from prefd.v1 import health_pb2, health_pb2_grpc
-from prefd_server import __version__
 from prefd_server.kernel.errors import ValidationFailed, invalid
-from prefd_server.kernel.model import FieldViolation
 from prefd_server.kernel.paging import paginate, parse_int64
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.ops.checks import HealthChecker
-from prefd_server.ops.database_report import database_health_to_pb
+from prefd_server.ops.convert import OPERATIONS, database_health_to_pb, maintenance_to_pb, system_health_to_pb
 from prefd_server.ops.database_store import DatabaseHealthStore
-from prefd_server.ops.maintenance_store import MaintenanceRecord, MaintenanceStore, Operation
+from prefd_server.ops.maintenance_store import MaintenanceStore
+from prefd_server.ops.rules import maintenance_violations
 from prefd_server.rpc import convert
 from prefd_server.rpc.auth import current_call, current_principal
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-
-
-OPERATIONS = {
-    health_pb2.MAINTENANCE_OPERATION_VACUUM: Operation.VACUUM,
-    health_pb2.MAINTENANCE_OPERATION_VACUUM_ANALYZE: Operation.VACUUM_ANALYZE,
-    health_pb2.MAINTENANCE_OPERATION_ANALYZE: Operation.ANALYZE,
-    health_pb2.MAINTENANCE_OPERATION_REINDEX: Operation.REINDEX,
-}
-OPERATION_PB = {operation: number for number, operation in OPERATIONS.items()}
-STATUS_PB = {
-    "queued": health_pb2.MAINTENANCE_STATUS_QUEUED,
-    "running": health_pb2.MAINTENANCE_STATUS_RUNNING,
-    "completed": health_pb2.MAINTENANCE_STATUS_COMPLETED,
-    "failed": health_pb2.MAINTENANCE_STATUS_FAILED,
-}
-
-
-def maintenance_to_pb(record: MaintenanceRecord) -> health_pb2.MaintenanceRecord:
-    return health_pb2.MaintenanceRecord(
-        id=record.id,
-        operation=OPERATION_PB[record.operation],
-        target=record.target,
-        full=record.full,
-        status=STATUS_PB[record.status],
-        initiator=record.initiator,
-        reason=record.reason,
-        create_time=convert.timestamp(record.created_at),
-        start_time=convert.timestamp(record.started_at),
-        end_time=convert.timestamp(record.finished_at),
-        duration=convert.duration(record.duration_ms / 1000) if record.duration_ms is not None else None,
-        error=record.error,
-    )
 
 
 class HealthService(health_pb2_grpc.HealthServiceServicer):
@@ -75,23 +42,7 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
     async def GetSystemHealth(
         self, request: health_pb2.GetSystemHealthRequest, context: Context
     ) -> health_pb2.GetSystemHealthResponse:
-        report = await self._checker.report()
-        return health_pb2.GetSystemHealthResponse(
-            status=int(report.status),  # type: ignore[arg-type]
-            components=[
-                health_pb2.ComponentHealth(
-                    name=c.name,
-                    status=int(c.status),  # type: ignore[arg-type]
-                    critical=c.critical,
-                    latency=convert.duration(c.latency_s),
-                    error=c.error,
-                    details=c.details,
-                )
-                for c in report.components
-            ],
-            version=__version__,
-            uptime=convert.duration(report.uptime_s),
-        )
+        return system_health_to_pb(await self._checker.report())
 
     async def GetDatabaseHealth(
         self, request: health_pb2.GetDatabaseHealthRequest, context: Context
@@ -110,22 +61,8 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
         self, request: health_pb2.RunMaintenanceRequest, context: Context
     ) -> health_pb2.RunMaintenanceResponse:
         current_principal().require_admin("RunMaintenance")
-        violations = []
         operation = OPERATIONS.get(request.operation)
-        if operation is None:
-            violations.append(FieldViolation("operation", "must be VACUUM, VACUUM_ANALYZE, ANALYZE or REINDEX"))
-        if not request.target:
-            violations.append(FieldViolation("target", "is required: one of prefd's tables or indexes"))
-        if request.full and operation not in (Operation.VACUUM, Operation.VACUUM_ANALYZE):
-            violations.append(FieldViolation("full", "only VACUUM and VACUUM_ANALYZE can be FULL"))
-        elif request.full and not request.confirm_full:
-            violations.append(
-                FieldViolation(
-                    "confirm_full",
-                    "VACUUM FULL rewrites the table under an ACCESS EXCLUSIVE lock (its reads and writes "
-                    "wait until it ends); set confirm_full to run it",
-                )
-            )
+        violations = maintenance_violations(operation, request.target, request.full, request.confirm_full)
         if violations:
             raise ValidationFailed(violations)
         assert operation is not None

@@ -18,15 +18,15 @@ from google.protobuf import duration_pb2
 from prefd.v1 import health_pb2, health_pb2_grpc, preferences_pb2_grpc
 from prefd_server.app import App
 from prefd_server.kernel.db import PoolStats
-from prefd_server.ops.database_store import (
+from prefd_server.ops.model import (
     ConnectionReport,
     DatabaseSummary,
     IndexHealth,
     OpenTransaction,
     Severity,
     TableHealth,
-    database_alerts,
 )
+from prefd_server.ops.rules import database_alerts
 from tests.helpers.auth import auth, unique
 from tests.helpers.requests import eventually, field_violations, set_request, user
 from tests.helpers.settings import make_settings

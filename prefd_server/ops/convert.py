@@ -1,18 +1,22 @@
-"""GetDatabaseHealth's report as protobuf."""
+"""The ops domain's protobuf mapping: the system report, the database report and maintenance records."""
 
 from __future__ import annotations
 
 from prefd.v1 import health_pb2
+from prefd_server import __version__
 from prefd_server.kernel.db import PoolStats
-from prefd_server.ops.database_store import (
+from prefd_server.ops.model import (
     ConnectionReport,
     DatabaseAlert,
     DatabaseReport,
     DatabaseSummary,
     IndexHealth,
+    MaintenanceRecord,
+    Operation,
     Severity,
     SlowQuery,
     SlowQueryReport,
+    SystemReport,
     TableHealth,
 )
 from prefd_server.rpc import convert
@@ -21,6 +25,57 @@ _SEVERITIES = {
     Severity.WARNING: health_pb2.ALERT_SEVERITY_WARNING,
     Severity.CRITICAL: health_pb2.ALERT_SEVERITY_CRITICAL,
 }
+OPERATIONS = {
+    health_pb2.MAINTENANCE_OPERATION_VACUUM: Operation.VACUUM,
+    health_pb2.MAINTENANCE_OPERATION_VACUUM_ANALYZE: Operation.VACUUM_ANALYZE,
+    health_pb2.MAINTENANCE_OPERATION_ANALYZE: Operation.ANALYZE,
+    health_pb2.MAINTENANCE_OPERATION_REINDEX: Operation.REINDEX,
+}
+_OPERATION_PB = {operation: number for number, operation in OPERATIONS.items()}
+_STATUS_PB = {
+    "queued": health_pb2.MAINTENANCE_STATUS_QUEUED,
+    "running": health_pb2.MAINTENANCE_STATUS_RUNNING,
+    "completed": health_pb2.MAINTENANCE_STATUS_COMPLETED,
+    "failed": health_pb2.MAINTENANCE_STATUS_FAILED,
+}
+
+
+def system_health_to_pb(report: SystemReport) -> health_pb2.GetSystemHealthResponse:
+    """Every component's check and the rolled-up state, with this server's version."""
+    return health_pb2.GetSystemHealthResponse(
+        status=int(report.status),  # type: ignore[arg-type]
+        components=[
+            health_pb2.ComponentHealth(
+                name=c.name,
+                status=int(c.status),  # type: ignore[arg-type]
+                critical=c.critical,
+                latency=convert.duration(c.latency_s),
+                error=c.error,
+                details=c.details,
+            )
+            for c in report.components
+        ],
+        version=__version__,
+        uptime=convert.duration(report.uptime_s),
+    )
+
+
+def maintenance_to_pb(record: MaintenanceRecord) -> health_pb2.MaintenanceRecord:
+    """One row of the maintenance log."""
+    return health_pb2.MaintenanceRecord(
+        id=record.id,
+        operation=_OPERATION_PB[record.operation],
+        target=record.target,
+        full=record.full,
+        status=_STATUS_PB[record.status],
+        initiator=record.initiator,
+        reason=record.reason,
+        create_time=convert.timestamp(record.created_at),
+        start_time=convert.timestamp(record.started_at),
+        end_time=convert.timestamp(record.finished_at),
+        duration=convert.duration(record.duration_ms / 1000) if record.duration_ms is not None else None,
+        error=record.error,
+    )
 
 
 def database_health_to_pb(report: DatabaseReport) -> health_pb2.GetDatabaseHealthResponse:
