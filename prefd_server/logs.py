@@ -10,7 +10,7 @@ from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
-from prefd_server.rpc.auth import current_request
+from prefd_server.rpc.principal import current_request
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 

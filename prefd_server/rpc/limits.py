@@ -10,12 +10,13 @@ is here is what no handler should have to remember."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
-from prefd_server.kernel.errors import RequestTooLarge, ValidationFailed
+from prefd_server.kernel.errors import RequestTooLarge, ValidationFailed, invalid
 from prefd_server.kernel.model import MAX_JSON_BYTES, FieldViolation
 
 # --- request size -------------------------------------------------------------------------------
@@ -143,6 +144,18 @@ def check_request_size(method: str, size: int) -> None:
     limit = request_limit(method)
     if size > limit:
         raise RequestTooLarge(size, limit)
+
+
+def parse_request(raw: bytes, parse: Callable[[bytes], Any], method: str) -> Any:
+    """A request of `method` (its short name) parsed from its bytes and checked against the input
+    limits; INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for size) when it is not acceptable."""
+    check_request_size(method, len(raw))
+    try:
+        request = parse(raw)
+    except DecodeError as exc:
+        raise invalid("request", f"is not a valid {method} request (malformed or nested too deeply)") from exc
+    check_request(request)
+    return request
 
 
 def check_request(message: Message) -> None:
