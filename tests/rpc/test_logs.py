@@ -19,8 +19,9 @@ from prefd_server.logs import log_handler
 from prefd_server.preferences.model import Definition
 from prefd_server.preferences.reads import PreferenceReader
 from prefd_server.preferences.service import PreferencesService
-from prefd_server.rpc.auth import Authenticator, TokenVerifier
+from prefd_server.rpc.auth import TokenVerifier
 from prefd_server.rpc.metrics import RpcMetrics
+from prefd_server.rpc.middleware import Authenticator
 from tests.helpers.aiconfig import create_config
 from tests.helpers.auth import auth, token, unique
 from tests.helpers.metrics import scrape
