@@ -3,83 +3,31 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
-from google.protobuf import struct_pb2
 
-from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2
-from prefd_server.audit.store import AuditRow, AuditStore, ChangeFilter, KeyState, Point, state_at
+from prefd.v1 import audit_pb2, audit_pb2_grpc
+from prefd_server.audit.convert import KIND_NAMES, change_to_pb, key_diff_to_pb, restored_to_pb
+from prefd_server.audit.model import ChangeFilter, Point
+from prefd_server.audit.rules import export_document
+from prefd_server.audit.store import HistoryStore, preferences_at
+from prefd_server.audit.user_data_store import UserDataStore
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import PermissionDenied, UserErased, ValidationFailed, invalid
 from prefd_server.kernel.ids import id_problem, key_problem
-from prefd_server.kernel.model import ChangeKind, FieldViolation, Scope, ScopeKind, Subject
+from prefd_server.kernel.model import FieldViolation, JsonValue, Scope, ScopeKind, Subject
 from prefd_server.kernel.paging import paginate, parse_int64
+from prefd_server.kernel.restore import RestoreRequest, ScopeRestorer
 from prefd_server.kernel.tokens import TokenKey
-from prefd_server.preferences.cache import EffectiveCache
-from prefd_server.preferences.model import KeyWrite, WriteResult
-from prefd_server.preferences.store import current_versions
-from prefd_server.preferences.writes import PreferenceWriter
 from prefd_server.rpc import convert
 from prefd_server.rpc.auth import current_call, current_principal
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 MAX_ROLLBACK_SCOPES = 100
-KIND_NAMES = {
-    common_pb2.CHANGE_KIND_PREFERENCE: ChangeKind.PREFERENCE,
-    common_pb2.CHANGE_KIND_DEFINITION: ChangeKind.DEFINITION,
-    common_pb2.CHANGE_KIND_AI_CONFIG: ChangeKind.AI_CONFIG,
-    common_pb2.CHANGE_KIND_AI_MODEL: ChangeKind.AI_MODEL,
-    common_pb2.CHANGE_KIND_BUDGET: ChangeKind.BUDGET,
-    common_pb2.CHANGE_KIND_MAINTENANCE: ChangeKind.MAINTENANCE,
-    common_pb2.CHANGE_KIND_ERASURE: ChangeKind.ERASURE,
-}
-KIND_PB = {name: kind for kind, name in KIND_NAMES.items()}
-CONSENT_MARKERS = ("consent",)
-
-
-def _json_value(value: Any) -> struct_pb2.Value:
-    """A JSON document as google.protobuf.Value; scalars directly (the common case, and several times
-    faster than json_format), objects and arrays through Struct/ListValue's own conversion."""
-    if value is None:
-        return struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
-    if isinstance(value, bool):
-        return struct_pb2.Value(bool_value=value)
-    if isinstance(value, int | float):
-        return struct_pb2.Value(number_value=value)
-    if isinstance(value, str):
-        return struct_pb2.Value(string_value=value)
-    if isinstance(value, dict):
-        struct = struct_pb2.Struct()
-        struct.update(value)
-        return struct_pb2.Value(struct_value=struct)
-    items = struct_pb2.ListValue()
-    items.extend(value)
-    return struct_pb2.Value(list_value=items)
-
-
-def change_to_pb(row: AuditRow, tokens: TokenKey) -> audit_pb2.AuditChange:
-    return audit_pb2.AuditChange(
-        id=row.id,
-        kind=KIND_PB.get(row.kind, common_pb2.CHANGE_KIND_UNSPECIFIED),
-        scope=convert.scope_to_pb(row.scope),
-        key=row.key,
-        old_value=_json_value(row.old_value),
-        new_value=_json_value(row.new_value),
-        version=row.version,
-        actor=row.actor,
-        peer=row.peer,
-        user_agent=row.user_agent,
-        reason=row.reason,
-        request_id=row.request_id,
-        create_time=convert.timestamp(row.created_at),
-        rollback_of=row.rollback_of,
-        cursor=convert.cursor_to_pb(row.position, tokens),
-    )
 
 
 def _user_id(user_id: str, field: str = "user_id") -> str:
@@ -102,18 +50,12 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     """The change history, diffs, rollback, export and erasure."""
 
     def __init__(
-        self,
-        store: AuditStore,
-        writer: PreferenceWriter,
-        cache: EffectiveCache,
-        tokens: TokenKey,
-        on_erased: Any,
+        self, history: HistoryStore, user_data: UserDataStore, restorer: ScopeRestorer, tokens: TokenKey
     ) -> None:
-        self._store = store
-        self._writer = writer
-        self._cache = cache
+        self._history = history
+        self._user_data = user_data
+        self._restorer = restorer
         self._tokens = tokens
-        self._on_erased = on_erased
 
     # --- history -------------------------------------------------------------------------
 
@@ -156,7 +98,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             if len(parts) != 3:
                 raise invalid("page_token", "is malformed")
             horizon, after = parse_int64(parts[0]), FeedCursor(parse_int64(parts[1]), parse_int64(parts[2]))
-        found, horizon = await self._store.page(where, horizon, after, newest_first, page.limit)
+        found, horizon = await self._history.page(where, horizon, after, newest_first, page.limit)
         rows, next_token = page.cut(found, lambda r: f"{horizon}:{r.xid}:{r.id}")
         return audit_pb2.ListChangesResponse(
             changes=[change_to_pb(r, self._tokens) for r in rows], next_page_token=next_token
@@ -166,28 +108,20 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         current_principal().require_admin("GetChange")
         if request.id <= 0:
             raise invalid("id", "must be positive")
-        return audit_pb2.GetChangeResponse(change=change_to_pb(await self._store.change(request.id), self._tokens))
+        return audit_pb2.GetChangeResponse(change=change_to_pb(await self._history.change(request.id), self._tokens))
 
     async def DiffScope(self, request: audit_pb2.DiffScopeRequest, context: Context) -> audit_pb2.DiffScopeResponse:
         current_principal().require_admin("DiffScope")
         scope = convert.scope_from_pb(request.scope)
         start = _point(request.__getattribute__("from"), "from")
         end = _point(request.to, "to") if request.HasField("to") else None
-        await self._store.check_point(start, "from")
+        await self._history.check_point(start, "from")
         if end is not None:
-            await self._store.check_point(end, "to")
-            if _after(start, end):
+            await self._history.check_point(end, "to")
+            if start.is_after(end):
                 raise invalid("from", "must not be after `to`")
         diffs = [
-            audit_pb2.KeyDiff(
-                key=key,
-                kind=KIND_PB[(before or after).kind],  # type: ignore[union-attr]
-                before=_json_value(before.value if before else None),
-                after=_json_value(after.value if after else None),
-                before_version=before.version if before else 0,
-                after_version=after.version if after else 0,
-            )
-            for key, before, after in await self._store.diff(scope, start, end)
+            key_diff_to_pb(key, before, after) for key, before, after in await self._history.diff(scope, start, end)
         ]
         return audit_pb2.DiffScopeResponse(diffs=diffs)
 
@@ -197,18 +131,19 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         self, request: audit_pb2.PreviewRollbackRequest, context: Context
     ) -> audit_pb2.PreviewRollbackResponse:
         current_principal().require_admin("PreviewRollback")
-        results, token = await self._rollback(request.target, "", "", dry_run=True)
-        return audit_pb2.PreviewRollbackResponse(scopes=results, preview_token=token)
+        restored, token = await self._restorer.preview(await self._restore_request(request.target, ""))
+        return audit_pb2.PreviewRollbackResponse(scopes=[restored_to_pb(r) for r in restored], preview_token=token)
 
     async def Rollback(self, request: audit_pb2.RollbackRequest, context: Context) -> audit_pb2.RollbackResponse:
         current_principal().require_admin("Rollback")
         reason = convert.check_reason(request.reason, required=True)
-        results, _ = await self._rollback(request.target, reason, request.preview_token, dry_run=False)
-        return audit_pb2.RollbackResponse(scopes=results)
+        restored = await self._restorer.apply(
+            await self._restore_request(request.target, reason), request.preview_token
+        )
+        return audit_pb2.RollbackResponse(scopes=[restored_to_pb(r) for r in restored])
 
-    async def _rollback(
-        self, target: audit_pb2.RollbackTarget, reason: str, expected_token: str, dry_run: bool
-    ) -> tuple[list[audit_pb2.ScopeRollback], str]:
+    async def _restore_request(self, target: audit_pb2.RollbackTarget, reason: str) -> RestoreRequest:
+        """The validated target: its scopes (none erased) back to their preference state at a point."""
         if not target.scopes:
             raise invalid("target.scopes", "name at least one scope")
         if len(target.scopes) > MAX_ROLLBACK_SCOPES:
@@ -224,30 +159,23 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         if target.org_id:
             _user_id(target.org_id, "target.org_id")
         point = _point(target.to, "target.to")
-        await self._store.check_point(point, "target.to")
+        await self._history.check_point(point, "target.to")
         for i, scope in enumerate(scopes):
-            if scope.kind is ScopeKind.USER and await self._store.erased(scope.id) is not None:
+            if scope.kind is ScopeKind.USER and await self._user_data.erased(scope.id) is not None:
                 raise UserErased(f"{scope} was erased; its history is gone", field=f"target.scopes[{i}]")
 
-        async def plan(conn: asyncpg.Connection, ordered: Sequence[Scope]) -> dict[Scope, list[KeyWrite]]:
-            planned = {}
-            for scope in ordered:
-                wanted = await state_at(conn, scope, point.change_id, point.time, (ChangeKind.PREFERENCE,))
-                current = await current_versions(conn, scope)
-                planned[scope] = _writes_back(wanted, current, keys)
-            return planned
+        async def preferences_then(conn: asyncpg.Connection, scope: Scope) -> dict[str, JsonValue | None]:
+            return await preferences_at(conn, scope, point)
 
-        results, token = await self._writer.rollback(
-            scopes,
-            plan,
-            current_call(),
-            reason,
-            dry_run=dry_run,
-            expected_token=expected_token,
+        return RestoreRequest(
+            scopes=scopes,
+            target=preferences_then,
+            keys=keys,
             org_id=target.org_id,
             rollback_of=point.describe(),
+            call=current_call(),
+            reason=reason,
         )
-        return [_scope_result(scope, result) for scope, result in zip(scopes, results, strict=True)], token
 
     # --- privacy -------------------------------------------------------------------------
 
@@ -261,20 +189,9 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         org_id = request.org_id or (principal.org if principal.subject == user_id else "")
         if org_id:
             _user_id(org_id, "org_id")
-        stored = await self._store.export(user_id)
-        values, _ = await self._cache.resolve_subject(Subject(user_id, org_id), (), ())
-        effective = {v.key: v.value for v in values}
-        document = {
-            "user_id": user_id,
-            "org_id": org_id,
-            "exported_at": datetime.now(UTC).isoformat(),
-            "overrides": stored["overrides"],
-            "effective_preferences": effective,
-            "ai_configs": stored["ai_configs"],
-            "consent": {k: v for k, v in effective.items() if any(m in k.lower() for m in CONSENT_MARKERS)},
-            "usage": stored["usage"],
-            "changes": stored["changes"],
-        }
+        subject = Subject(user_id, org_id)
+        parts, history = await self._user_data.export(subject)
+        document = export_document(subject, datetime.now(UTC), parts, history)
         return audit_pb2.ExportUserDataResponse(json=json.dumps(document, sort_keys=True, default=str))
 
     async def EraseUserData(
@@ -283,8 +200,7 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         current_principal().require_admin("EraseUserData")
         user_id = _user_id(request.user_id)
         reason = convert.check_reason(request.reason, required=True)
-        alias, counts, erased_now, xid = await self._store.erase(user_id, current_call(), reason)
-        self._on_erased(user_id, xid)
+        alias, counts, erased_now = await self._user_data.erase(user_id, current_call(), reason)
         return audit_pb2.EraseUserDataResponse(
             pseudonym=alias,
             overrides_deleted=counts.overrides,
@@ -292,32 +208,3 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             changes_pseudonymised=counts.changes,
             erased_now=erased_now,
         )
-
-
-def _after(start: Point, end: Point) -> bool:
-    if start.change_id is not None and end.change_id is not None:
-        return start.change_id > end.change_id
-    if start.time is not None and end.time is not None:
-        return start.time > end.time
-    return False
-
-
-def _writes_back(wanted: dict[str, KeyState], current: dict[str, Any], keys: Sequence[str]) -> list[KeyWrite]:
-    """The writes that make the current overrides equal the wanted ones (for `keys`, or all)."""
-    live = {key for key, (value, _version) in current.items() if value is not None}
-    candidates = sorted(keys) if keys else sorted(live | {k for k, s in wanted.items() if s.value is not None})
-    writes = []
-    for key in candidates:
-        target = wanted[key].value if key in wanted else None
-        now = current.get(key, (None, 0))[0]
-        if target != now or type(target) is not type(now):
-            writes.append(KeyWrite(key, target))
-    return writes
-
-
-def _scope_result(scope: Scope, result: WriteResult) -> audit_pb2.ScopeRollback:
-    return audit_pb2.ScopeRollback(
-        scope=convert.scope_to_pb(scope),
-        changes=[convert.change_to_pb(c) for c in result.changes],
-        effective_values=convert.effective_to_pb(result.effective),
-    )

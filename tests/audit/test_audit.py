@@ -15,7 +15,7 @@ from google.protobuf import json_format, struct_pb2
 
 from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, preferences_pb2
 from prefd_server.app import App
-from prefd_server.audit.service import _json_value
+from prefd_server.audit.convert import json_value
 from tests.helpers.auth import auth, unique
 from tests.helpers.requests import error_reason, field_violations, py, set_request, user
 
@@ -305,4 +305,4 @@ async def test_erasure_needs_admin_and_a_reason(audit) -> None:
 def test_change_values_convert_as_json_format_does(document: object) -> None:
     expected = struct_pb2.Value()
     json_format.ParseDict(document, expected)
-    assert _json_value(document) == expected
+    assert json_value(document) == expected
