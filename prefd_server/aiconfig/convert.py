@@ -25,10 +25,10 @@ from prefd_server.aiconfig.model import (
     usd_to_nanos,
 )
 from prefd_server.aiconfig.rules import ConfigFields, check_model
-from prefd_server.aiconfig.usage import Crossing, PeriodStatus, UsageRecord
+from prefd_server.aiconfig.usage import Crossing, Generation, PeriodStatus, UsageRecord
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import FieldViolation
-from prefd_server.rpc.convert import scope_to_pb, timestamp
+from prefd_server.rpc.convert import scope_to_pb, subject_from_pb, timestamp
 
 _BACKOFF_PB = {name: getattr(ai_config_pb2, f"BACKOFF_TYPE_{name.upper()}") for name in BACKOFF_TYPES}
 _BACKOFF_NAME = {v: k for k, v in _BACKOFF_PB.items()}
@@ -197,6 +197,16 @@ def estimate_to_pb(input_cost: int, output_cost: int) -> ai_config_pb2.EstimateC
     total = input_cost + output_cost
     return ai_config_pb2.EstimateCostResponse(
         cost_usd=nanos_to_usd(total), cost_nanos=total, input_cost_nanos=input_cost, output_cost_nanos=output_cost
+    )
+
+
+def generation_from_pb(request: ai_config_pb2.RecordUsageRequest) -> Generation:
+    return Generation(
+        subject_from_pb(request.subject, "subject"),
+        request.model,
+        request.input_tokens,
+        request.output_tokens,
+        request.request_id,
     )
 
 

@@ -101,7 +101,6 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     async def UpdateAIConfig(
         self, request: ai_config_pb2.UpdateAIConfigRequest, context: Context
     ) -> ai_config_pb2.UpdateAIConfigResponse:
-        principal = current_principal()
         config = request.config
         config_id = check_config_id(config.id, "config.id")
         convert.check_reason(request.reason)
@@ -110,9 +109,8 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         check_update(paths, config.name, values, violations)
         owner = ai_convert.owner_from_pb(config)
         mutate = masked_update(ai_convert.config_fields_from_pb(config), paths, values, keys)
-        stored = await self._change(config_id, request, mutate, lambda scope: check_owner_unchanged(owner, scope))
-        assert stored is not None  # only a deletion gives None
-        return ai_config_pb2.UpdateAIConfigResponse(config=await self._config_pb(stored, principal))
+        changed = await self._changed_pb(config_id, request, mutate, lambda scope: check_owner_unchanged(owner, scope))
+        return ai_config_pb2.UpdateAIConfigResponse(config=changed)
 
     async def GetAIConfig(
         self, request: ai_config_pb2.GetAIConfigRequest, context: Context
@@ -148,23 +146,19 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     async def SetAIConfigActive(
         self, request: ai_config_pb2.SetAIConfigActiveRequest, context: Context
     ) -> ai_config_pb2.SetAIConfigActiveResponse:
-        principal = current_principal()
         config_id = check_config_id(request.id)
         convert.check_reason(request.reason)
-        stored = await self._change(config_id, request, activation(request.active))
-        assert stored is not None  # only a deletion gives None
-        return ai_config_pb2.SetAIConfigActiveResponse(config=await self._config_pb(stored, principal))
+        changed = await self._changed_pb(config_id, request, activation(request.active))
+        return ai_config_pb2.SetAIConfigActiveResponse(config=changed)
 
     async def RotateAPIKey(
         self, request: ai_config_pb2.RotateAPIKeyRequest, context: Context
     ) -> ai_config_pb2.RotateAPIKeyResponse:
-        principal = current_principal()
         config_id = check_config_id(request.id)
         convert.check_reason(request.reason)
         check_new_key(request.new_key)
-        stored = await self._change(config_id, request, rotation(request.new_key))
-        assert stored is not None  # only a deletion gives None
-        return ai_config_pb2.RotateAPIKeyResponse(config=await self._config_pb(stored, principal))
+        changed = await self._changed_pb(config_id, request, rotation(request.new_key))
+        return ai_config_pb2.RotateAPIKeyResponse(config=changed)
 
     async def _change(
         self,
@@ -193,6 +187,18 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
             lambda scope: chain_org(principal, scope),
             allowed,
         )
+
+    async def _changed_pb(
+        self,
+        config_id: str,
+        request: Any,
+        mutate: Mutation,
+        authorize: Callable[[Scope], None] | None = None,
+    ) -> ai_config_pb2.AIConfig:
+        """The config after `_change` applied a mutation that keeps it, as the caller may see it."""
+        stored = await self._change(config_id, request, mutate, authorize)
+        assert stored is not None  # only a deletion gives None
+        return await self._config_pb(stored, current_principal())
 
     async def _config_pb(self, record: AIConfigRecord, principal: Principal) -> ai_config_pb2.AIConfig:
         plaintext = None
@@ -283,19 +289,11 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self, request: ai_config_pb2.RecordUsageRequest, context: Context
     ) -> ai_config_pb2.RecordUsageResponse:
         current_principal().require_service("RecordUsage")
-        subject = convert.subject_from_pb(request.subject, "subject")
-        check_request_id(request.request_id)
-        await self._catalog_model(request.model, request.input_tokens, request.output_tokens)
-        effective = (await self._cache.resolve(subject)).effective
-        record = await self._usage.record(
-            subject,
-            request.model,
-            request.input_tokens,
-            request.output_tokens,
-            request.request_id,
-            effective,
-            current_call(),
-        )
+        generation = ai_convert.generation_from_pb(request)
+        check_request_id(generation.request_id)
+        await self._catalog_model(generation.model, generation.input_tokens, generation.output_tokens)
+        effective = (await self._cache.resolve(generation.subject)).effective
+        record = await self._usage.record(generation, effective, current_call())
         return ai_convert.usage_to_pb(record)
 
     async def GetBudgetStatus(

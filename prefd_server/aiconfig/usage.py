@@ -14,7 +14,8 @@ from decimal import Decimal
 from typing import Protocol
 
 from prefd_server.aiconfig.model import EffectiveAIConfig
-from prefd_server.kernel.model import CallInfo, Subject
+from prefd_server.kernel.errors import RequestIdReused
+from prefd_server.kernel.model import CallInfo, FieldViolation, Subject
 from prefd_server.kernel.redis import RedisLayers
 
 PERIODS = ("daily", "weekly", "monthly")
@@ -36,6 +37,29 @@ def user_counters_prefix(user_id: str) -> str:
 def counter_name(user_id: str, period: str, start: date) -> str:
     """The Redis counter of a user's spend (nano-USD) in the period starting at `start`."""
     return f"{user_counters_prefix(user_id)}{period}:{start}"
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """One generation's token usage as its caller reports it; `request_id` makes reporting it idempotent."""
+
+    subject: Subject
+    model: str
+    input_tokens: int
+    output_tokens: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """A subject's budget per period (nano-USD) and the fractions of it that raise an alert."""
+
+    nanos: dict[str, int]
+    thresholds: Sequence[float]
+
+    @classmethod
+    def of(cls, effective: EffectiveAIConfig) -> Budgets:
+        return cls(effective.budgets_nanos, effective.values["cost_budget.alert_thresholds"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,37 +123,47 @@ def crossed(before: int, after: int, budget: int, thresholds: Sequence[float]) -
     return [t for t in thresholds if reached(after, budget, t) and not reached(before, budget, t)]
 
 
-def budget_status(
-    starts: Mapping[str, date], spent: Mapping[str, int], effective: EffectiveAIConfig
-) -> list[PeriodStatus]:
-    """Each period's spend against the effective budget and the thresholds it has reached."""
-    thresholds = effective.values["cost_budget.alert_thresholds"]
-    budgets = effective.budgets_nanos
+def budget_status(starts: Mapping[str, date], spent: Mapping[str, int], budgets: Budgets) -> list[PeriodStatus]:
+    """Each period's spend against its budget and the thresholds it has reached."""
     return [
         PeriodStatus(
             period,
             start,
             spent[period],
-            budgets[period],
-            [t for t in thresholds if budgets[period] > 0 and reached(spent[period], budgets[period], t)],
+            budgets.nanos[period],
+            [
+                t
+                for t in budgets.thresholds
+                if budgets.nanos[period] > 0 and reached(spent[period], budgets.nanos[period], t)
+            ],
         )
         for period, start in starts.items()
     ]
+
+
+def check_replay(sent: Generation, recorded: Generation) -> None:
+    """A request_id reported again must carry the figures it was recorded with (else INVALID_ARGUMENT)."""
+    figures = {
+        "subject.user_id": (sent.subject.user_id, recorded.subject.user_id),
+        "subject.org_id": (sent.subject.org_id, recorded.subject.org_id),
+        "model": (sent.model, recorded.model),
+        "input_tokens": (sent.input_tokens, recorded.input_tokens),
+        "output_tokens": (sent.output_tokens, recorded.output_tokens),
+    }
+    differing = [
+        FieldViolation(field, f"request_id {sent.request_id!r} was recorded with {old!r}, not {new!r}")
+        for field, (new, old) in figures.items()
+        if new != old
+    ]
+    if differing:
+        raise RequestIdReused(differing)
 
 
 class UsageLedgerStore(Protocol):
     """The store operations the usage ledger needs."""
 
     async def record_usage(
-        self,
-        subject: Subject,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        request_id: str,
-        budgets: dict[str, int],
-        thresholds: Sequence[float],
-        call: CallInfo,
+        self, generation: Generation, budgets: Budgets, call: CallInfo
     ) -> tuple[UsageRecord, int | None]: ...
 
     async def usage_totals(self, user_id: str, starts: dict[str, date]) -> dict[str, int]: ...
@@ -146,39 +180,22 @@ class UsageLedger:
         self._on_budget_commit = on_budget_commit
         self._counters_suspect: set[str] = set()  # users whose Redis mirror missed an update
 
-    async def record(
-        self,
-        subject: Subject,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        request_id: str,
-        effective: EffectiveAIConfig,
-        call: CallInfo,
-    ) -> UsageRecord:
+    async def record(self, generation: Generation, effective: EffectiveAIConfig, call: CallInfo) -> UsageRecord:
         """Append a generation to the ledger under the subject's effective budgets; raise its counters."""
-        record, xid = await self._store.record_usage(
-            subject,
-            model,
-            input_tokens,
-            output_tokens,
-            request_id,
-            effective.budgets_nanos,
-            effective.values["cost_budget.alert_thresholds"],
-            call,
-        )
+        record, xid = await self._store.record_usage(generation, Budgets.of(effective), call)
         if xid is not None:
             self._on_budget_commit(xid)
+        user_id = generation.subject.user_id
         if record.recorded and self._redis is not None:
-            counters = {counter_name(subject.user_id, p, start): total for p, (start, total) in record.totals.items()}
+            counters = {counter_name(user_id, p, start): total for p, (start, total) in record.totals.items()}
             if not await self._redis.raise_counters(counters, COUNTER_TTL_S):
-                self._counters_suspect.add(subject.user_id)
+                self._counters_suspect.add(user_id)
         return record
 
     async def status(self, user_id: str, effective: EffectiveAIConfig) -> list[PeriodStatus]:
         """The user's spend in the current periods against the effective budgets."""
         starts = period_starts(datetime.now(UTC))
-        return budget_status(starts, await self.spent(user_id, starts), effective)
+        return budget_status(starts, await self.spent(user_id, starts), Budgets.of(effective))
 
     async def spent(self, user_id: str, starts: Mapping[str, date]) -> dict[str, int]:
         """Spend per period: Redis counters when they are all there and trusted, else the ledger totals."""

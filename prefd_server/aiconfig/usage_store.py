@@ -2,41 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import date, datetime
 
 import asyncpg
 
 from prefd_server.aiconfig import store as ai_sql
 from prefd_server.aiconfig.model import ModelInfo
-from prefd_server.aiconfig.usage import PERIODS, Crossing, UsageRecord, crossed, period_starts
+from prefd_server.aiconfig.usage import (
+    PERIODS,
+    Budgets,
+    Crossing,
+    Generation,
+    UsageRecord,
+    check_replay,
+    crossed,
+    period_starts,
+)
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.db import translated_errors
-from prefd_server.kernel.errors import RequestIdReused, invalid
-from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Scope, ScopeKind, Subject
+from prefd_server.kernel.errors import invalid
+from prefd_server.kernel.model import CallInfo, ChangeKind, Scope, ScopeKind, Subject
 
 
 async def record(
-    pool: asyncpg.Pool,
-    subject: Subject,
-    model: str,
-    input_tokens: int,
-    output_tokens: int,
-    request_id: str,
-    budgets: dict[str, int],
-    thresholds: Sequence[float],
-    call: CallInfo,
+    pool: asyncpg.Pool, generation: Generation, budgets: Budgets, call: CallInfo
 ) -> tuple[UsageRecord, int | None]:
     """Append a ledger row unless request_id is recorded already (same figures: replay; else INVALID_ARGUMENT).
 
     Returns the record and the xid of the transaction when it appended threshold crossings.
     """
+    subject, request_id = generation.subject, generation.request_id
     async with translated_errors(), pool.acquire() as conn, conn.transaction():
         catalog = await ai_sql.models(conn)
-        info: ModelInfo | None = catalog.get(model)
+        info: ModelInfo | None = catalog.get(generation.model)
         if info is None:
-            raise invalid("model", f"model {model!r} is not in the catalog")
-        input_cost, output_cost = info.cost(input_tokens, output_tokens)
+            raise invalid("model", f"model {generation.model!r} is not in the catalog")
+        input_cost, output_cost = info.cost(generation.input_tokens, generation.output_tokens)
         cost = input_cost + output_cost
         row = await conn.fetchrow(
             """INSERT INTO ai_usage (request_id, user_id, org_id, model, input_tokens, output_tokens, cost_nanos, actor)
@@ -46,14 +47,14 @@ async def record(
             request_id,
             subject.user_id,
             subject.org_id,
-            model,
-            input_tokens,
-            output_tokens,
+            generation.model,
+            generation.input_tokens,
+            generation.output_tokens,
             cost,
             call.actor,
         )
         if row is None:
-            return await _replay(conn, subject, model, input_tokens, output_tokens, request_id), None
+            return await _replay(conn, generation), None
         recorded_at: datetime = row["recorded_at"]
         starts = period_starts(recorded_at)
         totals: dict[str, tuple[date, int]] = {}
@@ -70,9 +71,10 @@ async def record(
                 cost,
             )
             totals[period] = (starts[period], total)
-            for threshold in crossed(total - cost, total, budgets[period], thresholds):
+            budget = budgets.nanos[period]
+            for threshold in crossed(total - cost, total, budget, budgets.thresholds):
                 crossings.append(
-                    Crossing(period, threshold, starts[period], total, budgets[period], subject.user_id, request_id)
+                    Crossing(period, threshold, starts[period], total, budget, subject.user_id, request_id)
                 )
         xid = None
         for crossing in crossings:
@@ -90,35 +92,21 @@ async def record(
     return UsageRecord(cost, True, recorded_at, totals, crossings), xid
 
 
-async def _replay(
-    conn: asyncpg.Connection, subject: Subject, model: str, input_tokens: int, output_tokens: int, request_id: str
-) -> UsageRecord:
+async def _replay(conn: asyncpg.Connection, generation: Generation) -> UsageRecord:
+    """The record of a request_id reported before, if this report carries the same figures."""
     first = await conn.fetchrow(
         """SELECT user_id, org_id, model, input_tokens, output_tokens, cost_nanos, recorded_at
            FROM ai_usage WHERE request_id = $1""",
-        request_id,
+        generation.request_id,
     )
-    sent = {
-        "subject.user_id": subject.user_id,
-        "subject.org_id": subject.org_id,
-        "model": model,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-    }
-    stored = {
-        "subject.user_id": first["user_id"],
-        "subject.org_id": first["org_id"],
-        "model": first["model"],
-        "input_tokens": first["input_tokens"],
-        "output_tokens": first["output_tokens"],
-    }
-    differing = [
-        FieldViolation(field, f"request_id {request_id!r} was recorded with {stored[field]!r}, not {sent[field]!r}")
-        for field in sent
-        if sent[field] != stored[field]
-    ]
-    if differing:
-        raise RequestIdReused(differing)
+    recorded = Generation(
+        Subject(first["user_id"], first["org_id"]),
+        first["model"],
+        first["input_tokens"],
+        first["output_tokens"],
+        generation.request_id,
+    )
+    check_replay(generation, recorded)
     return UsageRecord(first["cost_nanos"], False, first["recorded_at"], {}, [])
 
 

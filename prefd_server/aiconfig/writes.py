@@ -24,14 +24,14 @@ from prefd_server.aiconfig.model import (
     merge,
 )
 from prefd_server.aiconfig.secretbox import SecretBox, sealing_context
-from prefd_server.aiconfig.usage import UsageRecord
+from prefd_server.aiconfig.usage import Budgets, Generation, UsageRecord
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import AIConfigExists, AIConfigNotFound, ValidationFailed, VersionConflict
 from prefd_server.kernel.feed import FeedReader
-from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind, Subject
+from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.kernel.watch import WatchItem, WatchTarget, watch
 
@@ -221,20 +221,10 @@ class AIConfigStore:
         )
 
     async def record_usage(
-        self,
-        subject: Subject,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        request_id: str,
-        budgets: dict[str, int],
-        thresholds: Sequence[float],
-        call: CallInfo,
+        self, generation: Generation, budgets: Budgets, call: CallInfo
     ) -> tuple[UsageRecord, int | None]:
         """Append a usage ledger row (see usage_store.record): the record and the xid of its crossings."""
-        return await usage_sql.record(
-            self._pool, subject, model, input_tokens, output_tokens, request_id, budgets, thresholds, call
-        )
+        return await usage_sql.record(self._pool, generation, budgets, call)
 
     async def usage_totals(self, user_id: str, starts: dict[str, date]) -> dict[str, int]:
         """The user's spend (nano-USD) in each of the given periods, from the ledger."""
