@@ -82,7 +82,7 @@ class WakeupNotifier:
             self._pending.clear()
             try:
                 async with self._pool.acquire() as conn:
-                    await conn.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+                    await feed_sql.notify(conn, NOTIFY_CHANNEL)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("feed wake-up notify failed: %s", exc)
                 await asyncio.sleep(0.5)  # back off while the database is away; readers still poll

@@ -204,3 +204,9 @@ async def compact(conn: asyncpg.Connection, older_than: timedelta, call: CallInf
         "retention purge",
     )
     return removed, through
+
+
+async def notify(conn: asyncpg.Connection, channel: str) -> None:
+    """Wake every process LISTENing on `channel` (outside any write transaction: NOTIFY takes a global
+    lock at commit)."""
+    await conn.execute(f"NOTIFY {channel}")
