@@ -89,6 +89,21 @@ class KeyWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class ScopeWrite:
+    """A validated write command: keys to set or remove at one scope, all or nothing."""
+
+    scope: Scope
+    writes: tuple[KeyWrite, ...]
+    reason: str = ""
+    # Resolve and check without storing.
+    dry_run: bool = False
+    # The org a USER scope resolves through ("" for none, and for other scopes).
+    org_id: str = ""
+    # Where the writes sit in the request, for field violations ("writes", "keys").
+    field: str = "writes"
+
+
+@dataclass(frozen=True, slots=True)
 class KeyChange:
     """What a write did to one key at one scope."""
 

@@ -1,20 +1,23 @@
-"""Pure rules of preferences: value checks against a definition, definition checks, cross-field rules."""
+"""Pure rules of preferences: value and definition checks, cross-field rules, checks of request fields."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
-from prefd_server.kernel.ids import CATEGORY_PATTERN, key_problem
+from prefd_server.kernel.errors import ValidationFailed, invalid
+from prefd_server.kernel.ids import CATEGORY_PATTERN, id_problem, key_problem
 from prefd_server.kernel.model import (
     MAX_JSON_BYTES,
+    MAX_KEY_LENGTH,
     MAX_STRING_BYTES,
     FieldViolation,
     JsonValue,
+    ScopeKind,
 )
-from prefd_server.preferences.model import CrossFieldRule, Definition, ValueType
+from prefd_server.preferences.model import MAX_WRITES_PER_CALL, CrossFieldRule, Definition, ValueType
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -173,3 +176,60 @@ def rule_violations(
             blame = next(k for k in rule.non_decreasing if k in touched_set)
             broken.append((rule, blame))
     return broken
+
+
+def check_key(key: str, field: str) -> str:
+    """`key` if it is a valid definition key; ValidationFailed naming `field` otherwise."""
+    problem = key_problem(key)
+    if problem:
+        raise invalid(field, problem)
+    return key
+
+
+def check_filters(key_prefixes: Sequence[str], categories: Sequence[str]) -> None:
+    """ValidationFailed unless every key prefix and category filter of a read is of a usable length."""
+    violations = [
+        FieldViolation(f"key_prefixes[{i}]", f"must be at most {MAX_KEY_LENGTH} characters")
+        for i, prefix in enumerate(key_prefixes)
+        if len(prefix) > MAX_KEY_LENGTH
+    ]
+    violations += [
+        FieldViolation(f"categories[{i}]", "must be 1-64 characters")
+        for i, category in enumerate(categories)
+        if not category or len(category) > 64
+    ]
+    if violations:
+        raise ValidationFailed(violations)
+
+
+def check_key_list(keys: Sequence[str], field: str) -> None:
+    """ValidationFailed unless `keys` names 1..MAX_WRITES_PER_CALL valid keys, each once."""
+    if not keys:
+        raise invalid(field, "name at least one key")
+    if len(keys) > MAX_WRITES_PER_CALL:
+        raise invalid(field, f"at most {MAX_WRITES_PER_CALL} keys per call (got {len(keys)})")
+    seen: set[str] = set()
+    violations = []
+    for i, key in enumerate(keys):
+        problem = key_problem(key)
+        if problem:
+            violations.append(FieldViolation(f"{field}[{i}]", problem))
+        elif key in seen:
+            violations.append(FieldViolation(f"{field}[{i}]", f"{key} appears more than once"))
+        seen.add(key)
+    if violations:
+        raise ValidationFailed(violations)
+
+
+def write_org(requested: str, kind: ScopeKind, caller_org: str, is_admin: bool) -> str:
+    """The org layer under a USER write: the request's (admin) or the caller's own; "" for other scopes."""
+    if kind is not ScopeKind.USER:
+        if requested:
+            raise invalid("org_id", "applies only to USER scope writes")
+        return ""
+    if requested and not is_admin and requested != caller_org:
+        raise invalid("org_id", "must be your own org")
+    org = requested or caller_org
+    if org and (problem := id_problem(org)):
+        raise invalid("org_id", problem)
+    return org

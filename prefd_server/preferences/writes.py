@@ -22,7 +22,15 @@ from prefd_server.kernel.errors import (
 from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind, Subject
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
-from prefd_server.preferences.model import CrossFieldRule, Definition, KeyChange, KeyWrite, ResolvedValue, WriteResult
+from prefd_server.preferences.model import (
+    CrossFieldRule,
+    Definition,
+    KeyChange,
+    KeyWrite,
+    ResolvedValue,
+    ScopeWrite,
+    WriteResult,
+)
 from prefd_server.preferences.resolve import resolve
 from prefd_server.preferences.rules import coerce, rule_violations, value_problems
 
@@ -72,53 +80,37 @@ class PreferenceWriter:
         self._rules = tuple(rules)
         self._commits = commits
 
-    async def write(
-        self,
-        scope: Scope,
-        writes: Sequence[KeyWrite],
-        call: CallInfo,
-        *,
-        reason: str = "",
-        dry_run: bool = False,
-        org_id: str = "",
-        field: str = "writes",
-    ) -> WriteResult:
-        """Set (value) or remove (None) keys at one scope, all or nothing."""
+    async def write(self, command: ScopeWrite, call: CallInfo) -> WriteResult:
+        """Set (value) or remove (None) keys at one scope, all or nothing (nothing stored on a dry run)."""
         async with translated_errors(), self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    result, xid = await self._write_locked(conn, scope, writes, call, reason, dry_run, org_id, field)
-                    if dry_run:
+                    result, xid = await self._write_locked(conn, command, call)
+                    if command.dry_run:
                         raise _Rollback
             except _Rollback:
                 pass
-        if xid is not None and not dry_run and self._commits is not None:
-            self._commits.committed(ChangeKind.PREFERENCE, scope, xid)
+        if xid is not None and not command.dry_run and self._commits is not None:
+            self._commits.committed(ChangeKind.PREFERENCE, command.scope, xid)
         return result
 
     async def _write_locked(
-        self,
-        conn: asyncpg.Connection,
-        scope: Scope,
-        writes: Sequence[KeyWrite],
-        call: CallInfo,
-        reason: str,
-        dry_run: bool,
-        org_id: str,
-        field: str,
+        self, conn: asyncpg.Connection, command: ScopeWrite, call: CallInfo
     ) -> tuple[WriteResult, int | None]:
-        keys = [w.key for w in writes]
+        scope = command.scope
         # Locks before the first write: definition keys (shared, key order), then the scope,
         # the order DeleteDefinition and UpdateDefinition take too, so writers never deadlock.
         # Advisory locks assign no xid, so the transaction's xid is assigned only once it holds
         # the scope: per-key versions then grow in the change feed's (xid, id) order.
-        await definition_sql.lock_keys_shared(conn, keys)
+        await definition_sql.lock_keys_shared(conn, [w.key for w in command.writes])
         written_at = await preference_sql.lock_scope(conn, scope)
-        staged = await self._staged(conn, scope, writes, org_id, field)
+        staged = await self._staged(conn, scope, command.writes, command.org_id, command.field)
         effective = await self._effective_after(conn, staged, [staged], call.actor, written_at)
         self._check_rules(staged, effective)
-        xid = None if dry_run else await preference_sql.apply_changes(conn, scope, staged.changes, call, reason)
-        return staged.result(effective, dry_run), xid
+        xid = None
+        if not command.dry_run:
+            xid = await preference_sql.apply_changes(conn, scope, staged.changes, call, command.reason)
+        return staged.result(effective, command.dry_run), xid
 
     async def _staged(
         self, conn: asyncpg.Connection, scope: Scope, writes: Sequence[KeyWrite], org_id: str, field: str
@@ -266,7 +258,7 @@ class PreferenceWriter:
                 keys = [k for k in keys if k in in_category and in_category[k].category == category]
         if not keys:
             return WriteResult([])
-        return await self.write(scope, [KeyWrite(k, None) for k in keys], call, reason=reason, field="keys")
+        return await self.write(ScopeWrite(scope, tuple(KeyWrite(k, None) for k in keys), reason, field="keys"), call)
 
     async def create_definition(self, definition: Definition, call: CallInfo) -> Definition:
         """Store a new definition; ALREADY_EXISTS if the key is taken."""
