@@ -27,7 +27,7 @@ from prefd_server.kernel.ids import id_problem
 from prefd_server.kernel.model import FieldViolation, Scope, ScopeKind
 
 if TYPE_CHECKING:
-    from prefd_server.rpc.auth import Principal
+    from prefd_server.rpc.principal import Principal
 
 MAX_REQUEST_ID = 128
 MAX_TOKENS_PER_CALL = 10**12
@@ -80,12 +80,6 @@ def check_owner_unchanged(owner: tuple[str, str, bool], scope: Scope) -> None:
     """An update may restate a config's owner but not change it."""
     if any(owner) and owner_scope(*owner, "config") != scope:
         raise invalid("config", "the owner (user_id, org_id, global) of a config cannot change")
-
-
-def check_org(org_id: str) -> None:
-    problem = id_problem(org_id)
-    if problem:
-        raise invalid("subject.org_id", problem)
 
 
 def check_request_id(request_id: str) -> None:

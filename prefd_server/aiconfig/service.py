@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -19,7 +19,6 @@ from prefd_server.aiconfig.rules import (
     check_config_id,
     check_new_config,
     check_new_key,
-    check_org,
     check_owner_unchanged,
     check_request_id,
     check_update,
@@ -34,7 +33,6 @@ from prefd_server.aiconfig.rules import (
 from prefd_server.aiconfig.usage import UsageLedger
 from prefd_server.aiconfig.writes import AIConfigStore
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.errors import invalid
 from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, Subject
@@ -42,15 +40,18 @@ from prefd_server.kernel.paging import paginate
 from prefd_server.kernel.privacy import pseudonym_of
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.tokens import TokenKey
-from prefd_server.kernel.watch import Compacted, Erased, Progress, Started, WatchTarget
+from prefd_server.kernel.watch import WatchTarget
 from prefd_server.rpc import convert
-from prefd_server.rpc.auth import Principal, current_call, current_principal, parse_request
-from prefd_server.rpc.request_memo import RequestMemo
+from prefd_server.rpc.effective_read import EffectiveRead
+from prefd_server.rpc.principal import Principal, current_call, current_principal
+from prefd_server.rpc.watch_stream import start_cursor, watch_responses
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 AI_WATCH_KINDS = frozenset({ChangeKind.AI_CONFIG, ChangeKind.BUDGET})
 AI_WATCH_PREFIXES = ("ai_config/", "budget/")
+# A prebuilt GetEffectiveAIConfig body's key: (user_id, org_id, keys in clear).
+EffectiveKey: TypeAlias = tuple[str, str, bool]
 
 
 class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
@@ -77,8 +78,19 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         self._usage = UsageLedger(writer, redis, on_budget_commit)
         self._tokens = tokens
         self._progress_interval_s = progress_interval_s
-        self._cursor_field = convert.CursorField(ai_config_pb2.GetEffectiveAIConfigResponse, tokens)
-        self._parsed_reads: RequestMemo[tuple[str, str]] = RequestMemo()
+        self._effective_read: EffectiveRead[None, EffectiveKey, Resolved] = EffectiveRead(
+            method="GetEffectiveAIConfig",
+            request_type=ai_config_pb2.GetEffectiveAIConfigRequest,
+            response_type=ai_config_pb2.GetEffectiveAIConfigResponse,
+            parse=_parse_effective_read,
+            key=_effective_key,
+            response=cache.response,
+            build=self._effective_body,
+            store_response=cache.store_response,
+            feed=feed,
+            tokens=tokens,
+            ceiling=self._effective_ceiling,
+        )
 
     # --- named configs -----------------------------------------------------------------
 
@@ -214,43 +226,24 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
         principal.require_read(parsed)
         return parsed
 
-    async def GetEffectiveAIConfig(  # type: ignore[override]  # raw request bytes in, prebuilt body out
+    def GetEffectiveAIConfig(  # type: ignore[override]  # raw request bytes in, prebuilt body out
         self, request: bytes, context: Context
-    ) -> bytes:
-        principal = current_principal()
-        # Hot path: request bytes seen before map to their validated subject without parsing.
-        parsed = self._parsed_reads.get(request)
-        if parsed is None:
-            parsed = self._parse_read(request)
-        user_id, requested_org = parsed
-        org_id = requested_org or (principal.org if principal.subject == user_id else "")
-        if not principal.may_read(user_id, org_id):
-            principal.require_read(Subject(user_id, org_id))
-        if org_id != requested_org:  # the org came from the token's claim, not the validated request
-            check_org(org_id)
-        subject = Subject(user_id, org_id)
-        privileged = principal.reads_secrets
-        key = (subject.user_id, subject.org_id, privileged)
-        position = self._feed.position
-        body = self._cache.response(key)
-        if body is not None:
-            return body + self._cursor_field(position)
+    ) -> Awaitable[bytes]:
+        # Not a coroutine of its own: the shared read's coroutine is the call's only one.
+        return self._effective_read(request)
+
+    async def _effective_body(self, subject: Subject, _rest: None, key: EffectiveKey) -> tuple[bytes, Resolved]:
+        """A GetEffectiveAIConfigResponse body (no cursor) for the subject, keys in clear for `key`'s privileged."""
         resolved = await self._cache.resolve(subject)
         message = ai_config_pb2.GetEffectiveAIConfigResponse()
-        await self._fill_effective(message, resolved, privileged)
-        body = message.SerializeToString()
-        self._cache.store_response(key, resolved, body)
-        if self._cache.changed_since(resolved.scopes, resolved.since_tick):
-            position = min(position, FeedCursor.at_horizon(resolved.xmin))
-        return body + self._cursor_field(position)
+        await self._fill_effective(message, resolved, privileged=key[2])
+        return message.SerializeToString(), resolved
 
-    def _parse_read(self, raw: bytes) -> tuple[str, str]:
-        """Parse and validate a GetEffectiveAIConfigRequest; remember the result by its bytes."""
-        request = parse_request(raw, ai_config_pb2.GetEffectiveAIConfigRequest.FromString, "GetEffectiveAIConfig")
-        subject = convert.subject_from_pb(request.subject, "subject")
-        parsed = (subject.user_id, subject.org_id)
-        self._parsed_reads.remember(raw, parsed, len(subject.user_id) + len(subject.org_id))
-        return parsed
+    def _effective_ceiling(self, resolved: Resolved) -> FeedCursor | None:
+        """A body built while one of its scopes changed is as of its snapshot horizon, not the feed's position."""
+        if self._cache.changed_since(resolved.scopes, resolved.since_tick):
+            return FeedCursor.at_horizon(resolved.xmin)
+        return None
 
     async def _fill_effective(self, message: Any, resolved: Resolved, privileged: bool) -> None:
         effective = resolved.effective
@@ -305,49 +298,36 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
 
     # --- watch ---------------------------------------------------------------------------
 
-    async def WatchAIConfig(
+    def WatchAIConfig(
         self, request: ai_config_pb2.WatchAIConfigRequest, context: Context
     ) -> AsyncIterator[ai_config_pb2.WatchAIConfigResponse]:
         principal = current_principal()
         subject = self._subject(request.subject, principal)
-        start = None
-        if request.HasField("start_cursor"):
-            try:
-                start = FeedCursor.decode(request.start_cursor.token, self._tokens)
-            except ValueError as exc:
-                raise invalid("start_cursor", str(exc)) from exc
+        start = start_cursor(request, self._tokens)
         target = WatchTarget.for_subject(subject, AI_WATCH_PREFIXES, pseudonym_of(self._pseudonym_key, subject.user_id))
-        async for item in self._writer.watch(
-            self._feed, target, start, self._progress_interval_s, self._tokens, AI_WATCH_KINDS
-        ):
-            if isinstance(item, Started):
-                yield ai_config_pb2.WatchAIConfigResponse(
-                    started=common_pb2.WatchStarted(cursor=self._encode(item.cursor))
-                )
-            elif isinstance(item, Progress):
-                yield ai_config_pb2.WatchAIConfigResponse(
-                    progress=common_pb2.WatchProgress(cursor=self._encode(item.cursor))
-                )
-            elif isinstance(item, Compacted):
-                yield ai_config_pb2.WatchAIConfigResponse(
-                    compacted=common_pb2.WatchCompacted(oldest_cursor=self._encode(item.oldest))
-                )
-            elif isinstance(item, Erased):
-                yield ai_config_pb2.WatchAIConfigResponse(
-                    erased=common_pb2.WatchErased(cursor=self._encode(item.position))
-                )
-            else:
-                yield await self._watch_change(item.event, subject, principal.reads_secrets)
+        items = self._writer.watch(self._feed, target, start, self._progress_interval_s, self._tokens, AI_WATCH_KINDS)
+
+        async def change(event: ChangeEvent, cursor: common_pb2.Cursor) -> ai_config_pb2.WatchAIConfigResponse:
+            return await self._watch_change(event, cursor, subject, principal.reads_secrets)
+
+        return watch_responses(items, ai_config_pb2.WatchAIConfigResponse, self._tokens, change)
 
     async def _watch_change(
-        self, event: ChangeEvent, subject: Subject, privileged: bool
+        self, event: ChangeEvent, cursor: common_pb2.Cursor, subject: Subject, privileged: bool
     ) -> ai_config_pb2.WatchAIConfigResponse:
-        cursor = self._encode(event.position)
         if event.kind == ChangeKind.BUDGET:
             return ai_convert.budget_event_to_pb(event, cursor)
         changed = ai_convert.config_changed_to_pb(event, cursor)
         await self._fill_effective(changed, await self._cache.resolve(subject), privileged)
         return ai_config_pb2.WatchAIConfigResponse(config_changed=changed)
 
-    def _encode(self, cursor: FeedCursor) -> common_pb2.Cursor:
-        return convert.cursor_to_pb(cursor, self._tokens)
+
+def _parse_effective_read(request: ai_config_pb2.GetEffectiveAIConfigRequest) -> tuple[str, str, None]:
+    """A GetEffectiveAIConfigRequest's (user_id, org_id as requested, nothing more)."""
+    subject = convert.subject_from_pb(request.subject, "subject")
+    return subject.user_id, subject.org_id, None
+
+
+def _effective_key(user_id: str, org_id: str, _rest: None, principal: Principal) -> EffectiveKey:
+    """Responses differ by subject and by whether the caller sees keys in clear."""
+    return user_id, org_id, principal.reads_secrets
