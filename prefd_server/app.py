@@ -18,16 +18,19 @@ from prefd.v1 import health_pb2 as prefd_health_pb2
 from prefd.v1 import health_pb2_grpc as prefd_health_pb2_grpc
 from prefd_server.aiconfig.cache import AIConfigCache
 from prefd_server.aiconfig.model import env_layer
+from prefd_server.aiconfig.privacy import AIConfigPrivacy
 from prefd_server.aiconfig.secretbox import SecretBox
 from prefd_server.aiconfig.service import AIConfigService
 from prefd_server.aiconfig.writes import AIConfigStore
 from prefd_server.audit.service import AuditService
-from prefd_server.audit.store import AuditStore, pseudonym_key
+from prefd_server.audit.store import HistoryStore
+from prefd_server.audit.user_data_store import UserDataStore, pseudonym_key
 from prefd_server.embedded import EmbeddedPostgres
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.db import breaker_of, create_pool, migrate
 from prefd_server.kernel.feed import FeedReader, WakeupNotifier
-from prefd_server.kernel.model import CallInfo, ChangeKind, Scope, ScopeKind
+from prefd_server.kernel.model import CallInfo, ChangeKind
+from prefd_server.kernel.privacy import PrivacyRegistry
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.memory import return_large_buffers
 from prefd_server.ops.checks import HealthChecker, Probe
@@ -37,7 +40,9 @@ from prefd_server.ops.metrics_endpoint import serve_metrics
 from prefd_server.ops.service import HealthService
 from prefd_server.preferences.cache import EffectiveCache, RedisLayers
 from prefd_server.preferences.catalog import Catalog, load_catalog
+from prefd_server.preferences.privacy import PreferencePrivacy
 from prefd_server.preferences.reads import PreferenceReader
+from prefd_server.preferences.restore import PreferenceRestorer
 from prefd_server.preferences.service import PreferencesService
 from prefd_server.preferences.writes import PreferenceWriter, install_definitions
 from prefd_server.rpc.auth import Authenticator, TokenVerifier
@@ -138,7 +143,6 @@ class App:
         self.feed: FeedReader | None = None
         self.cache: EffectiveCache | None = None
         self.ai_cache: AIConfigCache | None = None
-        self._cleanups: set[asyncio.Future[None]] = set()
         self._notifier: WakeupNotifier | None = None
         self._metrics_server: Any = None
         self.metrics_port = 0
@@ -210,13 +214,11 @@ class App:
         async with self._pool.acquire() as conn:
             pseudonym_secret = await pseudonym_key(conn)
         tokens = TokenKey.derive(installation, pseudonym_secret)
-        audit_store = AuditStore(self._pool)
+        # Export and erasure reach each domain's data through its privacy participant.
+        privacy = PrivacyRegistry()
+        privacy.register(PreferencePrivacy())
+        privacy.register(AIConfigPrivacy(redis))
         self._maintenance = MaintenanceStore(self._pool, self.dsn, feed_appended)
-
-        def user_erased(user_id: str, xid: int | None) -> None:
-            commits.committed(ChangeKind.ERASURE, Scope(ScopeKind.USER, user_id), xid or 0)
-            if redis is not None:
-                self._spawn_cleanup(redis.delete_counters(f"usage:{user_id}:"))
 
         server = grpc.aio.server(
             options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
@@ -241,7 +243,12 @@ class App:
         authenticator.add_service(
             server,
             audit_pb2_grpc.add_AuditServiceServicer_to_server,
-            AuditService(audit_store, writer, self.cache, tokens, user_erased),
+            AuditService(
+                HistoryStore(self._pool),
+                UserDataStore(self._pool, privacy, commits),
+                PreferenceRestorer(writer),
+                tokens,
+            ),
         )
         authenticator.add_service(
             server,
@@ -331,11 +338,6 @@ class App:
             self.feed.wake()
         if self._notifier is not None:
             self._notifier.notify()
-
-    def _spawn_cleanup(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
 
     @property
     def pool(self) -> asyncpg.Pool:
