@@ -44,11 +44,6 @@ def _parse_effective_read(request: preferences_pb2.GetEffectivePreferencesReques
     return subject.user_id, subject.org_id, (tuple(request.key_prefixes), tuple(request.categories))
 
 
-def _effective_key(user_id: str, org_id: str, filters: Filters, principal: Principal) -> EffectiveKey:
-    """The cache key of an effective read (the same body whoever may read it)."""
-    return (user_id, org_id, filters)
-
-
 class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     """Definitions, stored overrides and effective values."""
 
@@ -80,7 +75,6 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             request_type=preferences_pb2.GetEffectivePreferencesRequest,
             response_type=preferences_pb2.GetEffectivePreferencesResponse,
             parse=_parse_effective_read,
-            key=_effective_key,
             response=cache.response,
             build=self._build_effective,
             store_response=self._store_effective,

@@ -39,25 +39,27 @@ class EffectiveRead(Generic[Q, K, S]):
         request_type: Any,
         response_type: Any,
         parse: Callable[[Any], ParsedRead[Q]],
-        key: Callable[[str, str, Q, Principal], K],
         response: Callable[[K], bytes | None],
         build: Callable[[Subject, Q, K], Awaitable[tuple[bytes, S]]],
         store_response: Callable[[K, S, bytes], None],
         feed: FeedReader,
         tokens: TokenKey,
+        key: Callable[[str, str, Q, Principal], K] | None = None,
         ceiling: Callable[[S], FeedCursor | None] | None = None,
     ) -> None:
-        """Wire one read.
+        """Wire one read (every argument is given by name).
 
-        `method` names the RPC in errors; `request_type` is the request message class (parsed with
-        its FromString under the input limits) and `response_type` the response class (its cursor
-        field is appended to bodies). `parse` validates a parsed request into (user_id,
-        requested org_id, rest); `key` gives the cache key of a read by (user_id, org_id, rest,
-        principal), with the org filled from the caller's token when the request left it empty;
-        `response` looks a body up and `store_response(key, built_from, body)` offers a new one to
-        the cache; `build(subject, rest, key)` resolves and serializes a body, returning it with
-        what it was built from; `ceiling(built_from)`, when given, bounds the cursor of a freshly
-        built body (None: no bound). `feed` gives the current position and `tokens` signs cursors.
+        method: the RPC's name, used in errors.
+        request_type / response_type: the request and response message classes; requests are parsed
+            with FromString under the input limits, the response's `cursor` field follows each body.
+        parse: a parsed request -> (user_id, org_id as requested, the rest), validated.
+        response: cache key -> prebuilt body, or None.
+        build: (subject, rest, key) -> the body (serialized, without cursor) and what it was built from.
+        store_response: (key, what it was built from, body) -> offer a new body to the cache.
+        feed, tokens: the feed whose position the cursor gives, and the key that signs cursors.
+        key: (user_id, org_id, rest, principal) -> the cache key, the org filled from the caller's
+            token when the request left it empty; by default the tuple (user_id, org_id, rest).
+        ceiling: what a new body was built from -> a bound on its cursor (None: no bound).
         """
         self._method = method
         self._from_string = request_type.FromString
@@ -85,7 +87,9 @@ class EffectiveRead(Generic[Q, K, S]):
         org_id = requested_org or (principal.org if principal.subject == user_id else "")
         if not principal.may_read(user_id, org_id):
             principal.require_read(Subject(user_id, org_id))
-        key = self._key(user_id, org_id, rest, principal)
+        make_key = self._key
+        # Without a key function K is (user_id, org_id, rest) itself (no typing.cast: a call per read).
+        key: K = (user_id, org_id, rest) if make_key is None else make_key(user_id, org_id, rest, principal)  # type: ignore[assignment]
         body = self._response(key)
         if body is not None:
             # Safe for cached data: the cache drops any body a passed change touched.
