@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeAlias
 
 import grpc
@@ -49,9 +49,6 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
 
     # Methods whose handler receives the serialized request (see Authenticator.add_service).
     RAW_REQUEST_METHODS = frozenset({"GetEffectivePreferences"})
-    # Raw request bytes in, prebuilt body out: the shared read path itself (set in __init__), so no
-    # handler coroutine runs in between on the hot path.
-    GetEffectivePreferences: EffectiveRead[Filters, EffectiveKey, BuiltFrom]  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -70,7 +67,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         self._feed = feed
         self._tokens = tokens
         self._progress_interval_s = progress_interval_s
-        self.GetEffectivePreferences = EffectiveRead(
+        self._effective_read: EffectiveRead[Filters, EffectiveKey, BuiltFrom] = EffectiveRead(
             method="GetEffectivePreferences",
             request_type=preferences_pb2.GetEffectivePreferencesRequest,
             response_type=preferences_pb2.GetEffectivePreferencesResponse,
@@ -172,6 +169,12 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             next_page_token=next_token,
             cursor=convert.cursor_to_pb(cursor, self._tokens),
         )
+
+    def GetEffectivePreferences(  # type: ignore[override]  # raw request bytes in, prebuilt body out
+        self, request: bytes, context: Context
+    ) -> Awaitable[bytes]:
+        # Not a coroutine of its own: the shared read's coroutine is the call's only one.
+        return self._effective_read(request)
 
     async def _build_effective(self, subject: Subject, filters: Filters, key: EffectiveKey) -> tuple[bytes, BuiltFrom]:
         """A GetEffectivePreferencesResponse body (without cursor) and the layers it was built from."""
