@@ -45,8 +45,9 @@ from prefd_server.preferences.reads import PreferenceReader
 from prefd_server.preferences.restore import PreferenceRestorer
 from prefd_server.preferences.service import PreferencesService
 from prefd_server.preferences.writes import PreferenceWriter, install_definitions
-from prefd_server.rpc.auth import Authenticator, TokenVerifier
+from prefd_server.rpc.auth import TokenVerifier
 from prefd_server.rpc.metrics import RpcMetrics
+from prefd_server.rpc.middleware import Authenticator
 from prefd_server.rpc.reflection import add_reflection
 from prefd_server.rpc.tls import add_port
 from prefd_server.settings import Settings

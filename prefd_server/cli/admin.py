@@ -48,7 +48,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Print a bearer token signed with the configured key."""
-    from prefd_server.rpc.auth import Role, load_or_create_secret, mint_token
+    from prefd_server.rpc.auth import load_or_create_secret, mint_token
+    from prefd_server.rpc.principal import Role
 
     settings = settings_from(args)
     for role in args.role:
