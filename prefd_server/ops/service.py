@@ -17,13 +17,14 @@ from prefd_server.ops.database_store import DatabaseHealthStore
 from prefd_server.ops.maintenance_store import MaintenanceStore
 from prefd_server.ops.rules import maintenance_violations
 from prefd_server.rpc import convert
-from prefd_server.rpc.auth import current_call, current_principal
+from prefd_server.rpc.principal import current_call
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class HealthService(health_pb2_grpc.HealthServiceServicer):
-    """System health with per-component detail."""
+    """System health with per-component detail; the database report and maintenance are admin-only by the
+    permission table (rpc/permissions.py)."""
 
     def __init__(
         self,
@@ -47,7 +48,6 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
     async def GetDatabaseHealth(
         self, request: health_pb2.GetDatabaseHealthRequest, context: Context
     ) -> health_pb2.GetDatabaseHealthResponse:
-        current_principal().require_admin("GetDatabaseHealth")
         threshold_s = self._slow_query_threshold_s
         if request.HasField("slow_query_threshold"):
             threshold_s = request.slow_query_threshold.ToNanoseconds() / 1e9
@@ -60,7 +60,6 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
     async def RunMaintenance(
         self, request: health_pb2.RunMaintenanceRequest, context: Context
     ) -> health_pb2.RunMaintenanceResponse:
-        current_principal().require_admin("RunMaintenance")
         operation = OPERATIONS.get(request.operation)
         violations = maintenance_violations(operation, request.target, request.full, request.confirm_full)
         if violations:
@@ -76,7 +75,6 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
     async def GetMaintenanceOperation(
         self, request: health_pb2.GetMaintenanceOperationRequest, context: Context
     ) -> health_pb2.GetMaintenanceOperationResponse:
-        current_principal().require_admin("GetMaintenanceOperation")
         if request.id <= 0:
             raise invalid("id", "must be positive")
         record = await self._maintenance.get(request.id)
@@ -85,7 +83,6 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
     async def ListMaintenanceOperations(
         self, request: health_pb2.ListMaintenanceOperationsRequest, context: Context
     ) -> health_pb2.ListMaintenanceOperationsResponse:
-        current_principal().require_admin("ListMaintenanceOperations")
         query = {"rpc": "ListMaintenanceOperations", "target": request.target}
         page = paginate(query, request.page_size, request.page_token, self._tokens)
         after = parse_int64(page.after) if page.after is not None else None
