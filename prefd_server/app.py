@@ -27,16 +27,18 @@ from prefd_server.audit.store import HistoryStore
 from prefd_server.audit.user_data_store import UserDataStore, pseudonym_key
 from prefd_server.embedded import EmbeddedPostgres
 from prefd_server.kernel.commits import LocalCommits
-from prefd_server.kernel.db import breaker_of, create_pool, migrate
+from prefd_server.kernel.db import create_pool, migrate
 from prefd_server.kernel.feed import FeedReader, WakeupNotifier
 from prefd_server.kernel.model import CallInfo, ChangeKind
 from prefd_server.kernel.privacy import PrivacyRegistry
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.memory import return_large_buffers
-from prefd_server.ops.checks import HealthChecker, Probe
+from prefd_server.ops.checks import HealthChecker
 from prefd_server.ops.database_store import DatabaseHealthStore
+from prefd_server.ops.health_service import serving_status
 from prefd_server.ops.maintenance_store import MaintenanceStore
-from prefd_server.ops.metrics_endpoint import serve_metrics
+from prefd_server.ops.metrics_endpoint import start_metrics_endpoint
+from prefd_server.ops.monitor import HealthMonitor
 from prefd_server.ops.service import HealthService
 from prefd_server.preferences.cache import EffectiveCache, RedisLayers
 from prefd_server.preferences.catalog import Catalog, load_catalog
@@ -86,46 +88,6 @@ async def migrate_database(dsn: str) -> list[str]:
         return await migrate(conn)
     finally:
         await conn.close()
-
-
-class HealthMonitor:
-    """Keeps grpc.health.v1 SERVING only while PostgreSQL answers, and the pool's breaker open while
-    it does not (calls that need the database then fail at once)."""
-
-    def __init__(self, pool: asyncpg.Pool, servicer: health.aio.HealthServicer, settings: Settings) -> None:
-        self._pool = pool
-        self._breaker = breaker_of(pool)
-        self._servicer = servicer
-        self._interval = settings.health_interval_s
-        self._timeout = settings.health_timeout_s
-        self._probe = Probe(self._select_one)
-        self.database_ok = False
-
-    async def check_once(self) -> bool:
-        """Probe PostgreSQL once and publish the result."""
-        try:
-            await self._probe.run(self._timeout)
-            ok = True
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            ok = False
-        if ok != self.database_ok:
-            log.log(logging.INFO if ok else logging.WARNING, "database %s", "reachable" if ok else "unreachable")
-        self.database_ok = ok
-        if self._breaker is not None:
-            self._breaker.record(ok)
-        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *SERVICE_NAMES):
-            await self._servicer.set(name, status)
-        return ok
-
-    async def _select_one(self) -> None:
-        async with self._pool.acquire() as conn:
-            await conn.fetchval("SELECT 1")
-
-    async def run(self) -> None:
-        while True:
-            await self.check_once()
-            await asyncio.sleep(self._interval)
 
 
 class App:
@@ -284,11 +246,16 @@ class App:
         if self.port == 0:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
         if settings.metrics_port is not None:
-            self._metrics_server = serve_metrics(
-                registry, settings.metrics_port, settings.metrics_host, self.feed, self.cache, self._pool
+            self._metrics_server = start_metrics_endpoint(
+                registry, settings.metrics_port, settings.metrics_host, self.feed, self.cache.stats, self._pool, redis
             )
             self.metrics_port = self._metrics_server.server_port
-        monitor = HealthMonitor(self._pool, self._health, settings)
+        monitor = HealthMonitor(
+            self._pool,
+            serving_status(self._health, SERVICE_NAMES),
+            settings.health_interval_s,
+            settings.health_timeout_s,
+        )
         await monitor.check_once()
         self._monitor_task = asyncio.create_task(monitor.run(), name="prefd-health")
         await server.start()

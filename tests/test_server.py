@@ -73,7 +73,7 @@ async def test_health_needs_no_token_and_reports_serving(channel) -> None:
 
 
 async def test_health_follows_postgresql_reachability(server_url, fresh_database, tmp_path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="prefd_server.app")
+    caplog.set_level(logging.INFO, logger="prefd_server.ops.monitor")
     database = urlparse(await fresh_database()).path.lstrip("/")
     proxy = PgProxy(server_url)
     await proxy.start()
@@ -106,7 +106,7 @@ async def test_health_follows_postgresql_reachability(server_url, fresh_database
     transitions = [
         (record.levelno, record.getMessage())
         for record in caplog.records
-        if record.name == "prefd_server.app" and record.getMessage().startswith("database ")
+        if record.name == "prefd_server.ops.monitor" and record.getMessage().startswith("database ")
     ]
     assert transitions == [
         (logging.INFO, "database reachable"),

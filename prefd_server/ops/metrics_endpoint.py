@@ -25,16 +25,6 @@ class CacheFigures(Protocol):
         ...
 
 
-class _CacheWithFigures(Protocol):
-    """What serve_metrics() used to take: a cache carrying its stats and its Redis."""
-
-    @property
-    def stats(self) -> CacheFigures: ...
-
-    @property
-    def redis(self) -> RedisLayers | None: ...
-
-
 class PrefdCollector(Collector):
     """Feed lag and position, open watch streams, cache hits and misses per layer, the database pool,
     Redis errors."""
@@ -92,10 +82,3 @@ def start_metrics_endpoint(
     registry.register(PrefdCollector(feed, cache, pool, redis))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
-
-
-def serve_metrics(
-    registry: CollectorRegistry, port: int, host: str, feed: FeedReader, cache: _CacheWithFigures, pool: asyncpg.Pool
-) -> Any:
-    """start_metrics_endpoint() with the cache's own stats and Redis; kept until app.py calls that."""
-    return start_metrics_endpoint(registry, port, host, feed, cache.stats, pool, cache.redis)
