@@ -23,8 +23,8 @@ from prefd_server.preferences.reads import PreferenceReader
 from prefd_server.preferences.rules import check_filters, check_key
 from prefd_server.preferences.writes import PreferenceWriter
 from prefd_server.rpc import convert
-from prefd_server.rpc.auth import Principal, current_call, current_principal
 from prefd_server.rpc.effective_read import EffectiveRead, ParsedRead
+from prefd_server.rpc.principal import Principal, current_call, current_principal
 from prefd_server.rpc.watch_stream import start_cursor, watch_responses
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -82,7 +82,6 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     async def CreateDefinition(
         self, request: preferences_pb2.CreateDefinitionRequest, context: Context
     ) -> preferences_pb2.CreateDefinitionResponse:
-        current_principal().require_admin("CreateDefinition")
         definition = preference_convert.valid_definition_from_pb(request.definition)
         stored = await self._writer.create_definition(definition, current_call())
         return preferences_pb2.CreateDefinitionResponse(definition=preference_convert.definition_to_pb(stored))
@@ -90,7 +89,6 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     async def UpdateDefinition(
         self, request: preferences_pb2.UpdateDefinitionRequest, context: Context
     ) -> preferences_pb2.UpdateDefinitionResponse:
-        current_principal().require_admin("UpdateDefinition")
         key = check_key(request.definition.key, "definition.key")
         paths = preference_convert.update_paths(request)
         definition = preference_convert.updated_definition(request, paths, await self._reader.definition(key))
@@ -118,7 +116,6 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     async def DeleteDefinition(
         self, request: preferences_pb2.DeleteDefinitionRequest, context: Context
     ) -> preferences_pb2.DeleteDefinitionResponse:
-        current_principal().require_admin("DeleteDefinition")
         key = check_key(request.key, "key")
         convert.check_reason(request.reason)
         removed = await self._writer.delete_definition(key, request.force, current_call(), request.reason)

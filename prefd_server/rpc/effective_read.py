@@ -11,8 +11,9 @@ from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.ids import id_problem
 from prefd_server.kernel.model import Subject
 from prefd_server.kernel.tokens import TokenKey
-from prefd_server.rpc.auth import Principal, current_principal, parse_request
 from prefd_server.rpc.convert import CursorField
+from prefd_server.rpc.limits import parse_request
+from prefd_server.rpc.principal import Principal, current_principal
 from prefd_server.rpc.request_memo import RequestMemo
 
 Q = TypeVar("Q")  # the validated rest of a request beyond its subject (filters, or nothing)
