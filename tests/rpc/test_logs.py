@@ -118,10 +118,10 @@ async def test_an_unexpected_error_is_internal_with_the_request_id_and_logged_on
 
 
 async def test_an_unexpected_error_in_a_stream_is_internal_with_the_request_id(stub, captured, monkeypatch) -> None:
-    async def broken(self: PreferencesService, item: Any, target: Any) -> Any:
+    def broken(self: PreferencesService, request: Any, principal: Any) -> Any:
         raise RuntimeError("not expected")
 
-    monkeypatch.setattr(PreferencesService, "_watch_message", broken)
+    monkeypatch.setattr(PreferencesService, "_watch_target", broken)
     metadata = (*auth("admin"), ("x-request-id", "req-internal-0002"))
     watch = stub.WatchPreferences(
         preferences_pb2.WatchPreferencesRequest(subject=common_pb2.Subject(user_id=unique("u"))), metadata=metadata
