@@ -33,13 +33,11 @@ from prefd_server.aiconfig.rules import (
 from prefd_server.aiconfig.usage import UsageLedger
 from prefd_server.aiconfig.writes import AIConfigStore
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, Subject
 from prefd_server.kernel.paging import paginate
+from prefd_server.kernel.parts import Kernel
 from prefd_server.kernel.privacy import pseudonym_of
-from prefd_server.kernel.redis import RedisLayers
-from prefd_server.kernel.tokens import TokenKey
 from prefd_server.kernel.watch import WatchTarget
 from prefd_server.rpc import convert
 from prefd_server.rpc.effective_read import EffectiveRead
@@ -58,25 +56,23 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
     """Named AI configs, their resolution, the catalog, API keys, usage and budgets."""
 
     # Methods whose handler receives the serialized request (see Authenticator.add_service).
+    SERVICE_NAME: str = ai_config_pb2.DESCRIPTOR.services_by_name["AIConfigService"].full_name
+    add_to_server = staticmethod(ai_config_pb2_grpc.add_AIConfigServiceServicer_to_server)
     RAW_REQUEST_METHODS = frozenset({"GetEffectiveAIConfig"})
 
     def __init__(
         self,
+        kernel: Kernel,
         writer: AIConfigStore,
         cache: AIConfigCache,
-        feed: FeedReader,
-        redis: RedisLayers | None,
-        tokens: TokenKey,
         progress_interval_s: float,
-        on_budget_commit: Callable[[int], None],
-        pseudonym_key: str = "",
     ) -> None:
-        self._pseudonym_key = pseudonym_key
+        self._pseudonym_key = kernel.pseudonym_key
         self._writer = writer
         self._cache = cache
-        self._feed = feed
-        self._usage = UsageLedger(writer, redis, on_budget_commit)
-        self._tokens = tokens
+        self._feed = feed = kernel.feed
+        self._usage = UsageLedger(writer, kernel.redis, kernel.commits.feed_appended)
+        self._tokens = tokens = kernel.tokens
         self._progress_interval_s = progress_interval_s
         self._effective_read: EffectiveRead[None, EffectiveKey, Resolved] = EffectiveRead(
             method="GetEffectiveAIConfig",

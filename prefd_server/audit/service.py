@@ -20,8 +20,8 @@ from prefd_server.kernel.errors import PermissionDenied, UserErased, ValidationF
 from prefd_server.kernel.ids import id_problem, key_problem
 from prefd_server.kernel.model import FieldViolation, JsonValue, Scope, ScopeKind, Subject
 from prefd_server.kernel.paging import paginate, parse_int64
+from prefd_server.kernel.parts import Kernel
 from prefd_server.kernel.restore import RestoreRequest, ScopeRestorer
-from prefd_server.kernel.tokens import TokenKey
 from prefd_server.rpc import convert
 from prefd_server.rpc.principal import current_call, current_principal
 
@@ -49,13 +49,16 @@ def _point(message: audit_pb2.HistoryPoint, field: str) -> Point:
 class AuditService(audit_pb2_grpc.AuditServiceServicer):
     """The change history, diffs, rollback, export and erasure."""
 
+    SERVICE_NAME: str = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
+    add_to_server = staticmethod(audit_pb2_grpc.add_AuditServiceServicer_to_server)
+
     def __init__(
-        self, history: HistoryStore, user_data: UserDataStore, restorer: ScopeRestorer, tokens: TokenKey
+        self, kernel: Kernel, history: HistoryStore, user_data: UserDataStore, restorer: ScopeRestorer
     ) -> None:
         self._history = history
         self._user_data = user_data
         self._restorer = restorer
-        self._tokens = tokens
+        self._tokens = kernel.tokens
 
     # --- history -------------------------------------------------------------------------
 

@@ -34,3 +34,7 @@ class LocalCommits:
         for listener in self._listeners.get(kind, ()):
             listener(scope, xid)
         self._wake()
+
+    def feed_appended(self, xid: int) -> None:
+        """Change rows that invalidate no cache (budget crossings, maintenance) committed as `xid`."""
+        self.committed(ChangeKind.BUDGET, xid=xid)

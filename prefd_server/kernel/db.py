@@ -277,3 +277,11 @@ async def snapshot(pool: asyncpg.Pool) -> AsyncIterator[Snapshot]:
     async with translated_errors(), pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             yield Snapshot(conn, await horizon_xid(conn))
+
+
+async def installation_identity(pool: asyncpg.Pool) -> tuple[str, str]:
+    """(installation id, pseudonym key): what binds cursors and tokens to this database, and the
+    secret every replica derives its token key and users' pseudonyms from."""
+    async with translated_errors(), pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT id, pseudonym_key FROM installation")
+    return row["id"], row["pseudonym_key"]

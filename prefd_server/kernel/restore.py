@@ -10,6 +10,7 @@ from typing import Protocol
 import asyncpg
 
 from prefd_server.kernel.model import CallInfo, JsonValue, Layer, Scope
+from prefd_server.kernel.parts import Slot
 
 # The value each key should have at a scope (None or absent: no override), read on the restorer's
 # connection inside its transaction (called again once the scopes are locked).
@@ -72,3 +73,6 @@ class ScopeRestorer(Protocol):
     async def apply(self, request: RestoreRequest, expected_token: str) -> list[ScopeRestored]:
         """Restore, per requested scope; with `expected_token`, StaleRollback if the state moved on."""
         ...
+
+
+RESTORER: Slot[ScopeRestorer] = Slot("scope restorer")

@@ -335,12 +335,10 @@ class ScopedCache(Generic[T]):
         self._prune()
 
     async def close(self) -> None:
-        """Stop background Redis writes and close Redis."""
+        """Stop background Redis writes (the Redis client is the kernel's; it closes it)."""
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self.redis is not None:
-            await self.redis.close()
 
 
 async def _from_redis(redis: RedisLayers, codec: LayerCodec[T], scopes: Sequence[Scope]) -> dict[Scope, Layer[T]]:

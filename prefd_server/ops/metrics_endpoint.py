@@ -4,8 +4,8 @@ reader, caches and pool at scrape time (no hot-path cost)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 from prometheus_client import CollectorRegistry, start_http_server
@@ -14,15 +14,8 @@ from prometheus_client.registry import Collector
 
 from prefd_server.kernel.db import pool_stats
 from prefd_server.kernel.feed import FeedReader
+from prefd_server.kernel.parts import CacheFigures
 from prefd_server.kernel.redis import RedisLayers
-
-
-class CacheFigures(Protocol):
-    """A cache's hit and miss counts by layer (the preferences cache's stats)."""
-
-    def by_layer(self) -> tuple[Mapping[str, int], Mapping[str, int]]:
-        """(hits by layer, misses by layer)."""
-        ...
 
 
 class PrefdCollector(Collector):

@@ -10,7 +10,7 @@ import grpc
 from prefd.v1 import health_pb2, health_pb2_grpc
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.paging import paginate, parse_int64
-from prefd_server.kernel.tokens import TokenKey
+from prefd_server.kernel.parts import Kernel
 from prefd_server.ops.checks import HealthChecker
 from prefd_server.ops.convert import OPERATIONS, database_health_to_pb, maintenance_to_pb, system_health_to_pb
 from prefd_server.ops.database_store import DatabaseHealthStore
@@ -26,15 +26,18 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
     """System health with per-component detail; the database report and maintenance are admin-only by the
     permission table (rpc/permissions.py)."""
 
+    SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name
+    add_to_server = staticmethod(health_pb2_grpc.add_HealthServiceServicer_to_server)
+
     def __init__(
         self,
+        kernel: Kernel,
         checker: HealthChecker,
         database: DatabaseHealthStore,
         maintenance: MaintenanceStore,
         slow_query_threshold_s: float,
-        tokens: TokenKey,
     ) -> None:
-        self._tokens = tokens
+        self._tokens = kernel.tokens
         self._checker = checker
         self._database = database
         self._maintenance = maintenance

@@ -16,8 +16,7 @@ import asyncpg
 
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, Subject
-from prefd_server.kernel.redis import RedisLayers as RedisLayers  # re-exported until callers import the kernel
-from prefd_server.kernel.scoped_cache import CacheStats as CacheStats  # re-exported for its old importers
+from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.scoped_cache import Layer, LayerCodec, ScopedCache
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
@@ -143,5 +142,5 @@ class EffectiveCache:
         return resolved[0]
 
     async def close(self) -> None:
-        """Stop background Redis writes and close Redis."""
+        """Stop background Redis writes."""
         await self._layers.close()

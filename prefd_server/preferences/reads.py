@@ -41,8 +41,3 @@ class PreferenceReader:
         """A page of definitions ordered by key."""
         async with translated_errors(), self._pool.acquire() as conn:
             return await definition_sql.page(conn, category, after, limit)
-
-    async def installation_id(self) -> str:
-        """The id that binds cursors to this database."""
-        async with translated_errors(), self._pool.acquire() as conn:
-            return await preference_sql.installation_id(conn)

@@ -9,12 +9,11 @@ import grpc
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.kernel.errors import invalid
-from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import Scope, Subject
 from prefd_server.kernel.paging import paginate
+from prefd_server.kernel.parts import Kernel
 from prefd_server.kernel.privacy import pseudonym_of
-from prefd_server.kernel.tokens import TokenKey
 from prefd_server.kernel.watch import WatchTarget, watch
 from prefd_server.preferences import convert as preference_convert
 from prefd_server.preferences.cache import EffectiveCache
@@ -48,24 +47,24 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     """Definitions, stored overrides and effective values."""
 
     # Methods whose handler receives the serialized request (see Authenticator.add_service).
+    SERVICE_NAME: str = preferences_pb2.DESCRIPTOR.services_by_name["PreferencesService"].full_name
+    add_to_server = staticmethod(preferences_pb2_grpc.add_PreferencesServiceServicer_to_server)
     RAW_REQUEST_METHODS = frozenset({"GetEffectivePreferences"})
 
     def __init__(
         self,
+        kernel: Kernel,
         reader: PreferenceReader,
         writer: PreferenceWriter,
         cache: EffectiveCache,
-        feed: FeedReader,
-        tokens: TokenKey,
         progress_interval_s: float,
-        pseudonym_key: str = "",
     ) -> None:
-        self._pseudonym_key = pseudonym_key
+        self._pseudonym_key = kernel.pseudonym_key
         self._reader = reader
         self._writer = writer
         self._cache = cache
-        self._feed = feed
-        self._tokens = tokens
+        self._feed = feed = kernel.feed
+        self._tokens = tokens = kernel.tokens
         self._progress_interval_s = progress_interval_s
         self._effective_read: EffectiveRead[Filters, EffectiveKey, BuiltFrom] = EffectiveRead(
             method="GetEffectivePreferences",

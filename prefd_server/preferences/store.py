@@ -38,12 +38,6 @@ async def lock_scope(conn: asyncpg.Connection, scope: Scope) -> datetime:
     return written_at
 
 
-async def installation_id(conn: asyncpg.Connection) -> str:
-    """The id that binds cursors to this database."""
-    value: str = await conn.fetchval("SELECT id FROM installation")
-    return value
-
-
 async def current_versions(
     conn: asyncpg.Connection, scope: Scope, keys: Sequence[str] | None = None
 ) -> dict[str, tuple[JsonValue | None, int]]:

@@ -189,25 +189,3 @@ def mint_token(
     if issuer:
         claims["iss"] = issuer
     return jwt.encode(claims, secret_or_private_key, algorithm=algorithm)
-
-
-# Former home of these names; callers may import them from here until they move to the modules
-# that define them (principal, limits, middleware). Imported last: middleware uses this module.
-from prefd_server.rpc.limits import parse_request  # noqa: E402
-from prefd_server.rpc.middleware import Authenticator  # noqa: E402
-from prefd_server.rpc.principal import READ_SECRETS, current_call, current_principal, current_request  # noqa: E402
-
-__all__ = [
-    "MAX_VERIFIED_TOKENS",
-    "READ_SECRETS",
-    "Authenticator",
-    "Principal",
-    "Role",
-    "TokenVerifier",
-    "current_call",
-    "current_principal",
-    "current_request",
-    "load_or_create_secret",
-    "mint_token",
-    "parse_request",
-]

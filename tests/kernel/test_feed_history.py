@@ -23,6 +23,7 @@ from prefd_server.app import App
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.db import init_connection
 from prefd_server.kernel.model import CallInfo, Scope, ScopeKind
+from prefd_server.kernel.parts import CACHE_FIGURES
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.preferences import store as preference_sql
 from prefd_server.preferences.model import KeyChange
@@ -740,7 +741,8 @@ async def test_a_read_that_starts_after_a_write_returned_sees_it(fresh_database:
         connect(url) as gate,
         connect(url) as locker,
     ):
-        assert app.cache is not None
+        assert app.kernel is not None
+        figures = app.kernel.provisions.get(CACHE_FIGURES)
         stub = stub_for(channel)
         await stub.SetPreferences(set_request(user(uid), {key: 10}), metadata=ADMIN)
         await db.execute(GATE_SQL)
@@ -765,11 +767,11 @@ async def test_a_read_that_starts_after_a_write_returned_sees_it(fresh_database:
             reply = await asyncio.wait_for(write, 10)
             assert [c.new_version for c in reply.changes] == [2]
             # R2 starts after W returned, while R1 is still loading.
-            misses = app.cache.stats.misses["l1"]
+            misses = figures.by_layer()[1]["l1"]
             second = asyncio.ensure_future(stub.GetEffectivePreferences(request, metadata=ADMIN))
             tasks.append(second)
             async with asyncio.timeout(10):
-                while app.cache.stats.misses["l1"] == misses:  # noqa: ASYNC110
+                while figures.by_layer()[1]["l1"] == misses:  # noqa: ASYNC110
                     await asyncio.sleep(0.005)  # R2 has reached the cache; nothing else observes that
             await held.rollback()
             async with asyncio.timeout(10):

@@ -12,11 +12,19 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from prefd_server.app import SERVICE_NAMES, App
+from prefd.v1 import ai_config_pb2, audit_pb2, preferences_pb2
+from prefd.v1 import health_pb2 as prefd_health_pb2
+from prefd_server.app import App
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
-SERVED = {*SERVICE_NAMES, "grpc.health.v1.Health", *REFLECTION_SERVICES}
+# Every service of the prefd.v1 contracts, from their descriptors.
+PREFD_SERVICES = {
+    service.full_name
+    for module in (preferences_pb2, ai_config_pb2, audit_pb2, prefd_health_pb2)
+    for service in module.DESCRIPTOR.services_by_name.values()
+}
+SERVED = {*PREFD_SERVICES, "grpc.health.v1.Health", *REFLECTION_SERVICES}
 
 
 async def grpcurl(app: App, *args: str) -> tuple[int, str, str]:

@@ -1,0 +1,83 @@
+"""What a domain is built from (the kernel's shared parts) and what it hands back when it registers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+import asyncpg
+
+from prefd_server.kernel.commits import LocalCommits
+from prefd_server.kernel.feed import FeedReader
+from prefd_server.kernel.privacy import PrivacyRegistry
+from prefd_server.kernel.redis import RedisLayers
+from prefd_server.kernel.tokens import TokenKey
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Slot(Generic[T]):
+    """A named, typed place one domain fills and another reads, so neither imports the other."""
+
+    name: str
+
+
+class Provisions:
+    """The filled slots: preferences provides the scope restorer that audit's rollback uses."""
+
+    def __init__(self) -> None:
+        self._values: dict[Slot[Any], Any] = {}
+
+    def provide(self, slot: Slot[T], value: T) -> None:
+        """Fill `slot`; a second provider of one slot is a wiring error."""
+        if slot in self._values:
+            raise RuntimeError(f"{slot.name} is already provided")
+        self._values[slot] = value
+
+    def get(self, slot: Slot[T]) -> T:
+        """The value in `slot`; a wiring error if no domain registered before fills it."""
+        if slot not in self._values:
+            raise RuntimeError(f"nothing provides the {slot.name}; register its provider first")
+        return cast(T, self._values[slot])
+
+
+class CacheFigures(Protocol):
+    """A cache's hit and miss counts by layer, for the metrics endpoint."""
+
+    def by_layer(self) -> tuple[Mapping[str, int], Mapping[str, int]]:
+        """(hits by layer, misses by layer)."""
+        ...
+
+
+CACHE_FIGURES: Slot[CacheFigures] = Slot("cache figures")
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """The shared parts of one server process, built once and handed to every domain's register()."""
+
+    pool: asyncpg.Pool
+    dsn: str
+    installation: str
+    feed: FeedReader
+    redis: RedisLayers | None
+    tokens: TokenKey
+    pseudonym_key: str
+    commits: LocalCommits
+    privacy: PrivacyRegistry
+    provisions: Provisions = field(default_factory=Provisions)
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """A registered domain: its gRPC servicers, and what runs alongside them.
+
+    Each servicer carries `SERVICE_NAME` (its full gRPC name) and `add_to_server` (the generated
+    registration function); `stop(grace_s)` runs after the gRPC server has drained.
+    """
+
+    name: str
+    servicers: Sequence[Any]
+    stop: Callable[[float], Awaitable[None]] | None = None
