@@ -6,10 +6,10 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from prefd.v1 import audit_pb2, common_pb2, preferences_pb2
+from prefd.v1 import audit_pb2, common_pb2
 from prefd_server.audit.model import AuditRow, KeyState
 from prefd_server.kernel.model import ChangeKind
-from prefd_server.kernel.restore import RestoredChange, RestoredValue, ScopeRestored
+from prefd_server.kernel.restore import ScopeRestored
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.rpc import convert
 
@@ -79,30 +79,6 @@ def key_diff_to_pb(key: str, before: KeyState | None, after: KeyState | None) ->
 def restored_to_pb(restored: ScopeRestored) -> audit_pb2.ScopeRollback:
     return audit_pb2.ScopeRollback(
         scope=convert.scope_to_pb(restored.scope),
-        changes=[_change_to_pb(c) for c in restored.changes],
-        effective_values=[_effective_to_pb(v) for v in restored.effective],
-    )
-
-
-def _change_to_pb(change: RestoredChange) -> preferences_pb2.PreferenceChange:
-    return preferences_pb2.PreferenceChange(
-        key=change.key,
-        old_value=convert.optional_value_to_pb(change.old_value),
-        new_value=convert.optional_value_to_pb(change.new_value),
-        old_version=change.old_version,
-        new_version=change.new_version,
-    )
-
-
-def _effective_to_pb(value: RestoredValue) -> preferences_pb2.EffectiveValue:
-    return preferences_pb2.EffectiveValue(
-        key=value.key,
-        value=convert.value_to_pb(value.value),
-        provenance=common_pb2.Provenance(
-            layer=int(value.layer),  # type: ignore[arg-type]
-            scope=convert.scope_to_pb(value.scope) if value.scope else None,
-            version=value.version,
-            updated_at=convert.timestamp(value.updated_at),
-            updated_by=value.updated_by,
-        ),
+        changes=[convert.change_to_pb(c) for c in restored.changes],
+        effective_values=convert.effective_to_pb(restored.effective),
     )

@@ -7,34 +7,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, JsonValue, Scope
 from prefd_server.kernel.privacy import ErasedRows
 
 
 @dataclass(frozen=True, slots=True)
-class AuditRow:
-    """One change row with everything it records."""
+class AuditRow(ChangeEvent):
+    """One change row with everything it records: the feed's event plus who, from where, and why."""
 
-    id: int
-    xid: int
-    kind: ChangeKind
-    scope: Scope
-    key: str
-    old_value: JsonValue | None
-    new_value: JsonValue | None
-    version: int
-    actor: str
     peer: str
     user_agent: str
     reason: str
     request_id: str
-    created_at: datetime
     rollback_of: str
-
-    @property
-    def position(self) -> FeedCursor:
-        return FeedCursor(self.xid, self.id)
 
     def document(self) -> dict[str, Any]:
         """As JSON for an export."""

@@ -12,7 +12,8 @@ from prefd_server.audit.model import AuditRow, ChangeFilter, KeyState, Point
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.db import horizon_xid, snapshot, translated_errors
 from prefd_server.kernel.errors import ChangeNotFound, invalid
-from prefd_server.kernel.model import ChangeKind, JsonValue, Scope, ScopeKind
+from prefd_server.kernel.feed_store import event_fields
+from prefd_server.kernel.model import ChangeKind, JsonValue, Scope
 
 _COLUMNS = """id, xid::text::bigint AS xid, kind, scope_kind, scope_id, key, old_value, new_value, version,
     actor, peer, user_agent, reason, request_id, created_at, rollback_of"""
@@ -20,20 +21,11 @@ _COLUMNS = """id, xid::text::bigint AS xid, kind, scope_kind, scope_id, key, old
 
 def _row(row: Any) -> AuditRow:
     return AuditRow(
-        id=row["id"],
-        xid=row["xid"],
-        kind=ChangeKind(row["kind"]),
-        scope=Scope(ScopeKind(row["scope_kind"]), row["scope_id"]),
-        key=row["key"],
-        old_value=row["old_value"],
-        new_value=row["new_value"],
-        version=row["version"],
-        actor=row["actor"],
+        **event_fields(row),
         peer=row["peer"],
         user_agent=row["user_agent"],
         reason=row["reason"],
         request_id=row["request_id"],
-        created_at=row["created_at"],
         rollback_of=row["rollback_of"],
     )
 

@@ -37,19 +37,24 @@ class ChangeEvent:
         return FeedCursor(self.xid, self.id)
 
 
+def event_fields(row: Any) -> dict[str, Any]:
+    """The ChangeEvent fields of a `changes` row (id, xid as bigint, kind, scope, key, values, ...)."""
+    return {
+        "id": row["id"],
+        "xid": row["xid"],
+        "kind": ChangeKind(row["kind"]),
+        "scope": Scope(ScopeKind(row["scope_kind"]), row["scope_id"]),
+        "key": row["key"],
+        "old_value": row["old_value"],
+        "new_value": row["new_value"],
+        "version": row["version"],
+        "actor": row["actor"],
+        "created_at": row["created_at"],
+    }
+
+
 def _event(row: Any) -> ChangeEvent:
-    return ChangeEvent(
-        id=row["id"],
-        xid=row["xid"],
-        kind=ChangeKind(row["kind"]),
-        scope=Scope(ScopeKind(row["scope_kind"]), row["scope_id"]),
-        key=row["key"],
-        old_value=row["old_value"],
-        new_value=row["new_value"],
-        version=row["version"],
-        actor=row["actor"],
-        created_at=row["created_at"],
-    )
+    return ChangeEvent(**event_fields(row))
 
 
 async def current_xid(conn: asyncpg.Connection) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 # A value as stored in jsonb: bool, int, float, str, list[str] or dict.
@@ -93,3 +94,27 @@ class CallInfo:
     peer: str = ""
     user_agent: str = ""
     request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedValue:
+    """One effective value with its provenance."""
+
+    key: str
+    value: JsonValue
+    layer: Layer
+    scope: Scope | None
+    version: int
+    updated_at: datetime | None
+    updated_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """What a write did to one key at one scope."""
+
+    key: str
+    old_value: JsonValue | None
+    new_value: JsonValue | None
+    old_version: int
+    new_version: int

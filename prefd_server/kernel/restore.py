@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Protocol
 
 import asyncpg
 
-from prefd_server.kernel.model import CallInfo, JsonValue, Layer, Scope
+from prefd_server.kernel.model import CallInfo, JsonValue, KeyChange, ResolvedValue, Scope
 from prefd_server.kernel.parts import Slot
 
 # The value each key should have at a scope (None or absent: no override), read on the restorer's
@@ -31,36 +30,12 @@ class RestoreRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class RestoredChange:
-    """What restoring did (or would do) to one key at one scope."""
-
-    key: str
-    old_value: JsonValue | None
-    new_value: JsonValue | None
-    old_version: int
-    new_version: int
-
-
-@dataclass(frozen=True, slots=True)
-class RestoredValue:
-    """One effective value after restoring, with its provenance."""
-
-    key: str
-    value: JsonValue
-    layer: Layer
-    scope: Scope | None
-    version: int
-    updated_at: datetime | None
-    updated_by: str
-
-
-@dataclass(frozen=True, slots=True)
 class ScopeRestored:
     """One scope's outcome: its changes and its effective values after them."""
 
     scope: Scope
-    changes: Sequence[RestoredChange]
-    effective: Sequence[RestoredValue]
+    changes: Sequence[KeyChange]
+    effective: Sequence[ResolvedValue]
 
 
 class ScopeRestorer(Protocol):

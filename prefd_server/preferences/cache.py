@@ -15,12 +15,12 @@ from typing import Any
 import asyncpg
 
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import ChangeKind, Scope, Subject
+from prefd_server.kernel.model import ChangeKind, ResolvedValue, Scope, Subject
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.scoped_cache import Layer, LayerCodec, ScopedCache
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
-from prefd_server.preferences.model import Definition, ResolvedValue, StoredValue
+from prefd_server.preferences.model import Definition, StoredValue
 from prefd_server.preferences.resolve import key_selected, resolve
 
 Overrides = dict[str, StoredValue]

@@ -9,23 +9,16 @@ from google.protobuf import field_mask_pb2, struct_pb2
 from prefd.v1 import common_pb2, preferences_pb2
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import ALL_SCOPES, ChangeKind, FieldViolation, Scope, ScopeKind
-from prefd_server.preferences.model import (
-    Definition,
-    KeyChange,
-    KeyWrite,
-    ResolvedValue,
-    ScopeWrite,
-    StoredValue,
-    ValueType,
-    WriteResult,
-)
+from prefd_server.kernel.model import ALL_SCOPES, ChangeKind, FieldViolation, ResolvedValue, Scope, ScopeKind
+from prefd_server.preferences.model import Definition, KeyWrite, ScopeWrite, StoredValue, ValueType, WriteResult
 from prefd_server.preferences.resolve import nest
 from prefd_server.preferences.rules import check_key_list, definition_violations, write_org
 from prefd_server.rpc.convert import (
     SCOPE_KINDS,
     SCOPE_KINDS_PB,
+    change_to_pb,
     check_reason,
+    effective_to_pb,
     optional_value_to_pb,
     scope_to_pb,
     timestamp,
@@ -178,41 +171,11 @@ def definition_to_pb(definition: Definition) -> preferences_pb2.Definition:
     )
 
 
-def provenance_to_pb(resolved: ResolvedValue) -> common_pb2.Provenance:
-    """Where an effective value came from: its layer, scope, version and last write."""
-    return common_pb2.Provenance(
-        layer=int(resolved.layer),  # type: ignore[arg-type]
-        scope=scope_to_pb(resolved.scope) if resolved.scope else None,
-        version=resolved.version,
-        updated_at=timestamp(resolved.updated_at),
-        updated_by=resolved.updated_by,
-    )
-
-
-def effective_to_pb(resolved: Sequence[ResolvedValue]) -> list[preferences_pb2.EffectiveValue]:
-    """Effective values with their provenance, in the given order."""
-    return [
-        preferences_pb2.EffectiveValue(key=r.key, value=value_to_pb(r.value), provenance=provenance_to_pb(r))
-        for r in resolved
-    ]
-
-
 def nested_to_pb(resolved: Iterable[ResolvedValue]) -> struct_pb2.Struct:
     """Effective values as one object nested by the dots of their keys."""
     struct = struct_pb2.Struct()
     struct.update(nest({r.key: r.value for r in resolved}))
     return struct
-
-
-def change_to_pb(change: KeyChange) -> preferences_pb2.PreferenceChange:
-    """What a write did to one key."""
-    return preferences_pb2.PreferenceChange(
-        key=change.key,
-        old_value=optional_value_to_pb(change.old_value),
-        new_value=optional_value_to_pb(change.new_value),
-        old_version=change.old_version,
-        new_version=change.new_version,
-    )
 
 
 def changes_to_pb(result: WriteResult) -> list[preferences_pb2.PreferenceChange]:

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prefd_server.kernel.model import ALL_SCOPES, JsonValue, Layer, Scope, ScopeKind
+from prefd_server.kernel.model import ALL_SCOPES, JsonValue, KeyChange, ResolvedValue, Scope, ScopeKind
 
 MAX_WRITES_PER_CALL = 500
 MAX_BATCH_SUBJECTS = 1000
@@ -67,19 +67,6 @@ class StoredValue:
 
 
 @dataclass(frozen=True, slots=True)
-class ResolvedValue:
-    """One effective value with its provenance."""
-
-    key: str
-    value: JsonValue
-    layer: Layer
-    scope: Scope | None
-    version: int
-    updated_at: datetime | None
-    updated_by: str
-
-
-@dataclass(frozen=True, slots=True)
 class KeyWrite:
     """One key to set (value) or remove (value is None) at a scope."""
 
@@ -101,17 +88,6 @@ class ScopeWrite:
     org_id: str = ""
     # Where the writes sit in the request, for field violations ("writes", "keys").
     field: str = "writes"
-
-
-@dataclass(frozen=True, slots=True)
-class KeyChange:
-    """What a write did to one key at one scope."""
-
-    key: str
-    old_value: JsonValue | None
-    new_value: JsonValue | None
-    old_version: int
-    new_version: int
 
 
 @dataclass(frozen=True, slots=True)

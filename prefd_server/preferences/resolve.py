@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from prefd_server.kernel.model import JsonValue, Layer, Scope
-from prefd_server.preferences.model import Definition, ResolvedValue, StoredValue
+from prefd_server.kernel.model import JsonValue, Layer, ResolvedValue, Scope
+from prefd_server.preferences.model import Definition, StoredValue
 
 # Overrides stored at one scope, by key.
 ScopeOverrides = Mapping[str, StoredValue]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import asyncpg
 
 from prefd_server.kernel.model import JsonValue, Scope
-from prefd_server.kernel.restore import RestoredChange, RestoredValue, RestoreRequest, ScopeRestored
+from prefd_server.kernel.restore import RestoreRequest, ScopeRestored
 from prefd_server.preferences import store as preference_sql
 from prefd_server.preferences.model import KeyWrite, WriteResult
 from prefd_server.preferences.writes import PreferenceWriter
@@ -68,9 +68,6 @@ def writes_back(
 def _restored(scope: Scope, result: WriteResult) -> ScopeRestored:
     return ScopeRestored(
         scope=scope,
-        changes=[RestoredChange(c.key, c.old_value, c.new_value, c.old_version, c.new_version) for c in result.changes],
-        effective=[
-            RestoredValue(r.key, r.value, r.layer, r.scope, r.version, r.updated_at, r.updated_by)
-            for r in result.effective
-        ],
+        changes=result.changes,
+        effective=result.effective,
     )

@@ -177,7 +177,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         since = self._cache.tick
         values, used = await self._cache.resolve_subject(subject, *filters)
         body = preferences_pb2.GetEffectivePreferencesResponse(
-            values=preference_convert.effective_to_pb(values), nested=preference_convert.nested_to_pb(values)
+            values=convert.effective_to_pb(values), nested=preference_convert.nested_to_pb(values)
         ).SerializeToString()
         return body, (used, since)
 
@@ -203,7 +203,7 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             results=[
                 preferences_pb2.SubjectPreferences(
                     subject=convert.subject_to_pb(subject),
-                    values=preference_convert.effective_to_pb(values),
+                    values=convert.effective_to_pb(values),
                     nested=preference_convert.nested_to_pb(values),
                 )
                 for subject, values in zip(subjects, results, strict=True)
@@ -247,5 +247,5 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         if subject is not None:
             resolved = await self._cache.resolve_key(subject, event.key)
             if resolved is not None:
-                change.effective.CopyFrom(preference_convert.effective_to_pb([resolved])[0])
+                change.effective.CopyFrom(convert.effective_to_pb([resolved])[0])
         return preferences_pb2.WatchPreferencesResponse(change=change)

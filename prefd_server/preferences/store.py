@@ -9,8 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from prefd_server.kernel.model import GLOBAL_SCOPE, CallInfo, JsonValue, Scope, ScopeKind, Subject
-from prefd_server.preferences.model import KeyChange, StoredValue
+from prefd_server.kernel.model import GLOBAL_SCOPE, CallInfo, JsonValue, KeyChange, Scope, ScopeKind, Subject
+from prefd_server.preferences.model import StoredValue
 
 _VALUE_COLUMNS = "scope_kind, scope_id, key, value, version, updated_at, updated_by"
 

@@ -19,18 +19,20 @@ from prefd_server.kernel.errors import (
     ValidationFailed,
     VersionConflict,
 )
-from prefd_server.kernel.model import CallInfo, ChangeKind, FieldViolation, Layer, Scope, ScopeKind, Subject
+from prefd_server.kernel.model import (
+    CallInfo,
+    ChangeKind,
+    FieldViolation,
+    KeyChange,
+    Layer,
+    ResolvedValue,
+    Scope,
+    ScopeKind,
+    Subject,
+)
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
-from prefd_server.preferences.model import (
-    CrossFieldRule,
-    Definition,
-    KeyChange,
-    KeyWrite,
-    ResolvedValue,
-    ScopeWrite,
-    WriteResult,
-)
+from prefd_server.preferences.model import CrossFieldRule, Definition, KeyWrite, ScopeWrite, WriteResult
 from prefd_server.preferences.resolve import resolve
 from prefd_server.preferences.rules import coerce, rule_violations, value_problems
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
-from prefd.v1 import common_pb2
+from prefd.v1 import common_pb2, preferences_pb2
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.ids import id_problem
-from prefd_server.kernel.model import FieldViolation, JsonValue, Scope, ScopeKind, Subject
+from prefd_server.kernel.model import FieldViolation, JsonValue, KeyChange, ResolvedValue, Scope, ScopeKind, Subject
 from prefd_server.kernel.tokens import TokenKey
 
 # Scope kinds by their protobuf enum value, and back.
@@ -144,3 +145,33 @@ class CursorField:
 def cursor_to_pb(cursor: FeedCursor, tokens: TokenKey) -> common_pb2.Cursor:
     """A feed position as an opaque, signed common_pb2.Cursor."""
     return common_pb2.Cursor(token=cursor.encode(tokens))
+
+
+def provenance_to_pb(resolved: ResolvedValue) -> common_pb2.Provenance:
+    """Where an effective value came from: its layer, scope, version and last write."""
+    return common_pb2.Provenance(
+        layer=int(resolved.layer),  # type: ignore[arg-type]
+        scope=scope_to_pb(resolved.scope) if resolved.scope else None,
+        version=resolved.version,
+        updated_at=timestamp(resolved.updated_at),
+        updated_by=resolved.updated_by,
+    )
+
+
+def effective_to_pb(resolved: Sequence[ResolvedValue]) -> list[preferences_pb2.EffectiveValue]:
+    """Effective values with their provenance, in the given order."""
+    return [
+        preferences_pb2.EffectiveValue(key=r.key, value=value_to_pb(r.value), provenance=provenance_to_pb(r))
+        for r in resolved
+    ]
+
+
+def change_to_pb(change: KeyChange) -> preferences_pb2.PreferenceChange:
+    """What a write did to one key."""
+    return preferences_pb2.PreferenceChange(
+        key=change.key,
+        old_value=optional_value_to_pb(change.old_value),
+        new_value=optional_value_to_pb(change.new_value),
+        old_version=change.old_version,
+        new_version=change.new_version,
+    )

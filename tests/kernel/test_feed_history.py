@@ -22,11 +22,10 @@ from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.app import App
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.db import init_connection
-from prefd_server.kernel.model import CallInfo, Scope, ScopeKind
+from prefd_server.kernel.model import CallInfo, KeyChange, Scope, ScopeKind
 from prefd_server.kernel.parts import CACHE_FIGURES
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.preferences import store as preference_sql
-from prefd_server.preferences.model import KeyChange
 from tests.helpers.auth import auth, unique
 from tests.helpers.processes import prefd_process
 from tests.helpers.requests import GLOBAL, org, py, set_request, token_key, user
