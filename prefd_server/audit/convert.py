@@ -21,6 +21,7 @@ KIND_NAMES = {
     common_pb2.CHANGE_KIND_BUDGET: ChangeKind.BUDGET,
     common_pb2.CHANGE_KIND_MAINTENANCE: ChangeKind.MAINTENANCE,
     common_pb2.CHANGE_KIND_ERASURE: ChangeKind.ERASURE,
+    common_pb2.CHANGE_KIND_CONSENT: ChangeKind.CONSENT,
 }
 KIND_PB = {name: kind for kind, name in KIND_NAMES.items()}
 

@@ -36,6 +36,7 @@ class ChangeKind(enum.StrEnum):
     BUDGET = "budget"
     MAINTENANCE = "maintenance"
     ERASURE = "erasure"
+    CONSENT = "consent"
 
 
 class Layer(enum.IntEnum):

@@ -151,6 +151,8 @@ class _ChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeKind
     """A maintenance operation such as the retention purge (AuditService only)."""
     CHANGE_KIND_ERASURE: _ChangeKind.ValueType  # 7
     """A user's data erasure."""
+    CHANGE_KIND_CONSENT: _ChangeKind.ValueType  # 8
+    """A consent ledger entry (NotificationService)."""
 
 class ChangeKind(_ChangeKind, metaclass=_ChangeKindEnumTypeWrapper):
     """ChangeKind says what a change event changed."""
@@ -171,6 +173,8 @@ CHANGE_KIND_MAINTENANCE: ChangeKind.ValueType  # 6
 """A maintenance operation such as the retention purge (AuditService only)."""
 CHANGE_KIND_ERASURE: ChangeKind.ValueType  # 7
 """A user's data erasure."""
+CHANGE_KIND_CONSENT: ChangeKind.ValueType  # 8
+"""A consent ledger entry (NotificationService)."""
 Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
 
 @_typing.final
