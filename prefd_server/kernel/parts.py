@@ -10,6 +10,7 @@ import asyncpg
 
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.feed import FeedReader
+from prefd_server.kernel.model import ResolvedValue, Subject
 from prefd_server.kernel.privacy import PrivacyRegistry
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.tokens import TokenKey
@@ -52,6 +53,19 @@ class CacheFigures(Protocol):
 
 
 CACHE_FIGURES: Slot[CacheFigures] = Slot("cache figures")
+
+
+class EffectiveValues(Protocol):
+    """Subjects' effective preference values with provenance, served from memory where cached."""
+
+    async def resolve(
+        self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
+    ) -> list[list[ResolvedValue]]:
+        """Per subject, in order: the effective value of every defined key selected by the filters."""
+        ...
+
+
+EFFECTIVE_VALUES: Slot[EffectiveValues] = Slot("effective values")
 
 
 @dataclass(frozen=True, slots=True)

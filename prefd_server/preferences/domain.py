@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from prefd_server.kernel.model import CallInfo, ChangeKind
-from prefd_server.kernel.parts import CACHE_FIGURES, Domain, Kernel
+from prefd_server.kernel.parts import CACHE_FIGURES, EFFECTIVE_VALUES, Domain, Kernel
 from prefd_server.kernel.restore import RESTORER
 from prefd_server.preferences.cache import EffectiveCache
 from prefd_server.preferences.catalog import load_catalog
@@ -35,6 +35,7 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
     kernel.privacy.register(PreferencePrivacy())
     kernel.provisions.provide(RESTORER, PreferenceRestorer(writer))
     kernel.provisions.provide(CACHE_FIGURES, cache.stats)
+    kernel.provisions.provide(EFFECTIVE_VALUES, cache)
     service = PreferencesService(
         kernel, PreferenceReader(kernel.pool), writer, cache, settings.watch_progress_interval_s
     )

@@ -1,0 +1,1 @@
+"""Notification decisions: channels, quiet hours, digests, conditions, throttles and the consent ledger."""
