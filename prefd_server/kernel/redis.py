@@ -1,11 +1,13 @@
 """Redis client shared by the caches and counters: scope layers as opaque bytes, monotonic counters,
-and availability tracking so a failing Redis is skipped for a while instead of failing requests."""
+windowed counters charged atomically (throttles), and availability tracking so a failing Redis is
+skipped for a while instead of failing requests."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -20,6 +22,44 @@ local current = tonumber(redis.call('GET', KEYS[1]) or '-1')
 if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
 return 1
 """
+
+# Charge a windowed counter, once per idempotency key. KEYS[1]: the window's counter; KEYS[2] (only
+# with a key): the outcome recorded for the key. ARGV: limit, counter TTL (s), outcome TTL (s).
+# A recorded outcome is returned unchanged; otherwise the counter is raised while below the limit
+# and the outcome ("allowed:count:limit") is recorded.
+_CHARGE_SCRIPT = """
+if KEYS[2] then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then
+    local allowed, count, limit = string.match(seen, '^(%d+):(%d+):(%d+)$')
+    return {tonumber(allowed), tonumber(count), tonumber(limit)}
+  end
+end
+local limit = tonumber(ARGV[1])
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+local allowed = 0
+if count < limit then
+  count = redis.call('INCR', KEYS[1])
+  if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+  allowed = 1
+end
+if KEYS[2] then redis.call('SET', KEYS[2], allowed .. ':' .. count .. ':' .. limit, 'EX', ARGV[3]) end
+return {allowed, count, limit}
+"""
+# How long a charge's outcome answers retries with the same idempotency key.
+CHARGE_MEMORY_S = 24 * 3600
+# A window's counter outlives the window's end by this much (clock skew between hosts).
+WINDOW_GRACE_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeOutcome:
+    """What charging a windowed counter did: allowed (the counter was raised), its count after the
+    charge (at the time of the first charge, for a retried key), and the limit it was charged against."""
+
+    allowed: bool
+    count: int
+    limit: int
 
 
 class RedisLayers:
@@ -140,6 +180,48 @@ class RedisLayers:
                 await self._client.delete(*names)
         except (RedisError, OSError) as exc:
             self._failed(exc)
+
+    def _window_key(self, counter: str, window_start: int) -> str:
+        return f"{self._counter_prefix}{counter}@{window_start}"
+
+    async def charge(
+        self, counter: str, window_start: int, window_s: int, limit: int, idempotency_key: str = ""
+    ) -> ChargeOutcome | None:
+        """Count one use of `counter` in the window starting at `window_start` (epoch seconds, `window_s`
+        long) if it is below `limit`, atomically and in one round trip (a Lua script).
+
+        With an idempotency key, the first charge's outcome is kept for 24 h and a charge with the same
+        key (for the same counter) returns it unchanged, counting nothing. Windows are whatever the
+        caller aligns them to; the counter expires a minute after its window ends. None while Redis is
+        unavailable or when the script fails (the charge may or may not have been counted then)."""
+        if not self.available:
+            return None
+        window_end = window_start + window_s
+        counter_ttl_s = max(window_end - int(time.time()), window_s) + WINDOW_GRACE_S
+        keys = [self._window_key(counter, window_start)]
+        if idempotency_key:
+            keys.append(f"{self._counter_prefix}{counter}#{idempotency_key}")
+        try:
+            raw = await self._client.eval(_CHARGE_SCRIPT, len(keys), *keys, limit, counter_ttl_s, CHARGE_MEMORY_S)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+        self._recovered()
+        allowed, count, charged_limit = (int(v) for v in raw)
+        return ChargeOutcome(bool(allowed), count, charged_limit)
+
+    async def peek(self, counter: str, window_start: int) -> int | None:
+        """How often `counter` was charged in the window starting at `window_start` (None while Redis
+        is unavailable)."""
+        if not self.available:
+            return None
+        try:
+            raw = await self._client.get(self._window_key(counter, window_start))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+        self._recovered()
+        return int(raw) if raw is not None else 0
 
     async def close(self) -> None:
         await self._client.aclose()
