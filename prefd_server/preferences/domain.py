@@ -7,8 +7,10 @@ import logging
 from prefd_server.kernel.model import CallInfo, ChangeKind
 from prefd_server.kernel.parts import CACHE_FIGURES, EFFECTIVE_VALUES, Domain, Kernel
 from prefd_server.kernel.restore import RESTORER
+from prefd_server.kernel.value_checks import VALUE_CHECKS, ValueChecks
 from prefd_server.preferences.cache import EffectiveCache
 from prefd_server.preferences.catalog import load_catalog
+from prefd_server.preferences.notification_checks import add_notification_checks
 from prefd_server.preferences.privacy import PreferencePrivacy
 from prefd_server.preferences.reads import PreferenceReader
 from prefd_server.preferences.restore import PreferenceRestorer
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 
 async def register(kernel: Kernel, settings: Settings) -> Domain:
     """Install the shipped definitions, hook the cache to the feed and to local commits, and provide
-    the scope restorer (audit's rollback) and the cache figures (the metrics endpoint)."""
+    the scope restorer (audit's rollback), the cache figures (the metrics endpoint) and the value checks
+    every write runs (domains registered later add theirs)."""
     catalog = load_catalog(settings.definitions_file)
     added = await install_definitions(kernel.pool, catalog.definitions, CallInfo(actor="prefd:catalog"))
     if added:
@@ -31,7 +34,10 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
     kernel.commits.add_listener(ChangeKind.PREFERENCE, cache.on_local_commit)
     kernel.commits.add_listener(ChangeKind.ERASURE, cache.on_local_commit)
     kernel.commits.add_listener(ChangeKind.DEFINITION, lambda _scope, xid: cache.on_local_definition_commit(xid))
-    writer = PreferenceWriter(kernel.pool, catalog.rules, kernel.commits)
+    checks = ValueChecks()
+    add_notification_checks(checks)
+    kernel.provisions.provide(VALUE_CHECKS, checks)
+    writer = PreferenceWriter(kernel.pool, catalog.rules, kernel.commits, checks)
     kernel.privacy.register(PreferencePrivacy())
     kernel.provisions.provide(RESTORER, PreferenceRestorer(writer))
     kernel.provisions.provide(CACHE_FIGURES, cache.stats)

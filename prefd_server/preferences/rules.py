@@ -17,6 +17,7 @@ from prefd_server.kernel.model import (
     JsonValue,
     ScopeKind,
 )
+from prefd_server.kernel.value_checks import ValueChecks
 from prefd_server.preferences.model import MAX_WRITES_PER_CALL, CrossFieldRule, Definition, ValueType
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -72,6 +73,14 @@ def value_problems(definition: Definition, value: JsonValue) -> list[str]:
         size = len(json.dumps(value, separators=(",", ":")).encode())
         return [f"must be at most {MAX_JSON_BYTES} bytes as JSON (got {size})"] if size > MAX_JSON_BYTES else []
     return ["has an unknown type"]
+
+
+def checked_value_problems(definition: Definition, value: JsonValue, checks: ValueChecks | None) -> list[str]:
+    """value_problems, then (for a value of the right type) what the checks registered for its key find."""
+    problems = value_problems(definition, value)
+    if problems or checks is None:
+        return problems
+    return checks.problems(definition.key, value)
 
 
 def _range_problems(definition: Definition, value: float) -> list[str]:

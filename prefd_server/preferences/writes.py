@@ -30,11 +30,12 @@ from prefd_server.kernel.model import (
     ScopeKind,
     Subject,
 )
+from prefd_server.kernel.value_checks import ValueChecks
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
 from prefd_server.preferences.model import CrossFieldRule, Definition, KeyWrite, ScopeWrite, WriteResult
 from prefd_server.preferences.resolve import resolve
-from prefd_server.preferences.rules import coerce, rule_violations, value_problems
+from prefd_server.preferences.rules import checked_value_problems, coerce, rule_violations, value_problems
 
 # Given a connection and the scopes, the writes each scope needs (read inside the transaction).
 RollbackPlan = Callable[[asyncpg.Connection, Sequence[Scope]], Awaitable[dict[Scope, list[KeyWrite]]]]
@@ -76,11 +77,17 @@ class PreferenceWriter:
     """Every write to definitions and overrides, each in one transaction with its change rows."""
 
     def __init__(
-        self, pool: asyncpg.Pool, rules: Sequence[CrossFieldRule], commits: LocalCommits | None = None
+        self,
+        pool: asyncpg.Pool,
+        rules: Sequence[CrossFieldRule],
+        commits: LocalCommits | None = None,
+        checks: ValueChecks | None = None,
     ) -> None:
         self._pool = pool
         self._rules = tuple(rules)
         self._commits = commits
+        # Checks by key that every written value and every definition default must pass too.
+        self._checks = checks
 
     async def write(self, command: ScopeWrite, call: CallInfo) -> WriteResult:
         """Set (value) or remove (None) keys at one scope, all or nothing (nothing stored on a dry run)."""
@@ -135,7 +142,8 @@ class PreferenceWriter:
                 )
             elif w.value is not None:
                 violations += [
-                    FieldViolation(f"{field}[{i}].value", f"{w.key} {p}") for p in value_problems(definition, w.value)
+                    FieldViolation(f"{field}[{i}].value", f"{w.key} {p}")
+                    for p in checked_value_problems(definition, w.value, self._checks)
                 ]
         if violations:
             raise ValidationFailed(violations)
@@ -264,6 +272,7 @@ class PreferenceWriter:
 
     async def create_definition(self, definition: Definition, call: CallInfo) -> Definition:
         """Store a new definition; ALREADY_EXISTS if the key is taken."""
+        self._check_default(definition)
         async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
             stored = await definition_sql.insert(conn, definition, call, "")
             xid = await feed_sql.current_xid(conn)
@@ -276,6 +285,7 @@ class PreferenceWriter:
         self, definition: Definition, expected_version: int | None, call: CallInfo
     ) -> Definition:
         """Replace a definition if every stored override still satisfies it."""
+        self._check_default(definition)
         async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
             await definition_sql.lock_key_exclusive(conn, definition.key)
             old = await definition_sql.get(conn, definition.key, for_update=True)
@@ -298,6 +308,12 @@ class PreferenceWriter:
             xid = await feed_sql.current_xid(conn)
         self._definitions_committed(xid)
         return updated
+
+    def _check_default(self, definition: Definition) -> None:
+        """ValidationFailed if the checks registered for the definition's key refuse its default."""
+        problems = checked_value_problems(definition, definition.default, self._checks)
+        if problems:
+            raise ValidationFailed([FieldViolation("definition.default_value", p) for p in problems])
 
     def _definitions_committed(self, xid: int) -> None:
         if self._commits is not None:
