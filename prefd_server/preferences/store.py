@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -121,12 +122,13 @@ async def apply_changes(
     if not changes:
         return None
     keys = [c.key for c in changes]
-    new_values = [c.new_value for c in changes]
+    # As JSON text: asyncpg would read a list value inside a jsonb[] parameter as another dimension.
+    new_values = [_json_text(c.new_value) for c in changes]
     versions = [c.new_version for c in changes]
     await conn.execute(
         """INSERT INTO preference_values (scope_kind, scope_id, key, value, version, updated_at, updated_by)
-           SELECT $1, $2, k, v, ver, now(), $6
-           FROM unnest($3::text[], $4::jsonb[], $5::bigint[]) AS t(k, v, ver)
+           SELECT $1, $2, k, v::jsonb, ver, now(), $6
+           FROM unnest($3::text[], $4::text[], $5::bigint[]) AS t(k, v, ver)
            ON CONFLICT (scope_kind, scope_id, key) DO UPDATE
                SET value = EXCLUDED.value, version = EXCLUDED.version,
                    updated_at = EXCLUDED.updated_at, updated_by = EXCLUDED.updated_by""",
@@ -141,15 +143,15 @@ async def apply_changes(
         """WITH inserted AS (
                INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version,
                    actor, peer, user_agent, reason, request_id, rollback_of)
-               SELECT 'preference', $1, $2, k, o, n, ver, $7, $8, $9, $10, $11, $12
-               FROM unnest($3::text[], $4::jsonb[], $5::jsonb[], $6::bigint[]) WITH ORDINALITY AS t(k, o, n, ver, i)
+               SELECT 'preference', $1, $2, k, o::jsonb, n::jsonb, ver, $7, $8, $9, $10, $11, $12
+               FROM unnest($3::text[], $4::text[], $5::text[], $6::bigint[]) WITH ORDINALITY AS t(k, o, n, ver, i)
                ORDER BY i
                RETURNING xid)
            SELECT xid::text::bigint FROM inserted LIMIT 1""",
         scope.kind.value,
         scope.id,
         keys,
-        [c.old_value for c in changes],
+        [_json_text(c.old_value) for c in changes],
         new_values,
         versions,
         call.actor,
@@ -160,6 +162,11 @@ async def apply_changes(
         rollback_of,
     )
     return xid
+
+
+def _json_text(value: JsonValue | None) -> str | None:
+    """A value as JSON text for a jsonb column; None (no value) stays SQL NULL."""
+    return None if value is None else json.dumps(value)
 
 
 def pending_value(scope: Scope, change: KeyChange, actor: str, written_at: datetime) -> StoredValue:
