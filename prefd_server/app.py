@@ -25,6 +25,7 @@ from prefd_server.kernel.privacy import PrivacyRegistry
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.memory import return_large_buffers
+from prefd_server.notifications import domain as notifications_domain
 from prefd_server.ops import domain as ops_domain
 from prefd_server.ops.health_service import serving_status
 from prefd_server.ops.metrics_endpoint import start_metrics_endpoint
@@ -45,6 +46,7 @@ Register = Callable[[Kernel, Settings], Awaitable[Domain]]
 DOMAINS: Sequence[Register] = (
     preferences_domain.register,
     aiconfig_domain.register,
+    notifications_domain.register,
     audit_domain.register,
     ops_domain.register,
 )

@@ -27,8 +27,18 @@ class EventRule:
     problems: tuple[str, ...] = ()
 
 
+def _whole(value: object) -> int | None:
+    """`value` as an int when it is a whole number (JSON numbers may arrive as floats: 60.0 is 60)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value)
+
+
 def _int_problem(value: object, low: int, high: int) -> str | None:
-    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+    number = _whole(value)
+    if number is not None and low <= number <= high:
         return None
     return f"must be an int in {low}..{high}"
 
@@ -104,7 +114,7 @@ def read_event_rule(rules: object, event_type: str) -> EventRule | None:
             Channel.__members__[name] for name in listed if isinstance(name, str) and name in Channel.__members__
         )
     priority = raw.get("priority")
-    minutes, limit = raw.get("throttle_minutes", 0), raw.get("throttle_limit", 1)
+    minutes, limit = _whole(raw.get("throttle_minutes", 0)) or 0, _whole(raw.get("throttle_limit", 1)) or 1
     throttled = _int_problem(minutes, 1, MAX_THROTTLE_MINUTES) is None
     return EventRule(
         enabled=raw.get("enabled", True) is True,

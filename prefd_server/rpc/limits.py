@@ -31,6 +31,9 @@ REQUEST_BYTES = {
     "PreviewRollback": 256 * 1024,
     "CreateDefinition": 256 * 1024,
     "UpdateDefinition": 256 * 1024,
+    # An event's data may take 64 KiB (its own limit below names the field); a batch adds 1,000 subjects.
+    "Decide": 96 * 1024,
+    "DecideBatch": 512 * 1024,
 }
 
 # --- text ---------------------------------------------------------------------------------------
@@ -55,6 +58,14 @@ TEXT_BYTES = {
     "actor": 256,
     "target": 128,
     "paths": 128,
+    # Notification events and the consent ledger.
+    "prefd.v1.Event.category": 128,
+    "event_type": 128,
+    "idempotency_key": 128,
+    "purpose": 128,
+    "source": 128,
+    "notice_version": 128,
+    "proof_reference": 512,
 }
 # C0 controls (tab, line feed and carriage return allowed) and DEL: PostgreSQL refuses NUL in text and
 # jsonb, and the rest break logs and terminals.
@@ -224,16 +235,21 @@ def _map_violations(field: FieldDescriptor, value: object, path: str, depth: int
         yield from _value_violations(value_field, item, f"{path}[{key!r}]", depth)
 
 
+def _text_limit(field: FieldDescriptor) -> int:
+    """A text field's byte limit: by its full name (one message's field), else by its name, else the default."""
+    return TEXT_BYTES.get(field.full_name) or TEXT_BYTES.get(field.name, DEFAULT_TEXT_BYTES)
+
+
 def _value_violations(field: FieldDescriptor, value: object, path: str, depth: int) -> Iterator[FieldViolation]:
     kind = field.type
     if kind == FieldDescriptor.TYPE_MESSAGE:
         yield from _message_violations(value, path, depth + 1)  # type: ignore[arg-type]
     elif kind == FieldDescriptor.TYPE_STRING:
-        problem = text_problem(value, TEXT_BYTES.get(field.name, DEFAULT_TEXT_BYTES))  # type: ignore[arg-type]
+        problem = text_problem(value, _text_limit(field))  # type: ignore[arg-type]
         if problem:
             yield FieldViolation(path, problem)
     elif kind == FieldDescriptor.TYPE_BYTES:
-        limit = TEXT_BYTES.get(field.name, DEFAULT_TEXT_BYTES)
+        limit = _text_limit(field)
         if len(value) > limit:  # type: ignore[arg-type]
             yield FieldViolation(path, f"must be at most {limit} bytes")
     elif kind in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):

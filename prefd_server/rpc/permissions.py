@@ -23,6 +23,7 @@ _PREFERENCES = "/prefd.v1.PreferencesService/"
 _AI_CONFIG = "/prefd.v1.AIConfigService/"
 _AUDIT = "/prefd.v1.AuditService/"
 _HEALTH = "/prefd.v1.HealthService/"
+_NOTIFICATIONS = "/prefd.v1.NotificationService/"
 
 PERMISSIONS: Mapping[str, Access] = {
     # Definitions: everyone reads the catalog, admins change it.
@@ -68,6 +69,13 @@ PERMISSIONS: Mapping[str, Access] = {
     _HEALTH + "RunMaintenance": Access.ADMIN,
     _HEALTH + "GetMaintenanceOperation": Access.ADMIN,
     _HEALTH + "ListMaintenanceOperations": Access.ADMIN,
+    # Notifications: a user decides and records consent for itself; services and admins for anyone.
+    _NOTIFICATIONS + "Decide": Access.RESOURCE,
+    _NOTIFICATIONS + "DecideBatch": Access.RESOURCE,
+    _NOTIFICATIONS + "GrantConsent": Access.RESOURCE,
+    _NOTIFICATIONS + "WithdrawConsent": Access.RESOURCE,
+    _NOTIFICATIONS + "ListConsents": Access.RESOURCE,
+    _NOTIFICATIONS + "ListConsentHistory": Access.RESOURCE,
 }
 
 

@@ -192,6 +192,39 @@ TEMPLATES: dict[str, list[dict[str, Any]]] = {
     "EraseUserData": [{"user_id": "fz-gone", "reason": "r"}],
     "ListDefinitions": [{"category": "display", "page_size": 3}],
     "ListMaintenanceOperations": [{"target": "changes", "page_size": 2}],
+    "Decide": [
+        {
+            "subject": SUBJECT,
+            "event": {
+                "event_type": "LARGE_LOSS",
+                "category": "trading",
+                "priority": "PRIORITY_HIGH",
+                "data": {"loss_amount": 2500, "symbol": "AAPL"},
+                "at": NOW,
+                "channels": ["CHANNEL_EMAIL", "CHANNEL_SMS"],
+            },
+            "consume": True,
+            "idempotency_key": "fz-idem-1",
+        }
+    ],
+    "DecideBatch": [
+        {
+            "subjects": [SUBJECT, {"user_id": "fz-user-2", "org_id": "fz-org"}],
+            "event": {"event_type": "generation_complete", "category": "generation_complete"},
+        }
+    ],
+    "GrantConsent": [
+        {
+            "user_id": "fz-user",
+            "purpose": "marketing_email",
+            "legal_basis": "LEGAL_BASIS_CONSENT",
+            "source": "signup_form",
+            "notice_version": "v1",
+        }
+    ],
+    "WithdrawConsent": [{"user_id": "fz-user", "purpose": "marketing_email", "source": "settings_page"}],
+    "ListConsents": [{"user_id": "fz-user"}],
+    "ListConsentHistory": [{"user_id": "fz-user", "purpose": "marketing_email", "page_size": 2}],
 }
 
 

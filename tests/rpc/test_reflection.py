@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -12,17 +14,17 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from prefd.v1 import ai_config_pb2, audit_pb2, preferences_pb2
-from prefd.v1 import health_pb2 as prefd_health_pb2
+import prefd.v1
 from prefd_server.app import App
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 REFLECTION_SERVICES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
-# Every service of the prefd.v1 contracts, from their descriptors.
+# Every service of the prefd.v1 contracts, from the generated modules' descriptors.
 PREFD_SERVICES = {
     service.full_name
-    for module in (preferences_pb2, ai_config_pb2, audit_pb2, prefd_health_pb2)
-    for service in module.DESCRIPTOR.services_by_name.values()
+    for module_info in pkgutil.iter_modules(prefd.v1.__path__, "prefd.v1.")
+    if module_info.name.endswith("_pb2")
+    for service in importlib.import_module(module_info.name).DESCRIPTOR.services_by_name.values()
 }
 SERVED = {*PREFD_SERVICES, "grpc.health.v1.Health", *REFLECTION_SERVICES}
 

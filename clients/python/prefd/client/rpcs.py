@@ -6,7 +6,7 @@ import abc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from prefd.v1 import ai_config_pb2, audit_pb2, health_pb2, preferences_pb2
+from prefd.v1 import ai_config_pb2, audit_pb2, health_pb2, notifications_pb2, preferences_pb2
 
 
 class AsyncRpcs(abc.ABC):
@@ -397,6 +397,64 @@ class AsyncRpcs(abc.ABC):
         reply: health_pb2.ListMaintenanceOperationsResponse = await self._unary("prefd.v1.HealthService", "ListMaintenanceOperations", request, timeout)
         return reply
 
+    async def decide(
+        self, request: notifications_pb2.DecideRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.DecideResponse:
+        """/prefd.v1.NotificationService/Decide: One decision per candidate channel, with reasons, the throttle
+        state and a trace of the settings (with layer and version) that decided. With `consume`, throttles
+        of the channels sent are charged (once per idempotency_key). INVALID_ARGUMENT for an unknown channel
+        or priority, an over-long event type or category, `data` over its limits, `at` more than a year
+        away; PERMISSION_DENIED for a user deciding for another user.
+        """
+        reply: notifications_pb2.DecideResponse = await self._unary("prefd.v1.NotificationService", "Decide", request, timeout)
+        return reply
+
+    async def decide_batch(
+        self, request: notifications_pb2.DecideBatchRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.DecideBatchResponse:
+        """/prefd.v1.NotificationService/DecideBatch: Decide for one event and up to 1,000 recipients: one
+        answer per recipient, in order. Errors as Decide; INVALID_ARGUMENT for more than 1,000 recipients.
+        """
+        reply: notifications_pb2.DecideBatchResponse = await self._unary("prefd.v1.NotificationService", "DecideBatch", request, timeout)
+        return reply
+
+    async def grant_consent(
+        self, request: notifications_pb2.GrantConsentRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.GrantConsentResponse:
+        """/prefd.v1.NotificationService/GrantConsent: Records that the user granted consent for a purpose.
+        INVALID_ARGUMENT for an unknown purpose or legal basis, or an expiry in the past; PERMISSION_DENIED
+        for another user's consent unless admin.
+        """
+        reply: notifications_pb2.GrantConsentResponse = await self._unary("prefd.v1.NotificationService", "GrantConsent", request, timeout)
+        return reply
+
+    async def withdraw_consent(
+        self, request: notifications_pb2.WithdrawConsentRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.WithdrawConsentResponse:
+        """/prefd.v1.NotificationService/WithdrawConsent: Records that the user withdrew consent for a purpose.
+        FAILED_PRECONDITION when there is no granted consent to withdraw; other errors as GrantConsent.
+        """
+        reply: notifications_pb2.WithdrawConsentResponse = await self._unary("prefd.v1.NotificationService", "WithdrawConsent", request, timeout)
+        return reply
+
+    async def list_consents(
+        self, request: notifications_pb2.ListConsentsRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.ListConsentsResponse:
+        """/prefd.v1.NotificationService/ListConsents: The current state of each purpose the user ever recorded
+        (derived from the ledger). PERMISSION_DENIED for another user's consents unless service or admin.
+        """
+        reply: notifications_pb2.ListConsentsResponse = await self._unary("prefd.v1.NotificationService", "ListConsents", request, timeout)
+        return reply
+
+    async def list_consent_history(
+        self, request: notifications_pb2.ListConsentHistoryRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.ListConsentHistoryResponse:
+        """/prefd.v1.NotificationService/ListConsentHistory: The user's ledger entries, oldest first, in pages.
+        Errors as ListConsents; INVALID_ARGUMENT for a page_token from another query.
+        """
+        reply: notifications_pb2.ListConsentHistoryResponse = await self._unary("prefd.v1.NotificationService", "ListConsentHistory", request, timeout)
+        return reply
+
 
 class SyncRpcs(abc.ABC):
     """Every RPC as a method named after it in snake_case; streams return iterators."""
@@ -784,4 +842,62 @@ class SyncRpcs(abc.ABC):
         keyset-paginated. Admin only; INVALID_ARGUMENT for a page token from another query.
         """
         reply: health_pb2.ListMaintenanceOperationsResponse = self._unary("prefd.v1.HealthService", "ListMaintenanceOperations", request, timeout)
+        return reply
+
+    def decide(
+        self, request: notifications_pb2.DecideRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.DecideResponse:
+        """/prefd.v1.NotificationService/Decide: One decision per candidate channel, with reasons, the throttle
+        state and a trace of the settings (with layer and version) that decided. With `consume`, throttles
+        of the channels sent are charged (once per idempotency_key). INVALID_ARGUMENT for an unknown channel
+        or priority, an over-long event type or category, `data` over its limits, `at` more than a year
+        away; PERMISSION_DENIED for a user deciding for another user.
+        """
+        reply: notifications_pb2.DecideResponse = self._unary("prefd.v1.NotificationService", "Decide", request, timeout)
+        return reply
+
+    def decide_batch(
+        self, request: notifications_pb2.DecideBatchRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.DecideBatchResponse:
+        """/prefd.v1.NotificationService/DecideBatch: Decide for one event and up to 1,000 recipients: one
+        answer per recipient, in order. Errors as Decide; INVALID_ARGUMENT for more than 1,000 recipients.
+        """
+        reply: notifications_pb2.DecideBatchResponse = self._unary("prefd.v1.NotificationService", "DecideBatch", request, timeout)
+        return reply
+
+    def grant_consent(
+        self, request: notifications_pb2.GrantConsentRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.GrantConsentResponse:
+        """/prefd.v1.NotificationService/GrantConsent: Records that the user granted consent for a purpose.
+        INVALID_ARGUMENT for an unknown purpose or legal basis, or an expiry in the past; PERMISSION_DENIED
+        for another user's consent unless admin.
+        """
+        reply: notifications_pb2.GrantConsentResponse = self._unary("prefd.v1.NotificationService", "GrantConsent", request, timeout)
+        return reply
+
+    def withdraw_consent(
+        self, request: notifications_pb2.WithdrawConsentRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.WithdrawConsentResponse:
+        """/prefd.v1.NotificationService/WithdrawConsent: Records that the user withdrew consent for a purpose.
+        FAILED_PRECONDITION when there is no granted consent to withdraw; other errors as GrantConsent.
+        """
+        reply: notifications_pb2.WithdrawConsentResponse = self._unary("prefd.v1.NotificationService", "WithdrawConsent", request, timeout)
+        return reply
+
+    def list_consents(
+        self, request: notifications_pb2.ListConsentsRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.ListConsentsResponse:
+        """/prefd.v1.NotificationService/ListConsents: The current state of each purpose the user ever recorded
+        (derived from the ledger). PERMISSION_DENIED for another user's consents unless service or admin.
+        """
+        reply: notifications_pb2.ListConsentsResponse = self._unary("prefd.v1.NotificationService", "ListConsents", request, timeout)
+        return reply
+
+    def list_consent_history(
+        self, request: notifications_pb2.ListConsentHistoryRequest, *, timeout: float | None = None
+    ) -> notifications_pb2.ListConsentHistoryResponse:
+        """/prefd.v1.NotificationService/ListConsentHistory: The user's ledger entries, oldest first, in pages.
+        Errors as ListConsents; INVALID_ARGUMENT for a page_token from another query.
+        """
+        reply: notifications_pb2.ListConsentHistoryResponse = self._unary("prefd.v1.NotificationService", "ListConsentHistory", request, timeout)
         return reply

@@ -1,0 +1,183 @@
+"""Between prefd.v1 notification messages and the notification domain's types (the only protobuf here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf import json_format
+
+from prefd.v1 import notifications_pb2
+from prefd_server.kernel.errors import ValidationFailed, invalid
+from prefd_server.kernel.model import FieldViolation
+from prefd_server.notifications.model import (
+    ALL_CHANNELS,
+    MAX_NAME_LENGTH,
+    Channel,
+    ChannelDecision,
+    ConsentEntry,
+    ConsentStatus,
+    Decision,
+    Event,
+    LegalBasis,
+    Priority,
+    ThrottleState,
+    TraceStep,
+)
+from prefd_server.rpc.convert import provenance_to_pb, subject_to_pb, timestamp
+
+# How far from now an event's `at` may be.
+MAX_EVENT_OFFSET = timedelta(days=366)
+
+CHANNELS = {
+    notifications_pb2.CHANNEL_EMAIL: Channel.EMAIL,
+    notifications_pb2.CHANNEL_SMS: Channel.SMS,
+    notifications_pb2.CHANNEL_PUSH: Channel.PUSH,
+    notifications_pb2.CHANNEL_IN_APP: Channel.IN_APP,
+    notifications_pb2.CHANNEL_WEBHOOK: Channel.WEBHOOK,
+    notifications_pb2.CHANNEL_VOICE: Channel.VOICE,
+}
+CHANNELS_PB = {channel: number for number, channel in CHANNELS.items()}
+PRIORITIES = {
+    notifications_pb2.PRIORITY_LOW: Priority.LOW,
+    notifications_pb2.PRIORITY_MEDIUM: Priority.MEDIUM,
+    notifications_pb2.PRIORITY_HIGH: Priority.HIGH,
+    notifications_pb2.PRIORITY_CRITICAL: Priority.CRITICAL,
+}
+PRIORITIES_PB = {priority: number for number, priority in PRIORITIES.items()}
+LEGAL_BASES = {
+    notifications_pb2.LEGAL_BASIS_CONSENT: LegalBasis.CONSENT,
+    notifications_pb2.LEGAL_BASIS_CONTRACT: LegalBasis.CONTRACT,
+    notifications_pb2.LEGAL_BASIS_LEGAL_OBLIGATION: LegalBasis.LEGAL_OBLIGATION,
+    notifications_pb2.LEGAL_BASIS_VITAL_INTERESTS: LegalBasis.VITAL_INTERESTS,
+    notifications_pb2.LEGAL_BASIS_PUBLIC_TASK: LegalBasis.PUBLIC_TASK,
+    notifications_pb2.LEGAL_BASIS_LEGITIMATE_INTERESTS: LegalBasis.LEGITIMATE_INTERESTS,
+}
+LEGAL_BASES_PB = {basis: number for number, basis in LEGAL_BASES.items()}
+CONSENT_STATUSES_PB = {
+    ConsentStatus.GRANTED: notifications_pb2.CONSENT_STATUS_GRANTED,
+    ConsentStatus.WITHDRAWN: notifications_pb2.CONSENT_STATUS_WITHDRAWN,
+    ConsentStatus.EXPIRED: notifications_pb2.CONSENT_STATUS_EXPIRED,
+}
+
+
+def _name_problem(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_NAME_LENGTH:
+        return f"must be at most {MAX_NAME_LENGTH} characters"
+    return None
+
+
+def event_from_pb(message: notifications_pb2.Event, now: datetime, field: str = "event") -> Event:
+    """A validated Event: names present and bounded, known priority and channels, `at` within a year."""
+    violations = []
+    for name in ("event_type", "category"):
+        problem = _name_problem(getattr(message, name))
+        if problem:
+            violations.append(FieldViolation(f"{field}.{name}", problem))
+    priority = None
+    if message.priority != notifications_pb2.PRIORITY_UNSPECIFIED:
+        priority = PRIORITIES.get(message.priority)
+        if priority is None:
+            violations.append(FieldViolation(f"{field}.priority", "must be LOW, MEDIUM, HIGH or CRITICAL"))
+    channels: list[Channel] = []
+    for i, number in enumerate(message.channels):
+        channel = CHANNELS.get(number)
+        if channel is None:
+            violations.append(FieldViolation(f"{field}.channels[{i}]", "must be a known channel"))
+        elif channel in channels:
+            violations.append(FieldViolation(f"{field}.channels[{i}]", f"{channel} appears more than once"))
+        else:
+            channels.append(channel)
+    at = now
+    if message.HasField("at"):
+        at = message.at.ToDatetime(tzinfo=UTC)
+        if abs(at - now) > MAX_EVENT_OFFSET:
+            violations.append(FieldViolation(f"{field}.at", "must be within a year of now"))
+    if violations:
+        raise ValidationFailed(violations)
+    data = json_format.MessageToDict(message.data) if message.HasField("data") else {}
+    return Event(
+        event_type=message.event_type,
+        category=message.category,
+        priority=priority,
+        data=data,
+        at=at,
+        channels=tuple(channels) or ALL_CHANNELS,
+    )
+
+
+def idempotency_key_from_pb(key: str, field: str = "idempotency_key") -> str:
+    """The key, at most 128 characters ("" for none)."""
+    if len(key) > MAX_NAME_LENGTH:
+        raise invalid(field, f"must be at most {MAX_NAME_LENGTH} characters")
+    return key
+
+
+def _trace_to_pb(steps: Sequence[TraceStep]) -> list[notifications_pb2.TraceStep]:
+    return [
+        notifications_pb2.TraceStep(
+            rule=step.rule,
+            key=step.key,
+            provenance=provenance_to_pb(step.source) if step.source is not None else None,
+            outcome=step.outcome,
+        )
+        for step in steps
+    ]
+
+
+def _channel_to_pb(decision: ChannelDecision) -> notifications_pb2.ChannelDecision:
+    return notifications_pb2.ChannelDecision(
+        channel=CHANNELS_PB[decision.channel],
+        action=notifications_pb2.Action.Value(f"ACTION_{decision.action.value}"),
+        reason=notifications_pb2.Reason.Value(f"REASON_{decision.reason.value}"),
+        deliver_after=timestamp(decision.deliver_after),
+        digest_key=decision.digest_key,
+        trace=_trace_to_pb(decision.trace),
+    )
+
+
+def _throttle_to_pb(state: ThrottleState) -> notifications_pb2.ThrottleState:
+    return notifications_pb2.ThrottleState(
+        limit=state.limit, remaining=state.remaining, resets_at=timestamp(state.resets_at), store=state.store
+    )
+
+
+def decision_to_pb(decision: Decision) -> notifications_pb2.Decision:
+    """One recipient's answer."""
+    return notifications_pb2.Decision(
+        subject=subject_to_pb(decision.subject),
+        channels=[_channel_to_pb(c) for c in decision.channels],
+        throttle=_throttle_to_pb(decision.throttle),
+        trace=_trace_to_pb(decision.trace),
+        priority=PRIORITIES_PB[decision.priority],
+    )
+
+
+def legal_basis_from_pb(number: int, field: str = "legal_basis") -> LegalBasis:
+    """A known legal basis; INVALID_ARGUMENT otherwise."""
+    basis: LegalBasis | None = LEGAL_BASES.get(number)  # type: ignore[call-overload]
+    if basis is None:
+        raise invalid(field, "must be a GDPR Art. 6 legal basis")
+    return basis
+
+
+def consent_to_pb(entry: ConsentEntry, now: datetime | None = None) -> notifications_pb2.Consent:
+    """A ledger entry; with `now`, its status as of now (a passed expiry reads EXPIRED)."""
+    status = entry.status_at(now) if now is not None else entry.status
+    return notifications_pb2.Consent(
+        user_id=entry.user_id,
+        purpose=entry.purpose,
+        legal_basis=LEGAL_BASES_PB[entry.legal_basis],
+        status=CONSENT_STATUSES_PB[status],
+        source=entry.source,
+        notice_version=entry.notice_version,
+        proof_reference=entry.proof_reference,
+        granted_at=timestamp(entry.granted_at),
+        expires_at=timestamp(entry.expires_at),
+        withdrawn_at=timestamp(entry.withdrawn_at),
+        actor=entry.actor,
+        entry_id=entry.entry_id,
+        recorded_at=timestamp(entry.recorded_at),
+    )
