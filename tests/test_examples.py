@@ -68,12 +68,17 @@ async def test_the_generation_worker_reads_model_settings_and_records_usage(app:
     assert await db.fetchval("SELECT count(*) FROM ai_usage WHERE user_id = $1", uid) == 3
 
 
-async def test_the_notification_worker_routes_by_the_users_switches(app: App, stub) -> None:
+async def test_the_notification_worker_acts_on_prefd_decisions(app: App, stub) -> None:
     uid = unique("reader")
     switches = {"notifications.email.enabled": False, "notifications.push.enabled": True}
     await stub.SetPreferences(set_request(user(uid), switches), metadata=ADMIN)
-    process = await _start(app, "notification_worker.py", "--user", uid, "--events", "2")
-    ready, *routed = await _events(process, 3)
+    process = await _start(app, "notification_worker.py", "--user", uid, "--events", "3")
+    ready, loss, generation, outage = await _events(process, 4)
     assert await process.wait() == 0
     assert ready["event"] == "ready"
-    assert all(r["event"] == "routed" and "push" in r["channels"] and "email" not in r["channels"] for r in routed)
+    assert all(e["event"] == "decided" for e in (loss, generation, outage))
+    # LARGE_LOSS's shipped rule names EMAIL, SMS and PUSH: push is on, email and SMS off; the rest not named.
+    assert loss["send"] == ["push"]
+    assert {"email:CHANNEL_DISABLED", "sms:CHANNEL_DISABLED", "in_app:EVENT_DISABLED"} <= set(loss["suppressed"])
+    assert "push" in generation["send"] and "in_app" in generation["send"]
+    assert "push" in outage["send"] and "email:CHANNEL_DISABLED" in outage["suppressed"]

@@ -35,3 +35,20 @@ async def test_bad_token_and_unreachable_target_fail_fast(app: App) -> None:
         with pytest.raises(PrefdError) as err:
             await client.get_effective("alice")
         assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_the_client_has_a_stub_for_every_prefd_service() -> None:
+    """Every generated RPC method of prefd.client reaches a stub (a new service needs its entry)."""
+    import importlib
+    import pkgutil
+
+    import prefd.v1
+    from prefd.client.channel import _STUBS
+
+    services = {
+        service.full_name
+        for info in pkgutil.iter_modules(prefd.v1.__path__, "prefd.v1.")
+        if info.name.endswith("_pb2")
+        for service in importlib.import_module(info.name).DESCRIPTOR.services_by_name.values()
+    }
+    assert services == set(_STUBS)

@@ -1,9 +1,11 @@
-"""A notification worker that routes each event by the user's channel switches, read from memory.
+"""A notification worker that asks prefd whether, where and when to send each event, and acts on the answer.
 
     PREFD_TOKEN=... python clients/python/examples/notification_worker.py --user alice --events 3
 
-Uses the blocking PrefdClient (as a threaded worker would): the view stays live on the client's
-thread while the worker loop reads it without I/O.
+Uses the blocking PrefdClient (as a threaded worker would). Each event goes through Decide with
+`consume` set, so throttles are charged once per event (the idempotency key makes a retried event
+charge nothing more); the worker sends on SEND_NOW channels, queues DEFER and DIGEST ones for
+`deliver_after`, and logs why the others were suppressed.
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import argparse
 import json
 import os
 
-from prefd.client import PrefdClient, PreferencesView
+from google.protobuf import json_format
+
+from prefd.client import PrefdClient
 from prefd.client.channel import TLSConfig
+from prefd.v1 import common_pb2, notifications_pb2
 
-CHANNELS = ("email", "push", "in_app", "sms", "webhook")
-
-
-def route(view: PreferencesView, category: str) -> list[str]:
-    """The channels an event of `category` goes to under the user's current switches."""
-    if not view.get_bool(f"notifications.categories.{category}", True):
-        return []
-    return [channel for channel in CHANNELS if view.get_bool(f"notifications.{channel}.enabled")]
+N = notifications_pb2
+# What the worker emits per (event type, category, priority, data).
+EVENTS = (
+    ("LARGE_LOSS", "trading", N.PRIORITY_HIGH, {"loss_amount": 2500, "symbol": "AAPL"}),
+    ("generation_complete", "generation_complete", N.PRIORITY_LOW, {"job": "report-42"}),
+    ("SYSTEM_DOWN", "system_alerts", N.PRIORITY_CRITICAL, {"component": "ingest"}),
+)
 
 
 def emit(event: str, **fields: object) -> None:
@@ -36,14 +40,37 @@ def tls_of(args: argparse.Namespace) -> TLSConfig | None:
     return TLSConfig.from_files(args.ca_file, args.cert_file, args.key_file, args.server_name)
 
 
+def handle(client: PrefdClient, args: argparse.Namespace, n: int) -> None:
+    """Decide one event for the user and act on every channel's answer."""
+    event_type, category, priority, data = EVENTS[n % len(EVENTS)]
+    request = N.DecideRequest(
+        subject=common_pb2.Subject(user_id=args.user, org_id=args.org),
+        event=N.Event(event_type=event_type, category=category, priority=priority),
+        consume=True,
+        idempotency_key=f"{args.user}:{event_type}:{n}",
+    )
+    request.event.data.update(data)
+    decision = client.decide(request).decision
+    plan: dict[str, list[str]] = {"send": [], "later": [], "suppressed": []}
+    for answer in decision.channels:
+        channel = N.Channel.Name(answer.channel).removeprefix("CHANNEL_").lower()
+        action = N.Action.Name(answer.action).removeprefix("ACTION_")
+        reason = N.Reason.Name(answer.reason).removeprefix("REASON_")
+        if action == "SEND_NOW":
+            plan["send"].append(channel)
+        elif action in ("DEFER", "DIGEST"):
+            when = json_format.MessageToJson(answer.deliver_after).strip('"')
+            plan["later"].append(f"{channel}@{when}")
+        else:
+            plan["suppressed"].append(f"{channel}:{reason}")
+    emit("decided", event_type=event_type, category=category, **plan)
+
+
 def main(args: argparse.Namespace) -> None:
     with PrefdClient(args.target, token=args.token, tls=tls_of(args)) as client:
-        view = client.preferences(args.user, args.org, key_prefixes=["notifications."])
-        view.on_change(lambda changes: emit("switches_changed", keys=[c.key for c in changes]))
-        emit("ready", user=args.user, frequency=view.get_str("notifications.frequency"))
+        emit("ready", user=args.user)
         for n in range(args.events):
-            category = ("generation_complete", "errors", "system_alerts")[n % 3]
-            emit("routed", category=category, channels=route(view, category))
+            handle(client, args, n)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from prefd.v1 import (
     audit_pb2_grpc,
     common_pb2,
     health_pb2_grpc,
+    notifications_pb2_grpc,
     preferences_pb2,
     preferences_pb2_grpc,
 )
@@ -75,6 +76,7 @@ _STUBS: dict[str, Callable[[grpc.aio.Channel], Any]] = {
     "prefd.v1.AIConfigService": ai_config_pb2_grpc.AIConfigServiceStub,
     "prefd.v1.AuditService": audit_pb2_grpc.AuditServiceStub,
     "prefd.v1.HealthService": health_pb2_grpc.HealthServiceStub,
+    "prefd.v1.NotificationService": notifications_pb2_grpc.NotificationServiceStub,
 }
 
 
