@@ -351,3 +351,17 @@ def finish(evaluation: Evaluation, throttle_allowed: bool, state: ThrottleState)
         for decision in evaluation.channels
     )
     return Decision(evaluation.subject, evaluation.priority, channels, state, (*evaluation.trace, step))
+
+
+def for_subject(evaluation: Evaluation, subject: Subject) -> Evaluation:
+    """The same evaluation for another subject whose settings and consents have the same sources: only the
+    subject and the digest keys (which name the user) change."""
+    if subject == evaluation.subject:
+        return evaluation
+    channels = tuple(
+        replace(c, digest_key=digest_key(subject.user_id, evaluation.event.category, c.deliver_after))
+        if c.action is Action.DIGEST and c.deliver_after is not None
+        else c
+        for c in evaluation.channels
+    )
+    return replace(evaluation, subject=subject, channels=channels)

@@ -17,7 +17,7 @@ from prefd_server.kernel.parts import EffectiveValues, Kernel
 from prefd_server.notifications import convert
 from prefd_server.notifications.consents import ConsentLedger, UserConsents
 from prefd_server.notifications.model import Decision, Event, ThrottleState
-from prefd_server.notifications.rules import Evaluation, evaluate, finish
+from prefd_server.notifications.rules import Evaluation, evaluate, finish, for_subject
 from prefd_server.notifications.throttle import Throttles
 from prefd_server.rpc.convert import cursor_to_pb, subject_from_pb
 from prefd_server.rpc.principal import Principal, current_call, current_principal
@@ -93,10 +93,17 @@ class NotificationService(notifications_pb2_grpc.NotificationServiceServicer):
         now = datetime.now(UTC)
         resolved = await self._settings.resolve(subjects, SETTING_PREFIXES, ())
         consents = await self._ledger.current_many([s.user_id for s in subjects])
-        evaluations = [
-            evaluate(subject, event, _by_key(values), consents.get(subject.user_id, {}), now)
-            for subject, values in zip(subjects, resolved, strict=True)
-        ]
+        # Recipients whose settings and consents come from the same stored values (an org's users
+        # without overrides of their own) share one evaluation; only the subject and digest keys differ.
+        shared: dict[tuple[Any, ...], Evaluation] = {}
+        evaluations = []
+        for subject, values in zip(subjects, resolved, strict=True):
+            mine = consents.get(subject.user_id, {})
+            basis = _basis(values, mine)
+            evaluation = shared.get(basis)
+            if evaluation is None:
+                evaluation = shared[basis] = evaluate(subject, event, _by_key(values), mine, now)
+            evaluations.append(for_subject(evaluation, subject))
         return list(
             await asyncio.gather(*(self._throttled(e, consume, k) for e, k in zip(evaluations, keys, strict=True)))
         )
@@ -168,6 +175,12 @@ def _require_reader(principal: Principal, user_id: str) -> None:
     if principal.reads_any or principal.subject == user_id:
         return
     raise PermissionDenied(f"{principal.subject} may not read the consents of {user_id}", action="read")
+
+
+def _basis(values: Sequence[ResolvedValue], consents: UserConsents) -> tuple[Any, ...]:
+    """What an evaluation depends on besides the event: each setting's source, and each consent entry."""
+    settings = tuple((v.key, v.layer, v.scope, v.version) for v in values)
+    return settings, tuple(sorted((purpose, entry.entry_id) for purpose, entry in consents.items()))
 
 
 def _by_key(values: Sequence[ResolvedValue]) -> dict[str, ResolvedValue]:

@@ -249,6 +249,20 @@ async def test_decide_batch_answers_each_recipient_in_order(stub, notify) -> Non
     outcomes = [actions(d)["EMAIL"] for d in reply.decisions]
     assert outcomes[7] == ("SUPPRESS", "CHANNEL_DISABLED")
     assert Counter(outcomes) == {("SEND_NOW", "ALLOWED"): 49, ("SUPPRESS", "CHANNEL_DISABLED"): 1}
+    # Recipients sharing an evaluation still get digest keys of their own.
+    await stub.SetPreferences(
+        set_request(org(org_id), {"notifications.category_frequency": {"generation_complete": "daily"}}), metadata=ADMIN
+    )
+    digested = await notify.DecideBatch(
+        N.DecideBatchRequest(
+            subjects=[common_pb2.Subject(user_id=u, org_id=org_id) for u in users[:3]],
+            event=event("generation_complete", "generation_complete", channels=[N.CHANNEL_IN_APP]),
+        ),
+        metadata=SERVICE,
+    )
+    keys = [d.channels[0].digest_key for d in digested.decisions]
+    assert [actions(d)["IN_APP"] for d in digested.decisions] == [("DIGEST", "DIGEST")] * 3
+    assert len(set(keys)) == 3 and all(keys)
 
 
 async def test_two_processes_sharing_redis_send_exactly_the_limit(app: App, database_url: str) -> None:
