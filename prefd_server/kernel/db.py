@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from types import TracebackType
 from typing import Any
@@ -17,6 +18,7 @@ import asyncpg
 
 from prefd_server.kernel.deadline import CallDeadlineExceeded, DatabaseBreaker, visit_deadline
 from prefd_server.kernel.errors import ConcurrentModification, DatabaseError, DatabaseUnavailable, PrefdError
+from prefd_server.kernel.model import Scope
 
 log = logging.getLogger(__name__)
 
@@ -285,3 +287,15 @@ async def installation_identity(pool: asyncpg.Pool) -> tuple[str, str]:
     async with translated_errors(), pool.acquire() as conn:
         row = await conn.fetchrow("SELECT id, pseudonym_key FROM installation")
     return row["id"], row["pseudonym_key"]
+
+
+async def lock_scope(conn: asyncpg.Connection, scope: Scope) -> datetime:
+    """Serialise writers of one scope (preferences, consents, erasure) until the transaction ends.
+
+    Returns the transaction's timestamp (`now()`), which every row it writes is stamped with, so a
+    write can answer the times later reads return without another round trip.
+    """
+    written_at: datetime = await conn.fetchval(
+        "SELECT now() FROM pg_advisory_xact_lock(hashtextextended($1, 0))", f"prefd:{scope.kind}:{scope.id}"
+    )
+    return written_at

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from prefd_server.kernel import feed_store as feed_sql
-from prefd_server.kernel.db import translated_errors
+from prefd_server.kernel.db import lock_scope, translated_errors
 from prefd_server.kernel.model import CallInfo, ChangeKind, JsonValue, Scope, ScopeKind
 from prefd_server.notifications.model import ConsentEntry, ConsentStatus, LegalBasis
 
@@ -67,10 +67,7 @@ def _entry(row: Any) -> ConsentEntry:
 async def lock_user(conn: asyncpg.Connection, user_id: str) -> datetime:
     """Serialise writers of the user's scope (the lock every USER-scope writer and erasure takes);
     returns the transaction's time."""
-    written_at: datetime = await conn.fetchval(
-        "SELECT now() FROM pg_advisory_xact_lock(hashtextextended($1, 0))", f"prefd:{ScopeKind.USER}:{user_id}"
-    )
-    return written_at
+    return await lock_scope(conn, Scope(ScopeKind.USER, user_id))
 
 
 async def _latest(conn: asyncpg.Connection, user_id: str, purpose: str) -> tuple[ConsentEntry | None, int]:

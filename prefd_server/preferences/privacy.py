@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from prefd_server.kernel.db import lock_scope
 from prefd_server.kernel.model import Scope, ScopeKind, Subject
 from prefd_server.kernel.privacy import ErasedRows, ExportPart
 from prefd_server.preferences import definitions_store as definition_sql
@@ -39,7 +40,7 @@ class PreferencePrivacy:
         )
 
     async def erase(self, conn: asyncpg.Connection, user_id: str, pseudonym: str) -> ErasedRows:
-        await preference_sql.lock_scope(conn, Scope(ScopeKind.USER, user_id))
+        await lock_scope(conn, Scope(ScopeKind.USER, user_id))
         overrides = await privacy_store.delete_user_values(conn, user_id)
         return ErasedRows({"overrides": overrides}, await privacy_store.pseudonymise_writer(conn, user_id, pseudonym))
 

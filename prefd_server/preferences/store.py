@@ -27,18 +27,6 @@ def _stored(row: Any) -> StoredValue:
     )
 
 
-async def lock_scope(conn: asyncpg.Connection, scope: Scope) -> datetime:
-    """Serialise writers of one scope until the transaction ends.
-
-    Returns the transaction's timestamp (`now()`), which every row it writes is stamped with, so a
-    write can answer the times later reads return without another round trip.
-    """
-    written_at: datetime = await conn.fetchval(
-        "SELECT now() FROM pg_advisory_xact_lock(hashtextextended($1, 0))", f"prefd:{scope.kind}:{scope.id}"
-    )
-    return written_at
-
-
 async def current_versions(
     conn: asyncpg.Connection, scope: Scope, keys: Sequence[str] | None = None
 ) -> dict[str, tuple[JsonValue | None, int]]:

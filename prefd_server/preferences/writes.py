@@ -10,7 +10,7 @@ import asyncpg
 
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.commits import LocalCommits
-from prefd_server.kernel.db import translated_errors
+from prefd_server.kernel.db import lock_scope, translated_errors
 from prefd_server.kernel.errors import (
     DefinitionExists,
     DefinitionInUse,
@@ -112,7 +112,7 @@ class PreferenceWriter:
         # Advisory locks assign no xid, so the transaction's xid is assigned only once it holds
         # the scope: per-key versions then grow in the change feed's (xid, id) order.
         await definition_sql.lock_keys_shared(conn, [w.key for w in command.writes])
-        written_at = await preference_sql.lock_scope(conn, scope)
+        written_at = await lock_scope(conn, scope)
         staged = await self._staged(conn, scope, command.writes, command.org_id, command.field)
         effective = await self._effective_after(conn, staged, [staged], call.actor, written_at)
         self._check_rules(staged, effective)
@@ -226,7 +226,7 @@ class PreferenceWriter:
                     await definition_sql.lock_keys_shared(conn, locked)
                     for scope in ordered:
                         # The same transaction time from each: the time every row written here carries.
-                        written_at = await preference_sql.lock_scope(conn, scope)
+                        written_at = await lock_scope(conn, scope)
                     planned = await plan(conn, ordered)  # again, now that nothing can move
                     extra = sorted({w.key for writes in planned.values() for w in writes} - set(locked))
                     await definition_sql.lock_keys_shared(conn, extra)
@@ -332,7 +332,7 @@ class PreferenceWriter:
                     f"{len(scopes)} override(s) of {key} exist; remove them or delete with force", key=key
                 )
             for scope in scopes:
-                await preference_sql.lock_scope(conn, scope)
+                await lock_scope(conn, scope)
                 value, version = (await preference_sql.current_versions(conn, scope, [key]))[key]
                 change = KeyChange(key, value, None, version, version + 1)
                 await preference_sql.apply_changes(conn, scope, [change], call, reason)

@@ -21,7 +21,7 @@ import grpc
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.app import App
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.db import init_connection
+from prefd_server.kernel.db import init_connection, lock_scope
 from prefd_server.kernel.model import CallInfo, KeyChange, Scope, ScopeKind
 from prefd_server.kernel.parts import CACHE_FIGURES
 from prefd_server.kernel.tokens import TokenKey
@@ -440,7 +440,7 @@ async def test_feed_waits_behind_a_write_transaction_held_open(fresh_database: A
             # A writer that went through the server's own path and then stalls before committing.
             held = slow.transaction()
             await held.start()
-            await preference_sql.lock_scope(slow, held_scope)
+            await lock_scope(slow, held_scope)
             held_xid = await preference_sql.apply_changes(
                 slow, held_scope, [KeyChange("display.theme", None, "dark", 0, 1)], CallInfo(actor="slow"), "held"
             )
