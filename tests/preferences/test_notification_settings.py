@@ -136,7 +136,6 @@ async def test_well_formed_notification_settings_are_stored(stub) -> None:
         "notifications.category_frequency": {"generation_complete": "daily"},
         "notifications.consent_purposes": {"marketing": "marketing_email"},
         "notifications.quiet_hours.days": ["FRI", "SAT"],
-        "ui.defaultFilters.tier": ["template", "edge_case"],
     }
     await stub.SetPreferences(set_request(user(uid), values), metadata=ADMIN)
     got = await _effective(stub, common_pb2.Subject(user_id=uid))

@@ -319,7 +319,7 @@ async def test_mtls_requires_a_client_certificate_its_ca_signed(database_url: st
         assert (trading, generation, notification) == (
             ["ready", "order_check"],
             ["ready", "job_done"],
-            ["ready", "routed"],
+            ["ready", "decided"],
         )
 
 
