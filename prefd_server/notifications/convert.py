@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -115,26 +116,32 @@ def idempotency_key_from_pb(key: str, field: str = "idempotency_key") -> str:
     return key
 
 
-def _trace_to_pb(steps: Sequence[TraceStep]) -> list[notifications_pb2.TraceStep]:
-    return [
-        notifications_pb2.TraceStep(
-            rule=step.rule,
-            key=step.key,
-            provenance=provenance_to_pb(step.source) if step.source is not None else None,
-            outcome=step.outcome,
+# One answer's provenance messages by source (the same setting decides several channels' steps).
+_Provenances = dict[int, Any]
+
+
+def _trace_to_pb(steps: Sequence[TraceStep], provenances: _Provenances) -> list[notifications_pb2.TraceStep]:
+    found = []
+    for step in steps:
+        provenance = None
+        if step.source is not None:
+            provenance = provenances.get(id(step.source))
+            if provenance is None:
+                provenance = provenances[id(step.source)] = provenance_to_pb(step.source)
+        found.append(
+            notifications_pb2.TraceStep(rule=step.rule, key=step.key, provenance=provenance, outcome=step.outcome)
         )
-        for step in steps
-    ]
+    return found
 
 
-def _channel_to_pb(decision: ChannelDecision) -> notifications_pb2.ChannelDecision:
+def _channel_to_pb(decision: ChannelDecision, provenances: _Provenances) -> notifications_pb2.ChannelDecision:
     return notifications_pb2.ChannelDecision(
         channel=CHANNELS_PB[decision.channel],
         action=notifications_pb2.Action.Value(f"ACTION_{decision.action.value}"),
         reason=notifications_pb2.Reason.Value(f"REASON_{decision.reason.value}"),
         deliver_after=timestamp(decision.deliver_after),
         digest_key=decision.digest_key,
-        trace=_trace_to_pb(decision.trace),
+        trace=_trace_to_pb(decision.trace, provenances),
     )
 
 
@@ -146,11 +153,12 @@ def _throttle_to_pb(state: ThrottleState) -> notifications_pb2.ThrottleState:
 
 def decision_to_pb(decision: Decision) -> notifications_pb2.Decision:
     """One recipient's answer."""
+    provenances: _Provenances = {}  # the sources live as long as `decision`, so their ids stay theirs
     return notifications_pb2.Decision(
         subject=subject_to_pb(decision.subject),
-        channels=[_channel_to_pb(c) for c in decision.channels],
+        channels=[_channel_to_pb(c, provenances) for c in decision.channels],
         throttle=_throttle_to_pb(decision.throttle),
-        trace=_trace_to_pb(decision.trace),
+        trace=_trace_to_pb(decision.trace, provenances),
         priority=PRIORITIES_PB[decision.priority],
     )
 

@@ -26,6 +26,10 @@ from prefd_server.preferences.resolve import key_selected, resolve
 Overrides = dict[str, StoredValue]
 
 
+# Filters whose definition selection is remembered; more clears the memo (requests choose the filters).
+MAX_SELECTIONS = 256
+
+
 @dataclass(frozen=True, slots=True)
 class DefinitionSet:
     """Every definition, ordered by key and by key."""
@@ -59,6 +63,8 @@ class EffectiveCache:
         self._definitions = self._layers.snapshot_value(_read_definitions)
         self.redis = redis
         self.stats = self._layers.stats
+        # (key prefixes, categories) -> the definition set it was worked out for, and the selection.
+        self._selections: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[DefinitionSet, list[Definition]]] = {}
 
     # --- invalidation ------------------------------------------------------------------
 
@@ -101,6 +107,22 @@ class EffectiveCache:
             current = await self._definitions.get()
         return current.ordered
 
+    async def selected(self, key_prefixes: Sequence[str], categories: Sequence[str]) -> list[Definition]:
+        """The definitions the filters select, remembered per filter for the current definition set
+        (at most MAX_SELECTIONS filters: the filters are the caller's, so the memory is bounded)."""
+        current = self._definitions.value
+        if current is None:
+            current = await self._definitions.get()
+        memo = (tuple(key_prefixes), tuple(categories))
+        known = self._selections.get(memo)
+        if known is not None and known[0] is current:
+            return known[1]
+        chosen = [d for d in current.ordered if key_selected(d, key_prefixes, categories)]
+        if len(self._selections) >= MAX_SELECTIONS:
+            self._selections.clear()
+        self._selections[memo] = (current, chosen)
+        return chosen
+
     async def definition(self, key: str) -> Definition | None:
         """One definition from the cached set."""
         current = self._definitions.value
@@ -116,7 +138,7 @@ class EffectiveCache:
         self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
     ) -> list[list[ResolvedValue]]:
         """Each subject's effective values from cached definitions and layers."""
-        definitions = [d for d in await self.definitions() if key_selected(d, key_prefixes, categories)]
+        definitions = await self.selected(key_prefixes, categories)
         layers = await self._layers.layers(preference_sql.subject_scopes(subjects))
         return [
             resolve(definitions, [(layer, scope, layers[scope].value) for layer, scope in subject.layers()])
@@ -127,7 +149,7 @@ class EffectiveCache:
         self, subject: Subject, key_prefixes: Sequence[str], categories: Sequence[str]
     ) -> tuple[list[ResolvedValue], dict[Scope, int]]:
         """One subject's effective values, and the horizon (xmin) of each layer they came from."""
-        definitions = [d for d in await self.definitions() if key_selected(d, key_prefixes, categories)]
+        definitions = await self.selected(key_prefixes, categories)
         layers = await self._layers.layers([scope for _, scope in subject.layers()])
         values = resolve(definitions, [(layer, scope, layers[scope].value) for layer, scope in subject.layers()])
         return values, {scope: layer.xmin for scope, layer in layers.items()}
