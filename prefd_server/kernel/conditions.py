@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeGuard
 
 MAX_CONDITION_PATHS = 64
@@ -95,6 +95,16 @@ def lookup(data: object, path: str) -> Any:
             return _ABSENT
         node = node[segment]
     return node
+
+
+def values_at(data: object, paths: Iterable[str]) -> list[list[Any]]:
+    """The values at `paths` ([value] when present, [] when absent): data with equal values at a
+    condition's paths meets it alike, with the same words."""
+    found = []
+    for path in paths:
+        value = lookup(data, path)
+        found.append([] if value is _ABSENT else [value])
+    return found
 
 
 def _same(a: object, b: object) -> bool:

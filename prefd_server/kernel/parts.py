@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -62,6 +62,14 @@ class EffectiveValues(Protocol):
         self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
     ) -> list[list[ResolvedValue]]:
         """Per subject, in order: the effective value of every defined key selected by the filters."""
+        ...
+
+    async def resolve_shared(
+        self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
+    ) -> list[tuple[Hashable, list[ResolvedValue]]]:
+        """As resolve, each subject's values with a basis: subjects of one call with equal bases have
+        equal values from the same stored rows (one list, resolved once), e.g. an org's users who
+        override none of the selected keys."""
         ...
 
 

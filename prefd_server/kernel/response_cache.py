@@ -4,8 +4,11 @@ bytes (the oldest go first), so no caller can make the server keep more than the
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
+from typing import Generic, TypeVar
 
 from prefd_server.kernel.model import Scope, ScopeKind
+
+V = TypeVar("V")  # a response: its body, or something it is finished from
 
 DEFAULT_BUDGET_BYTES = 64 * 1024 * 1024
 # A dict slot, the key tuple and the per-scope index entries of one response, roughly.
@@ -13,32 +16,33 @@ _ENTRY_OVERHEAD_BYTES = 512
 
 
 def _key_bytes(key: Hashable) -> int:
-    """A rough size of a response key (tuples of strings and flags)."""
-    if isinstance(key, str):
+    """A rough size of a response key (tuples of strings, bytes and flags)."""
+    if isinstance(key, str | bytes):
         return len(key)
     if isinstance(key, tuple):
         return sum(_key_bytes(part) for part in key) + 8 * len(key)
     return 8
 
 
-class ResponseCache:
+class ResponseCache(Generic[V]):
     """Response bodies by key; GLOBAL-built bodies are dropped by clear(), the rest by their scopes."""
 
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         self._budget = budget_bytes
-        self._bodies: dict[Hashable, tuple[bytes, tuple[Scope, ...], int]] = {}
+        self._bodies: dict[Hashable, tuple[V, tuple[Scope, ...], int]] = {}
         self._by_scope: dict[Scope, set[Hashable]] = {}
         self.bytes = 0
 
-    def get(self, key: Hashable) -> bytes | None:
+    def get(self, key: Hashable) -> V | None:
         entry = self._bodies.get(key)
         return None if entry is None else entry[0]
 
-    def put(self, key: Hashable, body: bytes, scopes: Iterable[Scope]) -> None:
-        """Keep `body` for `key`, built from `scopes`; evicts the oldest bodies beyond the budget."""
+    def put(self, key: Hashable, body: V, scopes: Iterable[Scope], size: int | None = None) -> None:
+        """Keep `body` for `key`, built from `scopes`; evicts the oldest bodies beyond the budget. `size`
+        is the body's size in bytes (by default its length: bodies are bytes)."""
         self._discard(key)
         indexed = tuple(s for s in scopes if s.kind is not ScopeKind.GLOBAL)
-        cost = len(body) + _key_bytes(key) + _ENTRY_OVERHEAD_BYTES
+        cost = (len(body) if size is None else size) + _key_bytes(key) + _ENTRY_OVERHEAD_BYTES  # type: ignore[arg-type]
         if cost > self._budget:
             return
         self._bodies[key] = (body, indexed, cost)

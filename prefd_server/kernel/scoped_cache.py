@@ -144,7 +144,7 @@ class ScopedCache(Generic[T]):
         self._prune_floor_at = _PRUNE_AT_LEAST
         self._tick = 0
         self._global_tick = 0
-        self._responses = ResponseCache()
+        self._responses: ResponseCache[bytes] = ResponseCache()
         self._background: set[asyncio.Task[None]] = set()
 
     def snapshot_value(self, read: Callable[[asyncpg.Connection], Awaitable[V]]) -> SnapshotValue[V]:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import json_format
 
-from prefd.v1 import notifications_pb2
+from prefd.v1 import common_pb2, notifications_pb2
 from prefd_server.kernel.errors import ValidationFailed, invalid
-from prefd_server.kernel.model import FieldViolation
+from prefd_server.kernel.model import FieldViolation, Subject
 from prefd_server.notifications.model import (
     ALL_CHANNELS,
     MAX_NAME_LENGTH,
+    Action,
     Channel,
     ChannelDecision,
     ConsentEntry,
@@ -25,6 +27,8 @@ from prefd_server.notifications.model import (
     ThrottleState,
     TraceStep,
 )
+from prefd_server.notifications.rules import Evaluation, throttle_step
+from prefd_server.notifications.schedule import digest_key
 from prefd_server.rpc.convert import provenance_to_pb, subject_to_pb, timestamp
 
 # How far from now an event's `at` may be.
@@ -109,6 +113,12 @@ def event_from_pb(message: notifications_pb2.Event, now: datetime, field: str = 
     )
 
 
+def check_event_at(at: datetime, now: datetime, field: str = "event.at") -> None:
+    """INVALID_ARGUMENT unless `at` is within a year of `now` (checked again at each call of a remembered request)."""
+    if abs(at - now) > MAX_EVENT_OFFSET:
+        raise invalid(field, "must be within a year of now")
+
+
 def idempotency_key_from_pb(key: str, field: str = "idempotency_key") -> str:
     """The key, at most 128 characters ("" for none)."""
     if len(key) > MAX_NAME_LENGTH:
@@ -152,7 +162,7 @@ def _throttle_to_pb(state: ThrottleState) -> notifications_pb2.ThrottleState:
 
 
 def decision_to_pb(decision: Decision) -> notifications_pb2.Decision:
-    """One recipient's answer."""
+    """One recipient's answer, message by message (WireDecision builds the same answer in pieces)."""
     provenances: _Provenances = {}  # the sources live as long as `decision`, so their ids stay theirs
     return notifications_pb2.Decision(
         subject=subject_to_pb(decision.subject),
@@ -161,6 +171,97 @@ def decision_to_pb(decision: Decision) -> notifications_pb2.Decision:
         trace=_trace_to_pb(decision.trace, provenances),
         priority=PRIORITIES_PB[decision.priority],
     )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited field (a message or string) on the wire."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+# ChannelDecision's action and reason (fields 2 and 3, varints) as a throttle refusal: appended to a
+# channel's bytes they replace its SEND_NOW (the last value of a scalar field wins when parsed).
+_THROTTLED = b"".join(
+    _varint(v) for v in (2 << 3, notifications_pb2.ACTION_SUPPRESS, 3 << 3, notifications_pb2.REASON_THROTTLED)
+)
+
+
+class WireDecision:
+    """One evaluation's answer on the wire, in pieces: a subject and a throttle verdict finish it with a few
+    concatenations (protobuf merges a message's fields however they are split), so an answer shared by many
+    recipients, or by many calls, is converted once. Equal, once parsed, to decision_to_pb(finish(...))."""
+
+    __slots__ = ("_category", "_channels", "_evaluation", "_source", "_tail", "cost")
+
+    def __init__(self, evaluation: Evaluation) -> None:
+        self._evaluation = evaluation
+        self._category = evaluation.event.category
+        provenances: _Provenances = {}
+        # Per channel: its bytes without a digest key, whether the throttle step joins it, its digest slot.
+        self._channels = [
+            (
+                _channel_to_pb(replace(c, digest_key=""), provenances).SerializeToString(),
+                c.action is Action.SEND_NOW,
+                c.deliver_after if c.action is Action.DIGEST else None,
+            )
+            for c in evaluation.channels
+        ]
+        self._tail = notifications_pb2.Decision(
+            trace=_trace_to_pb(evaluation.trace, provenances), priority=PRIORITIES_PB[evaluation.priority]
+        ).SerializeToString()
+        source = evaluation.rules_source
+        self._source = _field(3, provenance_to_pb(source).SerializeToString()) if source is not None else b""
+        self.cost = len(self._tail) + sum(len(c[0]) for c in self._channels) + len(self._source)
+
+    @property
+    def evaluation(self) -> Evaluation:
+        return self._evaluation
+
+    def decision(self, subject: Subject, throttle_allowed: bool = True, state: ThrottleState | None = None) -> bytes:
+        """The serialized Decision for `subject` (one the evaluation was made for, or shares its basis) with
+        the throttle's verdict and state (ignored when the evaluation has no throttle)."""
+        state = state or ThrottleState()
+        step = throttle_step(self._evaluation, throttle_allowed, state)
+        parts = [_field(1, _subject_bytes(subject))]
+        step_bytes = b""
+        if step is not None:
+            head = notifications_pb2.TraceStep(rule=step.rule, key=step.key, outcome=step.outcome)
+            step_bytes = head.SerializeToString() + self._source
+        # A channel that would send now ends its trace with the throttle step (and is refused with it).
+        sends_now_suffix = (b"" if throttle_allowed else _THROTTLED) + _field(6, step_bytes) if step else b""
+        for body, sends_now, slot in self._channels:
+            if slot is not None:
+                body += _field(5, digest_key(subject.user_id, self._category, slot).encode())
+            if sends_now:
+                body += sends_now_suffix
+            parts.append(_field(2, body))
+        parts.append(_field(3, _throttle_to_pb(state).SerializeToString()))
+        parts.append(self._tail)
+        if step is not None:
+            parts.append(_field(4, step_bytes))  # and so does the decision's own trace
+        return b"".join(parts)
+
+
+def _subject_bytes(subject: Subject) -> bytes:
+    return common_pb2.Subject(user_id=subject.user_id, org_id=subject.org_id).SerializeToString()
+
+
+def decide_response(decision: bytes) -> bytes:
+    """A DecideResponse body without its cursor (the caller appends the cursor field)."""
+    return _field(1, decision)
+
+
+def decide_batch_response(decisions: Sequence[bytes]) -> bytes:
+    """A DecideBatchResponse body without its cursor."""
+    return b"".join(_field(1, d) for d in decisions)
 
 
 def legal_basis_from_pb(number: int, field: str = "legal_basis") -> LegalBasis:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 from prefd_server.kernel.model import Subject
 from prefd_server.kernel.parts import EFFECTIVE_VALUES, Domain, Kernel
 from prefd_server.kernel.value_checks import VALUE_CHECKS
 from prefd_server.notifications.consents import ConsentLedger
+from prefd_server.notifications.decision_memo import DecisionMemo
 from prefd_server.notifications.event_rules import event_rules_problems
 from prefd_server.notifications.privacy import ConsentPrivacy
 from prefd_server.notifications.rules import CONSENT_PURPOSES_KEY, EVENT_RULES_KEY
@@ -34,10 +36,12 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
     ledger = ConsentLedger(kernel.pool, kernel.commits, known_purposes)
     kernel.feed.add_listener(ledger.on_changes)
     throttles = Throttles(kernel.pool, kernel.redis)
+    memo: DecisionMemo[Any] = DecisionMemo(kernel.commits)
+    kernel.feed.add_listener(memo.on_changes)
     kernel.privacy.register(ConsentPrivacy())
     kernel.privacy.register(ThrottlePrivacy(throttles))
 
     async def stop(_grace_s: float) -> None:
         await throttles.close()
 
-    return Domain("notifications", [NotificationService(kernel, effective, ledger, throttles)], stop)
+    return Domain("notifications", [NotificationService(kernel, effective, ledger, throttles, memo)], stop)

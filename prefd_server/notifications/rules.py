@@ -23,9 +23,17 @@ from prefd_server.notifications.model import (
     ThrottleState,
     TraceStep,
 )
-from prefd_server.notifications.schedule import WEEKDAYS, digest_key, next_slot, parse_clock, quiet_until, zone
+from prefd_server.notifications.schedule import (
+    WEEKDAYS,
+    digest_key,
+    next_slot,
+    next_window_start,
+    parse_clock,
+    quiet_until,
+    zone,
+)
 
-__all__ = ["Evaluation", "evaluate", "event_rules_problems", "finish"]
+__all__ = ["Evaluation", "evaluate", "event_rules_problems", "finish", "throttle_step"]
 
 EVENT_RULES_KEY = "notifications.event_rules"
 TIMEZONE_KEY = "locale.timezone"
@@ -89,6 +97,12 @@ class Evaluation:
     throttle: ThrottleRule | None
     trace: tuple[TraceStep, ...]
     rules_source: ResolvedValue | None = None  # where the event rules (and so the throttle) came from
+    # The first instant after the event's time at which the same settings could decide otherwise (a quiet
+    # window opening or closing, a digest slot passing), and the first consent expiry after `now`: an
+    # evaluation for `at` = now answers every later moment before both; for a given `at`, before the second.
+    schedule_changes_at: datetime | None = None
+    consent_changes_at: datetime | None = None
+    condition_paths: tuple[str, ...] = ()  # the paths into the event's data its rule's conditions read
 
     @property
     def needs_throttle(self) -> bool:
@@ -196,27 +210,30 @@ _GATES: tuple[_Check, ...] = (
 )
 
 
-def _quiet(settings: _Settings, event: Event, tz: tzinfo, tz_name: str) -> tuple[_Quiet, _Quiet]:
-    """When quiet hours end at the event's time (None: not quiet) with the steps read: for most channels, IN_APP."""
+def _quiet(settings: _Settings, event: Event, tz: tzinfo, tz_name: str) -> tuple[_Quiet, _Quiet, datetime | None]:
+    """When quiet hours end at the event's time (None: not quiet) with the steps read: for most channels, IN_APP;
+    and when that changes (the window's end, or the next window's start)."""
     enabled_key, in_app_key = QUIET + "enabled", QUIET + "defer_in_app"
     if not settings.flag(enabled_key, False):
         off = (None, (settings.step("quiet_hours", "quiet hours are off", enabled_key),))
-        return off, off
+        return off, off, None
     on = settings.step("quiet_hours", "quiet hours are on", enabled_key)
     start_text, end_text = settings.text(QUIET + "start", "22:00"), settings.text(QUIET + "end", "07:00")
     start, end = parse_clock(start_text), parse_clock(end_text)
+    changes_at = None
     if start is None or end is None:
         until, outcome = None, f"malformed window {start_text}-{end_text}: ignored"
     else:
         days = settings.get(QUIET + "days", list(WEEKDAYS), list)
         listed = [day for day in days if isinstance(day, str)] if isinstance(days, list) else []
         until = quiet_until(event.at, start, end, listed, tz)
+        changes_at = until or next_window_start(event.at, start, end, listed, tz)
         window = f"{start_text}-{end_text} {','.join(listed) or 'no day'} ({tz_name})"
         outcome = f"{window}: quiet until {until.isoformat()}" if until else f"{window}: not in the window"
     quiet = (until, (on, settings.step("quiet_hours", outcome, QUIET + "start")))
     if settings.flag(in_app_key, False):
-        return quiet, quiet
-    return quiet, (None, (on, settings.step("quiet_hours", "IN_APP is not deferred", in_app_key)))
+        return quiet, quiet, changes_at
+    return quiet, (None, (on, settings.step("quiet_hours", "IN_APP is not deferred", in_app_key))), changes_at
 
 
 def _digest(settings: _Settings, subject: Subject, event: Event, tz: tzinfo, tz_name: str) -> _Digest:
@@ -300,7 +317,8 @@ def evaluate(
     bypassed = throttle is not None and priority is Priority.CRITICAL and read.flag(CRITICAL_BYPASS_KEY, True)
     if bypassed:
         trace.append(read.step("throttle", "CRITICAL bypasses the throttle", CRITICAL_BYPASS_KEY))
-    quiet, quiet_in_app = _quiet(read, event, tz, tz_name)
+    quiet, quiet_in_app, quiet_changes_at = _quiet(read, event, tz, tz_name)
+    digest = _digest(read, subject, event, tz, tz_name)
     ctx = _Context(
         settings=read,
         subject=subject,
@@ -312,13 +330,35 @@ def evaluate(
         consents=consents,
         quiet=quiet,
         quiet_in_app=quiet_in_app,
-        digest=_digest(read, subject, event, tz, tz_name),
+        digest=digest,
         throttle_bypassed=bypassed,
     )
     shared: _Gated = {gate: gate(ctx, Channel.EMAIL) for gate in _CHANNEL_FREE}
     channels = tuple(_decide_channel(ctx, shared, channel) for channel in event.channels)
     throttle = None if bypassed else throttle
-    return Evaluation(subject, event, priority, channels, throttle, tuple(trace), settings.get(EVENT_RULES_KEY))
+    return Evaluation(
+        subject,
+        event,
+        priority,
+        channels,
+        throttle,
+        tuple(trace),
+        settings.get(EVENT_RULES_KEY),
+        _earliest(quiet_changes_at, digest[0]),
+        _earliest(*(_expiry_after(entry, ctx.consent_at) for entry in consents.values())),
+        tuple(str(p) for p in rule.conditions) if rule is not None and isinstance(rule.conditions, Mapping) else (),
+    )
+
+
+def _expiry_after(entry: ConsentEntry, at: datetime) -> datetime | None:
+    """When a grant in force at `at` expires (None: not granted then, or no expiry)."""
+    if entry.status is ConsentStatus.GRANTED and entry.expires_at is not None and entry.expires_at > at:
+        return entry.expires_at
+    return None
+
+
+def _earliest(*instants: datetime | None) -> datetime | None:
+    return min((i for i in instants if i is not None), default=None)
 
 
 def finish(evaluation: Evaluation, throttle_allowed: bool, state: ThrottleState) -> Decision:
@@ -327,18 +367,9 @@ def finish(evaluation: Evaluation, throttle_allowed: bool, state: ThrottleState)
     Call with the throttle's verdict when `evaluation.needs_throttle` (else any value: it is not consulted);
     `state` is reported as the decision's throttle state either way.
     """
-    rule = evaluation.throttle
-    if rule is None:
+    step = throttle_step(evaluation, throttle_allowed, state)
+    if step is None:
         return Decision(evaluation.subject, evaluation.priority, evaluation.channels, state, evaluation.trace)
-    resets = f", resets at {state.resets_at.isoformat()}" if state.resets_at else ""
-    window = f"{rule.limit} per {rule.window_s // 60} min"
-    if not evaluation.needs_throttle:
-        outcome = f"{window}: nothing sent now, not charged"
-    elif throttle_allowed:
-        outcome = f"{window}: allowed, {state.remaining} left{resets} ({state.store or 'no store'})"
-    else:
-        outcome = f"{window}: exceeded{resets} ({state.store or 'no store'})"
-    step = TraceStep(rule="throttle", outcome=outcome, key=EVENT_RULES_KEY, source=evaluation.rules_source)
     channels = tuple(
         replace(
             decision,
@@ -353,15 +384,18 @@ def finish(evaluation: Evaluation, throttle_allowed: bool, state: ThrottleState)
     return Decision(evaluation.subject, evaluation.priority, channels, state, (*evaluation.trace, step))
 
 
-def for_subject(evaluation: Evaluation, subject: Subject) -> Evaluation:
-    """The same evaluation for another subject whose settings and consents have the same sources: only the
-    subject and the digest keys (which name the user) change."""
-    if subject == evaluation.subject:
-        return evaluation
-    channels = tuple(
-        replace(c, digest_key=digest_key(subject.user_id, evaluation.event.category, c.deliver_after))
-        if c.action is Action.DIGEST and c.deliver_after is not None
-        else c
-        for c in evaluation.channels
-    )
-    return replace(evaluation, subject=subject, channels=channels)
+def throttle_step(evaluation: Evaluation, throttle_allowed: bool, state: ThrottleState) -> TraceStep | None:
+    """The throttle's trace step, the last of the decision and of each channel that would send now (None:
+    no throttle applies). Arguments as for finish."""
+    rule = evaluation.throttle
+    if rule is None:
+        return None
+    resets = f", resets at {state.resets_at.isoformat()}" if state.resets_at else ""
+    window = f"{rule.limit} per {rule.window_s // 60} min"
+    if not evaluation.needs_throttle:
+        outcome = f"{window}: nothing sent now, not charged"
+    elif throttle_allowed:
+        outcome = f"{window}: allowed, {state.remaining} left{resets} ({state.store or 'no store'})"
+    else:
+        outcome = f"{window}: exceeded{resets} ({state.store or 'no store'})"
+    return TraceStep(rule="throttle", outcome=outcome, key=EVENT_RULES_KEY, source=evaluation.rules_source)

@@ -95,6 +95,22 @@ def quiet_until(at: datetime, start: time, end: time, days: Collection[str], tz:
     return None if until == at else until
 
 
+def next_window_start(at: datetime, start: time, end: time, days: Collection[str], tz: tzinfo) -> datetime | None:
+    """When the next quiet window opens strictly after `at` (None: never, for an empty window or no listed day)."""
+    if start == end:
+        return None
+    at = _aware(at)
+    listed = {day.upper() for day in days}
+    today = at.astimezone(tz).date()
+    for ahead in range(9):
+        day = today + timedelta(days=ahead)
+        if WEEKDAYS[day.weekday()] in listed:
+            opens = local_instant(day, start, tz)
+            if opens > at:
+                return opens
+    return None
+
+
 def _next_top_of_hour(at: datetime, tz: tzinfo) -> datetime:
     # Local hours need not start on UTC hours (UTC+05:30, +05:45); a DST change may shift the offset.
     seconds = int(at.timestamp() // 1)

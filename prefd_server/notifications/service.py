@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -11,21 +12,40 @@ import grpc
 
 from prefd.v1 import notifications_pb2, notifications_pb2_grpc
 from prefd_server.kernel.errors import PermissionDenied, invalid
-from prefd_server.kernel.model import ResolvedValue, Subject
+from prefd_server.kernel.ids import id_problem
+from prefd_server.kernel.model import Subject
 from prefd_server.kernel.paging import paginate, parse_int64
 from prefd_server.kernel.parts import EffectiveValues, Kernel
 from prefd_server.notifications import convert
 from prefd_server.notifications.consents import ConsentLedger, UserConsents
-from prefd_server.notifications.model import Decision, Event, ThrottleState
-from prefd_server.notifications.rules import Evaluation, evaluate, finish, for_subject
+from prefd_server.notifications.decision_memo import DecisionMemo, valid_until_s
+from prefd_server.notifications.model import Event
+from prefd_server.notifications.rules import evaluate
 from prefd_server.notifications.throttle import Throttles
-from prefd_server.rpc.convert import cursor_to_pb, subject_from_pb
+from prefd_server.rpc.convert import CursorField, subject_from_pb
+from prefd_server.rpc.limits import parse_request
 from prefd_server.rpc.principal import Principal, current_call, current_principal
+from prefd_server.rpc.request_memo import RequestMemo
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 # The settings a decision reads: every notification setting and the user's timezone.
 SETTING_PREFIXES = ("notifications.", "locale.timezone")
+
+# A validated Decide request: the subject as asked (org may be ""), the event (`at` as asked, else a
+# placeholder replaced by now at each call), whether `at` was given, consume, the idempotency key.
+_Question = tuple[Subject, Event, bool, bool, str]
+# A prepared answer: the evaluation on the wire, and the whole response body (without cursor) when no
+# throttle applies (else it is finished per call with the throttle's verdict).
+_Prepared = tuple[convert.WireDecision, bytes | None]
+
+
+def _with_org(subject: Subject, org_id: str) -> Subject:
+    """`subject` in the caller's org (from its token, so checked like a requested one)."""
+    problem = id_problem(org_id)
+    if problem:
+        raise invalid("subject.org_id", problem)
+    return Subject(subject.user_id, org_id)
 
 
 def _require_own_or_admin(principal: Principal, user_id: str, source: str) -> None:
@@ -43,34 +63,88 @@ class NotificationService(notifications_pb2_grpc.NotificationServiceServicer):
     SERVICE_NAME: str = notifications_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
     add_to_server = staticmethod(notifications_pb2_grpc.add_NotificationServiceServicer_to_server)
 
-    def __init__(self, kernel: Kernel, settings: EffectiveValues, ledger: ConsentLedger, throttles: Throttles) -> None:
+    # Decide parses its own request bytes, remembering parses of requests seen before.
+    RAW_REQUEST_METHODS = frozenset({"Decide"})
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        settings: EffectiveValues,
+        ledger: ConsentLedger,
+        throttles: Throttles,
+        memo: DecisionMemo[_Prepared],
+    ) -> None:
         self._settings = settings
         self._ledger = ledger
         self._throttles = throttles
+        self._memo = memo
         self._feed = kernel.feed
         self._tokens = kernel.tokens
+        self._questions: RequestMemo[_Question] = RequestMemo()
+        self._cursor_field = CursorField(notifications_pb2.DecideResponse, kernel.tokens)
+        self._batch_cursor_field = CursorField(notifications_pb2.DecideBatchResponse, kernel.tokens)
 
     # --- decisions -----------------------------------------------------------------------
 
-    async def Decide(
-        self, request: notifications_pb2.DecideRequest, context: Context
-    ) -> notifications_pb2.DecideResponse:
+    async def Decide(self, raw: bytes, context: Context) -> bytes:  # type: ignore[override]  # raw bytes in and out
+        """Served from request bytes (RAW_REQUEST_METHODS): a question asked before is answered from the
+        memo while nothing it read has changed, with at most the throttle's one round trip."""
         principal = current_principal()
-        subject = subject_from_pb(
-            request.subject, "subject", principal.org if principal.subject == request.subject.user_id else ""
-        )
-        principal.require_read(subject)
-        event = convert.event_from_pb(request.event, datetime.now(UTC))
-        key = convert.idempotency_key_from_pb(request.idempotency_key)
-        cursor = self._feed.position
-        (decision,) = await self._decide([subject], event, request.consume, [key])
-        return notifications_pb2.DecideResponse(
-            decision=convert.decision_to_pb(decision), cursor=cursor_to_pb(cursor, self._tokens)
-        )
+        question = self._questions.get(raw)
+        if question is None:
+            question = self._parse_decide(raw)
+        requested, event, at_given, consume, key = question
+        org_id = requested.org_id or (principal.org if principal.subject == requested.user_id else "")
+        if not principal.may_read(requested.user_id, org_id):
+            principal.require_read(Subject(requested.user_id, org_id))
+        now = datetime.now(UTC)
+        if at_given:
+            convert.check_event_at(event.at, now)
+        else:
+            event = replace(event, at=now)
+        subject = requested if org_id == requested.org_id else _with_org(requested, org_id)
+        memo_key = self._memo.key(subject, event, at_given)
+        prepared = self._memo.get(memo_key, now.timestamp()) if memo_key is not None else None
+        position = self._feed.position
+        if prepared is None:
+            prepared = await self._prepare(subject, event, at_given, now)
+        wire, body = prepared
+        if body is None:
+            decision = await self._throttled(wire, subject, event.at, consume, key)
+            body = convert.decide_response(decision)
+        return body + self._cursor_field(position)
 
-    async def DecideBatch(
+    def _parse_decide(self, raw: bytes) -> _Question:
+        request = parse_request(raw, notifications_pb2.DecideRequest.FromString, "Decide")
+        subject = subject_from_pb(request.subject, "subject")
+        event = convert.event_from_pb(request.event, datetime.now(UTC))
+        question = (
+            subject,
+            event,
+            request.event.HasField("at"),
+            request.consume,
+            convert.idempotency_key_from_pb(request.idempotency_key),
+        )
+        self._questions.remember(raw, question, 2 * len(raw))
+        return question
+
+    async def _prepare(self, subject: Subject, event: Event, at_given: bool, now: datetime) -> _Prepared:
+        """A decision made afresh (settings and consents from memory), remembered unless it depends on more
+        than the memo can see."""
+        tick = self._memo.tick
+        (wire,) = await self._wire([subject], event, now)
+        evaluation = wire.evaluation
+        body = None if evaluation.throttle is not None else convert.decide_response(wire.decision(subject))
+        schedule = evaluation.schedule_changes_at if not at_given else None
+        until_s = valid_until_s(*(i.timestamp() for i in (schedule, evaluation.consent_changes_at) if i is not None))
+        prepared = (wire, body)
+        size = wire.cost + (len(body) if body is not None else 0)
+        self._memo.put(subject, event, at_given, evaluation.condition_paths, (prepared, size, until_s), tick)
+        return prepared
+
+    async def DecideBatch(  # type: ignore[override]  # a prebuilt body out
         self, request: notifications_pb2.DecideBatchRequest, context: Context
-    ) -> notifications_pb2.DecideBatchResponse:
+    ) -> bytes:
         principal = current_principal()
         if not request.subjects:
             raise invalid("subjects", "name at least one recipient")
@@ -79,45 +153,47 @@ class NotificationService(notifications_pb2_grpc.NotificationServiceServicer):
             principal.require_read(subject)
         event = convert.event_from_pb(request.event, datetime.now(UTC))
         key = convert.idempotency_key_from_pb(request.idempotency_key)
-        keys = [f"{key}:{s.user_id}" if key else "" for s in subjects]
-        cursor = self._feed.position
-        decisions = await self._decide(subjects, event, request.consume, keys)
-        return notifications_pb2.DecideBatchResponse(
-            decisions=[convert.decision_to_pb(d) for d in decisions], cursor=cursor_to_pb(cursor, self._tokens)
+        position = self._feed.position
+        wires = await self._wire(subjects, event, datetime.now(UTC))
+        decisions = await asyncio.gather(
+            *(
+                self._throttled(wire, subject, event.at, request.consume, f"{key}:{subject.user_id}" if key else "")
+                for wire, subject in zip(wires, subjects, strict=True)
+            )
         )
+        return convert.decide_batch_response(decisions) + self._batch_cursor_field(position)
 
-    async def _decide(
-        self, subjects: Sequence[Subject], event: Event, consume: bool, keys: Sequence[str]
-    ) -> list[Decision]:
-        """Settings and consents for every subject from memory, the rules, then each throttle once."""
-        now = datetime.now(UTC)
-        resolved = await self._settings.resolve(subjects, SETTING_PREFIXES, ())
+    async def _wire(self, subjects: Sequence[Subject], event: Event, now: datetime) -> list[convert.WireDecision]:
+        """Each subject's evaluation, on the wire but for the subject and throttle: settings and consents
+        from memory; recipients whose settings and consents come from the same stored values (an org's
+        users without overrides of their own) share one evaluation."""
+        resolved = await self._settings.resolve_shared(subjects, SETTING_PREFIXES, ())
         consents = await self._ledger.current_many([s.user_id for s in subjects])
-        # Recipients whose settings and consents come from the same stored values (an org's users
-        # without overrides of their own) share one evaluation; only the subject and digest keys differ.
-        shared: dict[tuple[Any, ...], Evaluation] = {}
-        evaluations = []
-        for subject, values in zip(subjects, resolved, strict=True):
+        shared: dict[Hashable, convert.WireDecision] = {}
+        wires = []
+        for subject, (basis, values) in zip(subjects, resolved, strict=True):
             mine = consents.get(subject.user_id, {})
-            basis = _basis(values, mine)
-            evaluation = shared.get(basis)
-            if evaluation is None:
-                evaluation = shared[basis] = evaluate(subject, event, _by_key(values), mine, now)
-            evaluations.append(for_subject(evaluation, subject))
-        return list(
-            await asyncio.gather(*(self._throttled(e, consume, k) for e, k in zip(evaluations, keys, strict=True)))
-        )
+            group = (basis, tuple(sorted((purpose, entry.entry_id) for purpose, entry in mine.items())))
+            wire = shared.get(group)
+            if wire is None:
+                evaluation = evaluate(subject, event, {v.key: v for v in values}, mine, now)
+                wire = shared[group] = convert.WireDecision(evaluation)
+            wires.append(wire)
+        return wires
 
-    async def _throttled(self, evaluation: Evaluation, consume: bool, key: str) -> Decision:
+    async def _throttled(
+        self, wire: convert.WireDecision, subject: Subject, at: datetime, consume: bool, key: str
+    ) -> bytes:
+        """The subject's serialized decision, with the throttle charged (consume) or read when one applies."""
+        evaluation = wire.evaluation
         rule = evaluation.throttle
         if rule is None:
-            return finish(evaluation, True, ThrottleState())
-        user_id, event = evaluation.subject.user_id, evaluation.event
+            return wire.decision(subject)
         if consume and evaluation.needs_throttle:
-            allowed, state = await self._throttles.charge(user_id, event.event_type, rule, event.at, key)
-            return finish(evaluation, allowed, state)
-        state = await self._throttles.peek(user_id, event.event_type, rule, event.at)
-        return finish(evaluation, state.remaining > 0, state)
+            allowed, state = await self._throttles.charge(subject.user_id, evaluation.event.event_type, rule, at, key)
+            return wire.decision(subject, allowed, state)
+        state = await self._throttles.peek(subject.user_id, evaluation.event.event_type, rule, at)
+        return wire.decision(subject, state.remaining > 0, state)
 
     # --- consents ------------------------------------------------------------------------
 
@@ -175,13 +251,3 @@ def _require_reader(principal: Principal, user_id: str) -> None:
     if principal.reads_any or principal.subject == user_id:
         return
     raise PermissionDenied(f"{principal.subject} may not read the consents of {user_id}", action="read")
-
-
-def _basis(values: Sequence[ResolvedValue], consents: UserConsents) -> tuple[Any, ...]:
-    """What an evaluation depends on besides the event: each setting's source, and each consent entry."""
-    settings = tuple((v.key, v.layer, v.scope, v.version) for v in values)
-    return settings, tuple(sorted((purpose, entry.entry_id) for purpose, entry in consents.items()))
-
-
-def _by_key(values: Sequence[ResolvedValue]) -> dict[str, ResolvedValue]:
-    return {value.key: value for value in values}

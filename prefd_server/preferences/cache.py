@@ -65,6 +65,7 @@ class EffectiveCache:
         self.stats = self._layers.stats
         # (key prefixes, categories) -> the definition set it was worked out for, and the selection.
         self._selections: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[DefinitionSet, list[Definition]]] = {}
+        self._selected_key_memo: tuple[list[Definition], frozenset[str]] | None = None
 
     # --- invalidation ------------------------------------------------------------------
 
@@ -144,6 +145,40 @@ class EffectiveCache:
             resolve(definitions, [(layer, scope, layers[scope].value) for layer, scope in subject.layers()])
             for subject in subjects
         ]
+
+    async def resolve_shared(
+        self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
+    ) -> list[tuple[Hashable, list[ResolvedValue]]]:
+        """Each subject's values with its basis: the scopes whose layers set a selected key. Subjects with
+        the same basis share one resolution (an org's users without overrides of their own resolve once)."""
+        definitions = await self.selected(key_prefixes, categories)
+        keys = self._selected_keys(definitions)
+        layers = await self._layers.layers(preference_sql.subject_scopes(subjects))
+        touches: dict[Scope, bool] = {}
+        shared: dict[Hashable, list[ResolvedValue]] = {}
+        found: list[tuple[Hashable, list[ResolvedValue]]] = []
+        for subject in subjects:
+            chain = [(layer, scope, layers[scope].value) for layer, scope in subject.layers()]
+            basis = []
+            for _, scope, overrides in chain:
+                touched = touches.get(scope)
+                if touched is None:
+                    touched = touches[scope] = not keys.isdisjoint(overrides)
+                if touched:
+                    basis.append(scope)
+            key = tuple(basis)
+            values = shared.get(key)
+            if values is None:
+                values = shared[key] = resolve(definitions, chain)
+            found.append((key, values))
+        return found
+
+    def _selected_keys(self, definitions: list[Definition]) -> frozenset[str]:
+        """The keys of a selection (remembered for the last selection asked for)."""
+        memo = self._selected_key_memo
+        if memo is None or memo[0] is not definitions:
+            memo = self._selected_key_memo = (definitions, frozenset(d.key for d in definitions))
+        return memo[1]
 
     async def resolve_subject(
         self, subject: Subject, key_prefixes: Sequence[str], categories: Sequence[str]
