@@ -4,10 +4,12 @@ skipped for a while instead of failing requests."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -23,33 +25,57 @@ if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1], 'EX', AR
 return 1
 """
 
-# Charge a windowed counter, once per idempotency key. KEYS[1]: the window's counter; KEYS[2] (only
-# with a key): the outcome recorded for the key. ARGV: limit, counter TTL (s), outcome TTL (s).
-# A recorded outcome is returned unchanged; otherwise the counter is raised while below the limit
-# and the outcome ("allowed:count:limit") is recorded.
+# Charge windowed counters, each once per idempotency key, in order (one script: one round trip for
+# a batch of charges, each seeing the ones before it). ARGV[1]: how long an outcome is kept (s); then
+# per charge: "1" when it has an idempotency key (else "0"), its limit and its counter's TTL (s).
+# KEYS per charge: the window's counter, then (only with a key) the outcome recorded for the key.
+# A recorded outcome is returned unchanged; otherwise the counter is raised while below the limit and
+# the outcome ("allowed:count:limit") is recorded. Returns allowed, count, limit per charge, flat.
 _CHARGE_SCRIPT = """
-if KEYS[2] then
-  local seen = redis.call('GET', KEYS[2])
+local out = {}
+local k = 1
+for a = 2, #ARGV, 3 do
+  local counter = KEYS[k]
+  k = k + 1
+  local seen_key = nil
+  if ARGV[a] == '1' then
+    seen_key = KEYS[k]
+    k = k + 1
+  end
+  local limit = tonumber(ARGV[a + 1])
+  local seen = seen_key and redis.call('GET', seen_key)
   if seen then
-    local allowed, count, limit = string.match(seen, '^(%d+):(%d+):(%d+)$')
-    return {tonumber(allowed), tonumber(count), tonumber(limit)}
+    local allowed, count, charged = string.match(seen, '^(%d+):(%d+):(%d+)$')
+    out[#out + 1] = tonumber(allowed)
+    out[#out + 1] = tonumber(count)
+    out[#out + 1] = tonumber(charged)
+  else
+    local count = tonumber(redis.call('GET', counter) or '0')
+    local allowed = 0
+    if count < limit then
+      count = redis.call('INCR', counter)
+      if count == 1 then redis.call('EXPIRE', counter, ARGV[a + 2]) end
+      allowed = 1
+    end
+    if seen_key then redis.call('SET', seen_key, allowed .. ':' .. count .. ':' .. limit, 'EX', ARGV[1]) end
+    out[#out + 1] = allowed
+    out[#out + 1] = count
+    out[#out + 1] = limit
   end
 end
-local limit = tonumber(ARGV[1])
-local count = tonumber(redis.call('GET', KEYS[1]) or '0')
-local allowed = 0
-if count < limit then
-  count = redis.call('INCR', KEYS[1])
-  if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-  allowed = 1
-end
-if KEYS[2] then redis.call('SET', KEYS[2], allowed .. ':' .. count .. ':' .. limit, 'EX', ARGV[3]) end
-return {allowed, count, limit}
+return out
 """
 # How long a charge's outcome answers retries with the same idempotency key.
 CHARGE_MEMORY_S = 24 * 3600
 # A window's counter outlives the window's end by this much (clock skew between hosts).
 WINDOW_GRACE_S = 60
+
+
+# Charges queued while a round trip is being prepared go in one script call, at most this many.
+MAX_CHARGES_PER_ROUND_TRIP = 512
+
+# A charge waiting for its round trip: its keys, (limit, counter TTL), and its caller's answer.
+_QueuedCharge = tuple[list[str], tuple[int, int], "asyncio.Future[ChargeOutcome | None]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +100,9 @@ class RedisLayers:
         self._down_until = 0.0
         self.errors = 0
         self.last_error = ""
+        self._charges: list[_QueuedCharge] = []
+        self._charge_script = self._client.register_script(_CHARGE_SCRIPT)
+        self._tasks: set[asyncio.Future[None]] = set()
 
     @property
     def available(self) -> bool:
@@ -201,14 +230,39 @@ class RedisLayers:
         keys = [self._window_key(counter, window_start)]
         if idempotency_key:
             keys.append(f"{self._counter_prefix}{counter}#{idempotency_key}")
+        answer: asyncio.Future[ChargeOutcome | None] = asyncio.get_running_loop().create_future()
+        self._charges.append((keys, (limit, counter_ttl_s), answer))
+        if len(self._charges) == 1:
+            self._spawn(self._send_charges())
+        return await answer
+
+    async def _send_charges(self) -> None:
+        """Send the charges queued so far in one script call (each call's charge joins the next batch: one
+        round trip for all, each charge atomic, in queue order) and answer every caller."""
+        batch, self._charges = self._charges[:MAX_CHARGES_PER_ROUND_TRIP], self._charges[MAX_CHARGES_PER_ROUND_TRIP:]
+        if self._charges:
+            self._spawn(self._send_charges())
+        keys: list[str] = []
+        args: list[int | str] = [CHARGE_MEMORY_S]
+        for charge_keys, (limit, counter_ttl_s), _ in batch:
+            keys += charge_keys
+            args += ["1" if len(charge_keys) > 1 else "0", limit, counter_ttl_s]
         try:
-            raw = await self._client.eval(_CHARGE_SCRIPT, len(keys), *keys, limit, counter_ttl_s, CHARGE_MEMORY_S)
+            flat = await self._charge_script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            return None
+            _answer_charges(batch, None)
+            return
+        except BaseException:  # cancelled at shutdown: the callers fall back to PostgreSQL
+            _answer_charges(batch, None)
+            raise
         self._recovered()
-        allowed, count, charged_limit = (int(v) for v in raw)
-        return ChargeOutcome(bool(allowed), count, charged_limit)
+        _answer_charges(batch, [int(v) for v in flat])
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def peek(self, counter: str, window_start: int) -> int | None:
         """How often `counter` was charged in the window starting at `window_start` (None while Redis
@@ -224,4 +278,19 @@ class RedisLayers:
         return int(raw) if raw is not None else 0
 
     async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
+
+
+def _answer_charges(batch: Sequence[_QueuedCharge], flat: Sequence[int] | None) -> None:
+    """Each waiting caller's outcome from the script's flat reply; None for all when the call failed (the
+    charges may or may not have been counted then)."""
+    for n, (_, _, answer) in enumerate(batch):
+        if answer.done():  # its caller was cancelled
+            continue
+        if flat is None:
+            answer.set_result(None)
+        else:
+            allowed, count, limit = flat[3 * n : 3 * n + 3]
+            answer.set_result(ChargeOutcome(bool(allowed), count, limit))
