@@ -46,7 +46,7 @@ Output
 Run it (from the repository root):
 
     DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres REDIS_URL=redis://127.0.0.1:6379/0 \\
-        .venv/bin/python bench/decide.py --duration 5 --rounds 3 --batch-calls 45
+        .venv/bin/python bench/decide.py --duration 3 --rounds 3 --batch-calls 45
 """
 
 from __future__ import annotations
@@ -547,7 +547,12 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, validated."""
     parser = argparse.ArgumentParser(description="prefd Decide and DecideBatch against bare grpc.aio baselines.")
-    parser.add_argument("--duration", type=positive_float, default=5.0, help="h2load seconds per run (default 5)")
+    parser.add_argument(
+        "--duration",
+        type=positive_float,
+        default=3.0,
+        help="h2load seconds per run (default 3: a consuming run, warm-up included, must stay under 9,000 charges)",
+    )
     parser.add_argument("--warmup", type=float, default=1.0, help="h2load warm-up seconds per run (default 1)")
     parser.add_argument("--clients", type=positive_int, default=50, help="h2load clients (-c, default 50)")
     parser.add_argument("--streams", type=positive_int, default=10, help="h2load streams per client (-m, default 10)")

@@ -11,10 +11,12 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from prefd_server.kernel.model import Scope
+from prefd_server.kernel.redis_wire import RedisWire
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,10 @@ class RedisLayers:
         self.last_error = ""
         self._charges: list[_QueuedCharge] = []
         self._charge_script = self._client.register_script(_CHARGE_SCRIPT)
+        # Charges are on the decision path: they go over one pipelined connection (redis-py for TLS).
+        pool = self._client.connection_pool
+        plain = pool.connection_class in (aioredis.Connection, aioredis.UnixDomainSocketConnection)
+        self._wire = RedisWire(pool.connection_kwargs, timeout_s=0.5) if plain else None
         self._tasks: set[asyncio.Future[None]] = set()
 
     @property
@@ -248,7 +254,7 @@ class RedisLayers:
             keys += charge_keys
             args += ["1" if len(charge_keys) > 1 else "0", limit, counter_ttl_s]
         try:
-            flat = await self._charge_script(keys=keys, args=args)
+            flat = await self._run_charge_script(keys, args)
         except (RedisError, OSError) as exc:
             self._failed(exc)
             _answer_charges(batch, None)
@@ -258,6 +264,20 @@ class RedisLayers:
             raise
         self._recovered()
         _answer_charges(batch, [int(v) for v in flat])
+
+    async def _run_charge_script(self, keys: list[str], args: list[int | str]) -> list[Any]:
+        """The charge script's reply: over the pipelined connection when there is one (loading the script
+        into Redis the first time, or after a restart forgot it), else through redis-py."""
+        if self._wire is None:
+            return list(await self._charge_script(keys=keys, args=args))
+        sha = self._charge_script.sha
+        reply = await self._wire.call("EVALSHA", sha, len(keys), *keys, *args)
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            await self._wire.call("SCRIPT", "LOAD", _CHARGE_SCRIPT)
+            reply = await self._wire.call("EVALSHA", sha, len(keys), *keys, *args)
+        if isinstance(reply, hiredis.ReplyError):
+            raise RedisError(str(reply))
+        return list(reply)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -280,6 +300,8 @@ class RedisLayers:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._wire is not None:
+            self._wire.close()
         await self._client.aclose()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -199,7 +200,7 @@ class WireDecision:
     concatenations (protobuf merges a message's fields however they are split), so an answer shared by many
     recipients, or by many calls, is converted once. Equal, once parsed, to decision_to_pb(finish(...))."""
 
-    __slots__ = ("_category", "_channels", "_evaluation", "_source", "_tail", "cost")
+    __slots__ = ("_category", "_channels", "_evaluation", "_last_subject", "_source", "_tail", "cost")
 
     def __init__(self, evaluation: Evaluation) -> None:
         self._evaluation = evaluation
@@ -219,6 +220,7 @@ class WireDecision:
         ).SerializeToString()
         source = evaluation.rules_source
         self._source = _field(3, provenance_to_pb(source).SerializeToString()) if source is not None else b""
+        self._last_subject: tuple[Subject, bytes] | None = None  # a remembered answer is asked for one subject
         self.cost = len(self._tail) + sum(len(c[0]) for c in self._channels) + len(self._source)
 
     @property
@@ -228,9 +230,13 @@ class WireDecision:
     def decision(self, subject: Subject, throttle_allowed: bool = True, state: ThrottleState | None = None) -> bytes:
         """The serialized Decision for `subject` (one the evaluation was made for, or shares its basis) with
         the throttle's verdict and state (ignored when the evaluation has no throttle)."""
-        state = state or ThrottleState()
+        if state is None or self._evaluation.throttle is None:
+            state = ThrottleState()
         step = throttle_step(self._evaluation, throttle_allowed, state)
-        parts = [_field(1, _subject_bytes(subject))]
+        last = self._last_subject
+        if last is None or last[0] != subject:
+            last = self._last_subject = (subject, _field(1, _subject_bytes(subject)))
+        parts = [last[1]]
         step_bytes = b""
         if step is not None:
             head = notifications_pb2.TraceStep(rule=step.rule, key=step.key, outcome=step.outcome)
@@ -243,11 +249,23 @@ class WireDecision:
             if sends_now:
                 body += sends_now_suffix
             parts.append(_field(2, body))
-        parts.append(_field(3, _throttle_to_pb(state).SerializeToString()))
+        parts.append(_field(3, _throttle_state_bytes(state)))
         parts.append(self._tail)
         if step is not None:
             parts.append(_field(4, step_bytes))  # and so does the decision's own trace
         return b"".join(parts)
+
+
+def _throttle_state_bytes(state: ThrottleState) -> bytes:
+    """A ThrottleState message's bytes: the counts, then the reset time and store (the same for every
+    decision of a window, so converted once)."""
+    counts = notifications_pb2.ThrottleState(limit=state.limit, remaining=state.remaining).SerializeToString()
+    return counts + _window_bytes(state.resets_at, state.store)
+
+
+@functools.lru_cache(maxsize=1024)
+def _window_bytes(resets_at: datetime | None, store: str) -> bytes:
+    return notifications_pb2.ThrottleState(resets_at=timestamp(resets_at), store=store).SerializeToString()
 
 
 def _subject_bytes(subject: Subject) -> bytes:

@@ -23,11 +23,6 @@ ADMIN = auth("admin")
 SERVICE = auth("service", "notifier")
 
 
-@pytest.fixture
-def notify(channel: grpc.aio.Channel) -> notifications_pb2_grpc.NotificationServiceStub:
-    return notifications_pb2_grpc.NotificationServiceStub(channel)
-
-
 def event(event_type: str = "LARGE_LOSS", category: str = "trading", **kwargs: Any) -> notifications_pb2.Event:
     data = kwargs.pop("data", None)
     message = N.Event(event_type=event_type, category=category, **kwargs)
