@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Hashable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -97,21 +98,22 @@ class NotificationService(notifications_pb2_grpc.NotificationServiceServicer):
         org_id = requested.org_id or (principal.org if principal.subject == requested.user_id else "")
         if not principal.may_read(requested.user_id, org_id):
             principal.require_read(Subject(requested.user_id, org_id))
-        now = datetime.now(UTC)
+        now_s = time.time()
         if at_given:
-            convert.check_event_at(event.at, now)
-        else:
-            event = replace(event, at=now)
+            convert.check_event_at(event.at, datetime.fromtimestamp(now_s, UTC))
         subject = requested if org_id == requested.org_id else _with_org(requested, org_id)
-        memo_key = self._memo.key(subject, event, at_given)
-        prepared = self._memo.get(memo_key, now.timestamp()) if memo_key is not None else None
+        memo_key = self._memo.key(subject, event, at_given)  # without `at`, the event's time is not read
+        prepared = self._memo.get(memo_key, now_s) if memo_key is not None else None
         position = self._feed.position
+        if prepared is not None and prepared[1] is not None:
+            return prepared[1] + self._cursor_field(position)
+        now = datetime.fromtimestamp(now_s, UTC)
+        at = event.at if at_given else now
         if prepared is None:
-            prepared = await self._prepare(subject, event, at_given, now)
+            prepared = await self._prepare(subject, replace(event, at=at), at_given, now)
         wire, body = prepared
         if body is None:
-            decision = await self._throttled(wire, subject, event.at, consume, key)
-            body = convert.decide_response(decision)
+            body = convert.decide_response(await self._throttled(wire, subject, at, consume, key))
         return body + self._cursor_field(position)
 
     def _parse_decide(self, raw: bytes) -> _Question:
