@@ -10,7 +10,7 @@ import asyncpg
 
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.feed import FeedReader
-from prefd_server.kernel.model import ResolvedValue, Subject
+from prefd_server.kernel.model import JsonValue, ResolvedValue, Subject
 from prefd_server.kernel.privacy import PrivacyRegistry
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.tokens import TokenKey
@@ -74,6 +74,32 @@ class EffectiveValues(Protocol):
 
 
 EFFECTIVE_VALUES: Slot[EffectiveValues] = Slot("effective values")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFacts:
+    """What another domain may know of a defined preference key: its category, whether its values are
+    sensitive (never shown or kept outside preferences), and its default."""
+
+    key: str
+    category: str
+    sensitive: bool
+    default: JsonValue
+
+
+class KeyCatalog(Protocol):
+    """The defined preference keys, from the definitions the preferences domain caches."""
+
+    async def key_facts(self, key: str) -> KeyFacts | None:
+        """The key's facts; None if no definition has this key."""
+        ...
+
+    async def category_keys(self, category: str) -> list[KeyFacts]:
+        """The facts of every key of `category`, ordered by key (empty for an unknown category)."""
+        ...
+
+
+KEY_CATALOG: Slot[KeyCatalog] = Slot("key catalog")
 
 
 @dataclass(frozen=True, slots=True)

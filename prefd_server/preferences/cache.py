@@ -16,6 +16,7 @@ import asyncpg
 
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, ResolvedValue, Scope, Subject
+from prefd_server.kernel.parts import KeyFacts
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.scoped_cache import Layer, LayerCodec, ScopedCache
 from prefd_server.preferences import definitions_store as definition_sql
@@ -52,6 +53,10 @@ def _overrides_from_json(scope: Scope, doc: dict[str, list[Any]]) -> Overrides:
         key: StoredValue(scope, key, value, version, datetime.fromisoformat(at), by)
         for key, (value, version, at, by) in doc.items()
     }
+
+
+def _facts(definition: Definition) -> KeyFacts:
+    return KeyFacts(definition.key, definition.category, definition.sensitive, definition.default)
 
 
 class EffectiveCache:
@@ -130,6 +135,15 @@ class EffectiveCache:
         if current is None:
             current = await self._definitions.get()
         return current.by_key.get(key)
+
+    async def key_facts(self, key: str) -> KeyFacts | None:
+        """A key's category, sensitivity and default (the kernel's KeyCatalog)."""
+        definition = await self.definition(key)
+        return None if definition is None else _facts(definition)
+
+    async def category_keys(self, category: str) -> list[KeyFacts]:
+        """The facts of every key of a category, ordered by key (the kernel's KeyCatalog)."""
+        return [_facts(d) for d in await self.selected((), (category,))]
 
     async def layers(self, scopes: Sequence[Scope]) -> dict[Scope, Layer[Overrides]]:
         """The override layer of each scope: L1, else L2, else PostgreSQL (one snapshot for all)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from prefd_server.kernel.model import CallInfo, ChangeKind
-from prefd_server.kernel.parts import CACHE_FIGURES, EFFECTIVE_VALUES, Domain, Kernel
+from prefd_server.kernel.parts import CACHE_FIGURES, EFFECTIVE_VALUES, KEY_CATALOG, Domain, Kernel
 from prefd_server.kernel.restore import RESTORER
 from prefd_server.kernel.value_checks import VALUE_CHECKS, ValueChecks
 from prefd_server.preferences.cache import EffectiveCache
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 async def register(kernel: Kernel, settings: Settings) -> Domain:
     """Install the shipped definitions, hook the cache to the feed and to local commits, and provide
-    the scope restorer (audit's rollback), the cache figures (the metrics endpoint) and the value checks
-    every write runs (domains registered later add theirs)."""
+    the scope restorer (audit's rollback), the cache figures (the metrics endpoint), the key catalog
+    (statistics) and the value checks every write runs (domains registered later add theirs)."""
     catalog = load_catalog(settings.definitions_file)
     added = await install_definitions(kernel.pool, catalog.definitions, CallInfo(actor="prefd:catalog"))
     if added:
@@ -42,6 +42,7 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
     kernel.provisions.provide(RESTORER, PreferenceRestorer(writer))
     kernel.provisions.provide(CACHE_FIGURES, cache.stats)
     kernel.provisions.provide(EFFECTIVE_VALUES, cache)
+    kernel.provisions.provide(KEY_CATALOG, cache)
     service = PreferencesService(
         kernel, PreferenceReader(kernel.pool), writer, cache, settings.watch_progress_interval_s
     )
