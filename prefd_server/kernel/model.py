@@ -98,8 +98,20 @@ class CallInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutAssignment:
+    """Which variant of a rollout a subject got: its name, the bucket, out of how many, the salt and the
+    id it was bucketed by ("user_id" or "org_id")."""
+
+    variant: str
+    bucket: int
+    total_weight: int
+    salt: str
+    bucket_by: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResolvedValue:
-    """One effective value with its provenance."""
+    """One effective value with its provenance (and the rollout variant, when a rollout supplied it)."""
 
     key: str
     value: JsonValue
@@ -108,6 +120,7 @@ class ResolvedValue:
     version: int
     updated_at: datetime | None
     updated_by: str
+    rollout: RolloutAssignment | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,12 +164,14 @@ class EffectiveCache:
         self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
     ) -> list[tuple[Hashable, list[ResolvedValue]]]:
         """Each subject's values with its basis: the scopes whose layers set a selected key. Subjects with
-        the same basis share one resolution (an org's users without overrides of their own resolve once)."""
+        the same basis share one resolution (an org's users without overrides of their own resolve once),
+        unless a rollout is among the values (then the basis names the subject too)."""
         definitions = await self.selected(key_prefixes, categories)
         keys = self._selected_keys(definitions)
         layers = await self._layers.layers(preference_sql.subject_scopes(subjects))
         touches: dict[Scope, bool] = {}
         shared: dict[Hashable, list[ResolvedValue]] = {}
+        bucketed: set[Hashable] = set()
         found: list[tuple[Hashable, list[ResolvedValue]]] = []
         for subject in subjects:
             chain = [(layer, scope, layers[scope].value) for layer, scope in subject.layers()]
@@ -180,10 +182,16 @@ class EffectiveCache:
                     touched = touches[scope] = not keys.isdisjoint(overrides)
                 if touched:
                     basis.append(scope)
-            key = tuple(basis)
+            layers_key = tuple(basis)
+            # With a rollout among the values each subject gets its own variants: the key names it.
+            key: Hashable = (layers_key, subject.user_id, subject.org_id) if layers_key in bucketed else layers_key
             values = shared.get(key)
             if values is None:
-                values = shared[key] = resolve(definitions, chain)
+                values = resolve(definitions, chain)
+                if key is layers_key and any(v.rollout is not None for v in values):
+                    bucketed.add(layers_key)
+                    key = (layers_key, subject.user_id, subject.org_id)
+                shared[key] = values
             found.append((key, values))
         return found
 

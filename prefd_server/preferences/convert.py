@@ -9,9 +9,27 @@ from google.protobuf import field_mask_pb2, struct_pb2
 from prefd.v1 import common_pb2, preferences_pb2
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import ALL_SCOPES, ChangeKind, FieldViolation, ResolvedValue, Scope, ScopeKind
+from prefd_server.kernel.model import (
+    ALL_SCOPES,
+    ChangeKind,
+    FieldViolation,
+    JsonValue,
+    ResolvedValue,
+    Scope,
+    ScopeKind,
+)
 from prefd_server.preferences.model import Definition, KeyWrite, ScopeWrite, StoredValue, ValueType, WriteResult
 from prefd_server.preferences.resolve import nest
+from prefd_server.preferences.rollout import (
+    MAX_VARIANTS,
+    Algorithm,
+    BucketBy,
+    Rollout,
+    Variant,
+    is_rollout,
+    shape_problems,
+)
+from prefd_server.preferences.rollout import from_json as rollout_from_json
 from prefd_server.preferences.rules import check_key_list, definition_violations, write_org
 from prefd_server.rpc.convert import (
     SCOPE_KINDS,
@@ -43,6 +61,7 @@ MUTABLE_DEFINITION_FIELDS = (
     "description",
     "type",
     "default_value",
+    "default_rollout",
     "allowed_values",
     "min_value",
     "max_value",
@@ -68,7 +87,7 @@ def set_request_to_write(
     writes = tuple(
         KeyWrite(
             w.key,
-            value_from_pb(w.value, f"writes[{i}].value"),
+            _value_or_rollout(w.value, w.rollout if w.HasField("rollout") else None, f"writes[{i}]", "value"),
             w.expected_version if w.HasField("expected_version") else None,
         )
         for i, w in enumerate(request.writes)
@@ -98,7 +117,8 @@ def definition_from_pb(message: preferences_pb2.Definition, field: str = "defini
         if kind not in SCOPE_KINDS:
             raise invalid(f"{field}.overridable_scopes[{i}]", "unknown scope kind")
         scopes.add(SCOPE_KINDS[kind])
-    default = value_from_pb(message.default_value, f"{field}.default_value")
+    rollout = message.default_rollout if message.HasField("default_rollout") else None
+    default = _value_or_rollout(message.default_value, rollout, field, "default_value", "default_rollout")
     if value_type is ValueType.DOUBLE and isinstance(default, int) and not isinstance(default, bool):
         default = float(default)
     return Definition(
@@ -142,9 +162,77 @@ def updated_definition(
     """The validated definition an UpdateDefinition request leaves: `current` with the fields
     named by `paths` (see update_paths) taken from the request."""
     merged = definition_to_pb(current)
+    # A default is a value or a rollout: replacing one replaces the other.
+    if "default_value" in paths and "default_rollout" not in paths:
+        merged.ClearField("default_rollout")
+    if "default_rollout" in paths and "default_value" not in paths:
+        merged.ClearField("default_value")
     mask = field_mask_pb2.FieldMask(paths=paths)
     mask.MergeMessage(request.definition, merged, replace_message_field=True, replace_repeated_field=True)
     return valid_definition_from_pb(merged)
+
+
+def _value_or_rollout(
+    value: common_pb2.TypedValue,
+    rollout: common_pb2.Rollout | None,
+    field: str,
+    value_name: str,
+    rollout_name: str = "rollout",
+) -> JsonValue:
+    """The value a request sets: its TypedValue, or its rollout in stored form (one of the two)."""
+    if rollout is None:
+        return value_from_pb(value, f"{field}.{value_name}")
+    if value.WhichOneof("kind") is not None:
+        raise invalid(f"{field}.{rollout_name}", f"set {value_name} or {rollout_name}, not both")
+    return rollout_from_pb(rollout, f"{field}.{rollout_name}").to_json()
+
+
+def rollout_from_pb(message: common_pb2.Rollout, field: str) -> Rollout:
+    """A Rollout from a request; its shape and values are checked with the key's definition."""
+    bucket_by = _BUCKET_BY.get(message.bucket_by)
+    if bucket_by is None:
+        raise invalid(f"{field}.bucket_by", "must be USER_ID or ORG_ID")
+    if message.algorithm not in (
+        common_pb2.ROLLOUT_ALGORITHM_UNSPECIFIED,
+        common_pb2.ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2,
+    ):
+        raise invalid(f"{field}.algorithm", "must be ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2")
+    if len(message.variants) > MAX_VARIANTS:
+        raise invalid(f"{field}.variants", f"must have at most {MAX_VARIANTS} variants")
+    variants = tuple(
+        Variant(v.name, value_from_pb(v.value, f"{field}.variants[{i}].value"), v.weight)
+        for i, v in enumerate(message.variants)
+    )
+    rollout = Rollout(variants, message.salt, bucket_by, Algorithm.FLAGD_FRACTIONAL_V2)
+    problems = shape_problems(rollout)
+    if problems:
+        raise ValidationFailed([FieldViolation(f"{field}.{where}", problem) for where, problem in problems])
+    return rollout
+
+
+def rollout_to_pb(stored: JsonValue) -> common_pb2.Rollout:
+    """A stored rollout envelope as a Rollout message."""
+    rollout = rollout_from_json(stored)
+    return common_pb2.Rollout(
+        variants=[
+            common_pb2.RolloutVariant(name=v.name, value=value_to_pb(v.value), weight=v.weight)
+            for v in rollout.variants
+        ],
+        salt=rollout.salt,
+        bucket_by=_BUCKET_BY_PB[rollout.bucket_by],
+        algorithm=common_pb2.ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2,
+    )
+
+
+_BUCKET_BY = {
+    common_pb2.ROLLOUT_BUCKET_BY_UNSPECIFIED: BucketBy.USER_ID,
+    common_pb2.ROLLOUT_BUCKET_BY_USER_ID: BucketBy.USER_ID,
+    common_pb2.ROLLOUT_BUCKET_BY_ORG_ID: BucketBy.ORG_ID,
+}
+_BUCKET_BY_PB = {
+    BucketBy.USER_ID: common_pb2.ROLLOUT_BUCKET_BY_USER_ID,
+    BucketBy.ORG_ID: common_pb2.ROLLOUT_BUCKET_BY_ORG_ID,
+}
 
 
 # --- results out ---------------------------------------------------------------------------------
@@ -157,7 +245,8 @@ def definition_to_pb(definition: Definition) -> preferences_pb2.Definition:
         category=definition.category,
         description=definition.description,
         type=_VALUE_TYPES_PB[definition.value_type],
-        default_value=value_to_pb(definition.default),
+        default_value=None if is_rollout(definition.default) else value_to_pb(definition.default),
+        default_rollout=rollout_to_pb(definition.default) if is_rollout(definition.default) else None,
         allowed_values=[value_to_pb(v) for v in definition.allowed_values],
         min_value=definition.min_value,
         max_value=definition.max_value,
@@ -194,7 +283,8 @@ def stored_to_pb(stored: StoredValue) -> preferences_pb2.StoredPreference:
     """One override stored at a scope."""
     return preferences_pb2.StoredPreference(
         key=stored.key,
-        value=value_to_pb(stored.value),
+        value=None if is_rollout(stored.value) else value_to_pb(stored.value),
+        rollout=rollout_to_pb(stored.value) if is_rollout(stored.value) else None,
         version=stored.version,
         update_time=timestamp(stored.updated_at),
         updated_by=stored.updated_by,

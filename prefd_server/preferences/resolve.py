@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
-from prefd_server.kernel.model import JsonValue, Layer, ResolvedValue, Scope
+from prefd_server.kernel.model import JsonValue, Layer, ResolvedValue, Scope, ScopeKind
 from prefd_server.preferences.model import Definition, StoredValue
+from prefd_server.preferences.rollout import assign, from_json, is_rollout
 
 # Overrides stored at one scope, by key.
 ScopeOverrides = Mapping[str, StoredValue]
@@ -18,8 +20,11 @@ def resolve(
     """Each definition's value from the most specific layer that sets it, in definition order.
 
     `layers` runs least specific first; a layer counts only if the definition lets its
-    scope kind override the key.
+    scope kind override the key. A rollout (as default or override) gives the subject's variant: the
+    subject is the one whose USER and ORG scopes are among the layers.
     """
+    user_id = next((scope.id for _, scope, _ in layers if scope.kind is ScopeKind.USER), "")
+    org_id = next((scope.id for _, scope, _ in layers if scope.kind is ScopeKind.ORG), "")
     resolved = []
     for definition in definitions:
         chosen = ResolvedValue(
@@ -44,6 +49,9 @@ def resolve(
                 updated_at=stored.updated_at,
                 updated_by=stored.updated_by,
             )
+        if is_rollout(chosen.value):
+            value, assignment = assign(from_json(chosen.value), definition.key, user_id, org_id)
+            chosen = replace(chosen, value=value, rollout=assignment)
         resolved.append(chosen)
     return resolved
 

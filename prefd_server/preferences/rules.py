@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.ids import CATEGORY_PATTERN, id_problem, key_problem
@@ -19,6 +20,8 @@ from prefd_server.kernel.model import (
 )
 from prefd_server.kernel.value_checks import ValueChecks
 from prefd_server.preferences.model import MAX_WRITES_PER_CALL, CrossFieldRule, Definition, ValueType
+from prefd_server.preferences.rollout import from_json as rollout_from_json
+from prefd_server.preferences.rollout import is_rollout, shape_problems, variant_values
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -32,7 +35,10 @@ def _is_number(value: JsonValue) -> bool:
 
 
 def value_problems(definition: Definition, value: JsonValue) -> list[str]:
-    """Everything wrong with `value` as a value of `definition` (empty when it is valid)."""
+    """Everything wrong with `value` as a value of `definition` (empty when it is valid). A rollout
+    envelope is checked as a rollout whose every variant must be a valid value."""
+    if is_rollout(value):
+        return _rollout_problems(definition, value)
     vt = definition.value_type
     if vt is ValueType.BOOL:
         return [] if isinstance(value, bool) else ["must be a bool"]
@@ -76,11 +82,29 @@ def value_problems(definition: Definition, value: JsonValue) -> list[str]:
 
 
 def checked_value_problems(definition: Definition, value: JsonValue, checks: ValueChecks | None) -> list[str]:
-    """value_problems, then (for a value of the right type) what the checks registered for its key find."""
+    """value_problems, then (for a value of the right type) what the checks registered for its key find
+    (for a rollout: in each variant)."""
     problems = value_problems(definition, value)
     if problems or checks is None:
         return problems
+    if is_rollout(value):
+        variants = rollout_from_json(value).variants
+        return [f"rollout variant {v.name} {p}" for v in variants for p in checks.problems(definition.key, v.value)]
     return checks.problems(definition.key, value)
+
+
+def _rollout_problems(definition: Definition, value: JsonValue) -> list[str]:
+    try:
+        rollout = rollout_from_json(value)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ["is a malformed rollout"]
+    problems = [f"rollout {where}: {problem}" for where, problem in shape_problems(rollout)]
+    for i, variant in variant_values(rollout):
+        if is_rollout(variant):
+            problems.append(f"rollout variants[{i}].value must not be a rollout")
+        else:
+            problems += [f"rollout variants[{i}].value {p}" for p in value_problems(definition, variant)]
+    return problems
 
 
 def _range_problems(definition: Definition, value: float) -> list[str]:
@@ -113,7 +137,12 @@ def _fmt(number: float) -> str:
 
 
 def coerce(definition: Definition, value: JsonValue) -> JsonValue:
-    """Widen an int to float for DOUBLE definitions so stored values keep one type."""
+    """Widen an int to float for DOUBLE definitions so stored values keep one type (in each variant of a
+    rollout too)."""
+    if is_rollout(value):
+        rollout = rollout_from_json(value)
+        variants = tuple(replace(v, value=coerce(definition, v.value)) for v in rollout.variants)
+        return replace(rollout, variants=variants).to_json()
     if definition.value_type is ValueType.DOUBLE and _is_int(value):
         return float(value)
     return value

@@ -35,6 +35,7 @@ from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
 from prefd_server.preferences.model import CrossFieldRule, Definition, KeyWrite, ScopeWrite, WriteResult
 from prefd_server.preferences.resolve import resolve
+from prefd_server.preferences.rollout import is_rollout
 from prefd_server.preferences.rules import checked_value_problems, coerce, rule_violations, value_problems
 
 # Given a connection and the scopes, the writes each scope needs (read inside the transaction).
@@ -140,9 +141,12 @@ class PreferenceWriter:
                         f"{field}[{i}].key", f"{w.key} cannot be overridden at {scope.kind.value} (allowed: {allowed})"
                     )
                 )
+            elif is_rollout(w.value) and scope.kind is ScopeKind.USER:
+                violations.append(FieldViolation(f"{field}[{i}].rollout", "a rollout is set at ORG or GLOBAL scope"))
             elif w.value is not None:
+                where = "rollout" if is_rollout(w.value) else "value"
                 violations += [
-                    FieldViolation(f"{field}[{i}].value", f"{w.key} {p}")
+                    FieldViolation(f"{field}[{i}].{where}", f"{w.key} {p}")
                     for p in checked_value_problems(definition, w.value, self._checks)
                 ]
         if violations:

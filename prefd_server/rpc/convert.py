@@ -12,7 +12,16 @@ from prefd.v1 import common_pb2, preferences_pb2
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import ValidationFailed, invalid
 from prefd_server.kernel.ids import id_problem
-from prefd_server.kernel.model import FieldViolation, JsonValue, KeyChange, ResolvedValue, Scope, ScopeKind, Subject
+from prefd_server.kernel.model import (
+    FieldViolation,
+    JsonValue,
+    KeyChange,
+    ResolvedValue,
+    RolloutAssignment,
+    Scope,
+    ScopeKind,
+    Subject,
+)
 from prefd_server.kernel.tokens import TokenKey
 
 # Scope kinds by their protobuf enum value, and back.
@@ -155,6 +164,22 @@ def provenance_to_pb(resolved: ResolvedValue) -> common_pb2.Provenance:
         version=resolved.version,
         updated_at=timestamp(resolved.updated_at),
         updated_by=resolved.updated_by,
+        rollout=_assignment_to_pb(resolved.rollout) if resolved.rollout is not None else None,
+    )
+
+
+def _assignment_to_pb(assignment: RolloutAssignment) -> common_pb2.RolloutAssignment:
+    bucket_by = (
+        common_pb2.ROLLOUT_BUCKET_BY_ORG_ID
+        if assignment.bucket_by == "org_id"
+        else common_pb2.ROLLOUT_BUCKET_BY_USER_ID
+    )
+    return common_pb2.RolloutAssignment(
+        variant=assignment.variant,
+        bucket=assignment.bucket,
+        total_weight=assignment.total_weight,
+        salt=assignment.salt,
+        bucket_by=bucket_by,
     )
 
 

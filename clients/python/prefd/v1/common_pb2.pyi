@@ -129,6 +129,54 @@ LAYER_USER: Layer.ValueType  # 5
 """The subject's USER scope."""
 Global___Layer: _TypeAlias = Layer  # noqa: Y015
 
+class _RolloutBucketBy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutBucketByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutBucketBy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_BUCKET_BY_UNSPECIFIED: _RolloutBucketBy.ValueType  # 0
+    """Not set: the user id."""
+    ROLLOUT_BUCKET_BY_USER_ID: _RolloutBucketBy.ValueType  # 1
+    """The user id (each user of an org may get another variant)."""
+    ROLLOUT_BUCKET_BY_ORG_ID: _RolloutBucketBy.ValueType  # 2
+    """The org id (every user of an org gets the same variant)."""
+
+class RolloutBucketBy(_RolloutBucketBy, metaclass=_RolloutBucketByEnumTypeWrapper):
+    """RolloutBucketBy says which id of a subject a rollout hashes."""
+
+ROLLOUT_BUCKET_BY_UNSPECIFIED: RolloutBucketBy.ValueType  # 0
+"""Not set: the user id."""
+ROLLOUT_BUCKET_BY_USER_ID: RolloutBucketBy.ValueType  # 1
+"""The user id (each user of an org may get another variant)."""
+ROLLOUT_BUCKET_BY_ORG_ID: RolloutBucketBy.ValueType  # 2
+"""The org id (every user of an org gets the same variant)."""
+Global___RolloutBucketBy: _TypeAlias = RolloutBucketBy  # noqa: Y015
+
+class _RolloutAlgorithm:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutAlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutAlgorithm.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_ALGORITHM_UNSPECIFIED: _RolloutAlgorithm.ValueType  # 0
+    """Not set: ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2."""
+    ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2: _RolloutAlgorithm.ValueType  # 1
+    """flagd's fractional v2: MurmurHash3 x86_32 (seed 0) over the UTF-8 of salt + bucketing id;
+    bucket = (uint32 hash * total weight) >> 32; the first variant whose cumulative weight exceeds it.
+    """
+
+class RolloutAlgorithm(_RolloutAlgorithm, metaclass=_RolloutAlgorithmEnumTypeWrapper):
+    """RolloutAlgorithm names how a rollout buckets subjects."""
+
+ROLLOUT_ALGORITHM_UNSPECIFIED: RolloutAlgorithm.ValueType  # 0
+"""Not set: ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2."""
+ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2: RolloutAlgorithm.ValueType  # 1
+"""flagd's fractional v2: MurmurHash3 x86_32 (seed 0) over the UTF-8 of salt + bucketing id;
+bucket = (uint32 hash * total weight) >> 32; the first variant whose cumulative weight exceeds it.
+"""
+Global___RolloutAlgorithm: _TypeAlias = RolloutAlgorithm  # noqa: Y015
+
 class _ChangeKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -312,6 +360,7 @@ class Provenance(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     layer: Global___Layer.ValueType
     """The layer that supplied the value."""
     version: _builtins.int
@@ -326,6 +375,10 @@ class Provenance(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When that override (or definition) was last written."""
 
+    @_builtins.property
+    def rollout(self) -> Global___RolloutAssignment:
+        """When that override (or default) is a rollout: the variant this subject got."""
+
     def __init__(
         self,
         *,
@@ -334,14 +387,123 @@ class Provenance(_message.Message):
         version: _builtins.int = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
+        rollout: Global___RolloutAssignment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout", "scope", b"scope", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "scope", b"scope", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "rollout", b"rollout", "scope", b"scope", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """Rollout assigns each subject one of weighted variants of a key by a consistent hash. It may be a
+    definition's default or an ORG or GLOBAL override; reads resolve it to the subject's variant.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    BUCKET_BY_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
+    salt: _builtins.str
+    """Hashed before the bucketing id; at most 128 characters; empty: the key."""
+    bucket_by: Global___RolloutBucketBy.ValueType
+    """Which id of the subject is hashed; unspecified: the user id."""
+    algorithm: Global___RolloutAlgorithm.ValueType
+    """How subjects are bucketed; unspecified: ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2."""
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutVariant]:
+        """The variants, in order (the order decides which bucket falls to which variant)."""
+
+    def __init__(
+        self,
+        *,
+        variants: _abc.Iterable[Global___RolloutVariant] | None = ...,
+        salt: _builtins.str = ...,
+        bucket_by: Global___RolloutBucketBy.ValueType = ...,
+        algorithm: Global___RolloutAlgorithm.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "bucket_by", b"bucket_by", "salt", b"salt", "variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class RolloutVariant(_message.Message):
+    """RolloutVariant is one weighted value of a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The variant's name: 1-64 of [A-Za-z0-9_.-], starting with a letter; unique in the rollout."""
+    weight: _builtins.int
+    """Its weight, 0-1,000,000; the weights must not sum to 0."""
+    @_builtins.property
+    def value(self) -> Global___TypedValue:
+        """The value; must be valid for the key's definition."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: Global___TypedValue | None = ...,
+        weight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutVariant: _TypeAlias = RolloutVariant  # noqa: Y015
+
+@_typing.final
+class RolloutAssignment(_message.Message):
+    """RolloutAssignment says which variant of a rollout a subject got, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
+    TOTAL_WEIGHT_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    BUCKET_BY_FIELD_NUMBER: _builtins.int
+    variant: _builtins.str
+    """The variant's name."""
+    bucket: _builtins.int
+    """The subject's bucket, 0 <= bucket < total_weight."""
+    total_weight: _builtins.int
+    """The rollout's total weight."""
+    salt: _builtins.str
+    """The salt hashed (the key when the rollout names none)."""
+    bucket_by: Global___RolloutBucketBy.ValueType
+    """The id hashed."""
+    def __init__(
+        self,
+        *,
+        variant: _builtins.str = ...,
+        bucket: _builtins.int = ...,
+        total_weight: _builtins.int = ...,
+        salt: _builtins.str = ...,
+        bucket_by: Global___RolloutBucketBy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "bucket_by", b"bucket_by", "salt", b"salt", "total_weight", b"total_weight", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutAssignment: _TypeAlias = RolloutAssignment  # noqa: Y015
 
 @_typing.final
 class Cursor(_message.Message):

@@ -43,6 +43,7 @@ class Definition(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    DEFAULT_ROLLOUT_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """Dot path, e.g. "notifications.email.enabled"; at most 128 characters."""
     category: _builtins.str
@@ -83,6 +84,10 @@ class Definition(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the definition was last changed; output only."""
 
+    @_builtins.property
+    def default_rollout(self) -> _common_pb2.Rollout:
+        """Instead of `default_value`: a rollout as the default; each subject reads its variant."""
+
     def __init__(
         self,
         *,
@@ -101,10 +106,11 @@ class Definition(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
+        default_rollout: _common_pb2.Rollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_length", b"_max_length", "_max_value", b"_max_value", "_min_value", b"_min_value", "create_time", b"create_time", "default_value", b"default_value", "max_length", b"max_length", "max_value", b"max_value", "min_value", b"min_value", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_length", b"_max_length", "_max_value", b"_max_value", "_min_value", b"_min_value", "create_time", b"create_time", "default_rollout", b"default_rollout", "default_value", b"default_value", "max_length", b"max_length", "max_value", b"max_value", "min_value", b"min_value", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_length", b"_max_length", "_max_value", b"_max_value", "_min_value", b"_min_value", "allowed_values", b"allowed_values", "category", b"category", "create_time", b"create_time", "default_value", b"default_value", "description", b"description", "key", b"key", "max_length", b"max_length", "max_value", b"max_value", "min_value", b"min_value", "overridable_scopes", b"overridable_scopes", "sensitive", b"sensitive", "type", b"type", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_length", b"_max_length", "_max_value", b"_max_value", "_min_value", b"_min_value", "allowed_values", b"allowed_values", "category", b"category", "create_time", b"create_time", "default_rollout", b"default_rollout", "default_value", b"default_value", "description", b"description", "key", b"key", "max_length", b"max_length", "max_value", b"max_value", "min_value", b"min_value", "overridable_scopes", b"overridable_scopes", "sensitive", b"sensitive", "type", b"type", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_length: _TypeAlias = _typing.Literal["max_length"]  # noqa: Y015
     _WhichOneofArgType__max_length: _TypeAlias = _typing.Literal["_max_length", b"_max_length"]  # noqa: Y015
@@ -394,6 +400,7 @@ class PreferenceWrite(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The definition's key."""
     expected_version: _builtins.int
@@ -404,16 +411,21 @@ class PreferenceWrite(_message.Message):
     def value(self) -> _common_pb2.TypedValue:
         """The new value; must match the definition's type and constraints."""
 
+    @_builtins.property
+    def rollout(self) -> _common_pb2.Rollout:
+        """Instead of `value`: a rollout (ORG and GLOBAL scopes only); each subject reads its variant."""
+
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         value: _common_pb2.TypedValue | None = ...,
         expected_version: _builtins.int | None = ...,
+        rollout: _common_pb2.Rollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "rollout", b"rollout", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "key", b"key", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "key", b"key", "rollout", b"rollout", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
@@ -700,6 +712,7 @@ class StoredPreference(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key."""
     version: _builtins.int
@@ -714,6 +727,10 @@ class StoredPreference(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it was written."""
 
+    @_builtins.property
+    def rollout(self) -> _common_pb2.Rollout:
+        """When the override is a rollout: the rollout (and `value` is unset)."""
+
     def __init__(
         self,
         *,
@@ -722,10 +739,11 @@ class StoredPreference(_message.Message):
         version: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
+        rollout: _common_pb2.Rollout | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "update_time", b"update_time", "updated_by", b"updated_by", "value", b"value", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "rollout", b"rollout", "update_time", b"update_time", "updated_by", b"updated_by", "value", b"value", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
