@@ -37,6 +37,7 @@ from prefd_server.rpc.middleware import Authenticator
 from prefd_server.rpc.reflection import add_reflection
 from prefd_server.rpc.tls import add_port
 from prefd_server.settings import Settings
+from prefd_server.statistics import domain as statistics_domain
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ Register = Callable[[Kernel, Settings], Awaitable[Domain]]
 # restorer preferences provides). A new domain is one more line here and nothing else.
 DOMAINS: Sequence[Register] = (
     preferences_domain.register,
+    statistics_domain.register,
     aiconfig_domain.register,
     notifications_domain.register,
     audit_domain.register,

@@ -66,6 +66,9 @@ TEXT_BYTES = {
     "source": 128,
     "notice_version": 128,
     "proof_reference": 512,
+    # Statistics' date ranges (YYYY-MM-DD).
+    "start_date": 32,
+    "end_date": 32,
 }
 # C0 controls (tab, line feed and carriage return allowed) and DEL: PostgreSQL refuses NUL in text and
 # jsonb, and the rest break logs and terminals.
@@ -121,6 +124,7 @@ NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
     "input_usd_per_1k": (0, 1_000_000),
     "output_usd_per_1k": (0, 1_000_000),
     "change_id": (0, INT64_MAX),
+    "top_n": (0, 100),
 }
 # JSON numbers and typed double values: any finite double.
 _UNBOUNDED_DOUBLES = frozenset({"google.protobuf.Value.number_value", "prefd.v1.TypedValue.double_value"})

@@ -24,6 +24,7 @@ _AI_CONFIG = "/prefd.v1.AIConfigService/"
 _AUDIT = "/prefd.v1.AuditService/"
 _HEALTH = "/prefd.v1.HealthService/"
 _NOTIFICATIONS = "/prefd.v1.NotificationService/"
+_STATISTICS = "/prefd.v1.StatisticsService/"
 
 PERMISSIONS: Mapping[str, Access] = {
     # Definitions: everyone reads the catalog, admins change it.
@@ -76,6 +77,11 @@ PERMISSIONS: Mapping[str, Access] = {
     _NOTIFICATIONS + "WithdrawConsent": Access.RESOURCE,
     _NOTIFICATIONS + "ListConsents": Access.RESOURCE,
     _NOTIFICATIONS + "ListConsentHistory": Access.RESOURCE,
+    # Statistics count every user's overrides (values of sensitive keys never): services and admins.
+    _STATISTICS + "GetKeyStatistics": Access.SERVICE,
+    _STATISTICS + "GetCategoryStatistics": Access.SERVICE,
+    _STATISTICS + "GetAdoption": Access.SERVICE,
+    _STATISTICS + "ListDailyRollups": Access.SERVICE,
 }
 
 

@@ -22,6 +22,7 @@ from prefd.v1 import (
     notifications_pb2_grpc,
     preferences_pb2,
     preferences_pb2_grpc,
+    statistics_pb2_grpc,
 )
 
 # Idempotent reads retried on UNAVAILABLE (a restarting or briefly unreachable server).
@@ -42,6 +43,7 @@ _RETRYABLE_READS = {
         "GetBudgetStatus",
     ),
     "prefd.v1.AuditService": ("ListChanges", "GetChange", "DiffScope", "PreviewRollback", "ExportUserData"),
+    "prefd.v1.StatisticsService": ("GetKeyStatistics", "GetCategoryStatistics", "GetAdoption", "ListDailyRollups"),
     "prefd.v1.HealthService": (
         "GetSystemHealth",
         "GetDatabaseHealth",
@@ -77,6 +79,7 @@ _STUBS: dict[str, Callable[[grpc.aio.Channel], Any]] = {
     "prefd.v1.AuditService": audit_pb2_grpc.AuditServiceStub,
     "prefd.v1.HealthService": health_pb2_grpc.HealthServiceStub,
     "prefd.v1.NotificationService": notifications_pb2_grpc.NotificationServiceStub,
+    "prefd.v1.StatisticsService": statistics_pb2_grpc.StatisticsServiceStub,
 }
 
 

@@ -6,7 +6,7 @@ import abc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from prefd.v1 import ai_config_pb2, audit_pb2, health_pb2, notifications_pb2, preferences_pb2
+from prefd.v1 import ai_config_pb2, audit_pb2, health_pb2, notifications_pb2, preferences_pb2, statistics_pb2
 
 
 class AsyncRpcs(abc.ABC):
@@ -455,6 +455,47 @@ class AsyncRpcs(abc.ABC):
         reply: notifications_pb2.ListConsentHistoryResponse = await self._unary("prefd.v1.NotificationService", "ListConsentHistory", request, timeout)
         return reply
 
+    async def get_key_statistics(
+        self, request: statistics_pb2.GetKeyStatisticsRequest, *, timeout: float | None = None
+    ) -> statistics_pb2.GetKeyStatisticsResponse:
+        """/prefd.v1.StatisticsService/GetKeyStatistics: Holders of overrides of one key and its value
+        distribution (the top values plus "other"). NOT_FOUND (with a field violation on `key`) if no
+        definition has the key; FAILED_PRECONDITION (with a field violation on `top_n`) if values are asked
+        for a sensitive key.
+        """
+        reply: statistics_pb2.GetKeyStatisticsResponse = await self._unary("prefd.v1.StatisticsService", "GetKeyStatistics", request, timeout)
+        return reply
+
+    async def get_category_statistics(
+        self, request: statistics_pb2.GetCategoryStatisticsRequest, *, timeout: float | None = None
+    ) -> statistics_pb2.GetCategoryStatisticsResponse:
+        """/prefd.v1.StatisticsService/GetCategoryStatistics: The most popular value of every key of a
+        category, keys with the most holders first (sensitive keys with counts only). NOT_FOUND (with a
+        field violation on `category`) if no definition has the category.
+        """
+        reply: statistics_pb2.GetCategoryStatisticsResponse = await self._unary("prefd.v1.StatisticsService", "GetCategoryStatistics", request, timeout)
+        return reply
+
+    async def get_adoption(
+        self, request: statistics_pb2.GetAdoptionRequest, *, timeout: float | None = None
+    ) -> statistics_pb2.GetAdoptionResponse:
+        """/prefd.v1.StatisticsService/GetAdoption: The share of known users who override a key's default.
+        NOT_FOUND (with a field violation on `key`) if no definition has the key.
+        """
+        reply: statistics_pb2.GetAdoptionResponse = await self._unary("prefd.v1.StatisticsService", "GetAdoption", request, timeout)
+        return reply
+
+    async def list_daily_rollups(
+        self, request: statistics_pb2.ListDailyRollupsRequest, *, timeout: float | None = None
+    ) -> statistics_pb2.ListDailyRollupsResponse:
+        """/prefd.v1.StatisticsService/ListDailyRollups: One rollup per UTC day of a date range for a key:
+        changes that day, holders and the most common value at the end of the day. NOT_FOUND (with a field
+        violation on `key`) if no definition has the key; INVALID_ARGUMENT for a malformed or inverted range
+        or one longer than 366 days.
+        """
+        reply: statistics_pb2.ListDailyRollupsResponse = await self._unary("prefd.v1.StatisticsService", "ListDailyRollups", request, timeout)
+        return reply
+
 
 class SyncRpcs(abc.ABC):
     """Every RPC as a method named after it in snake_case; streams return iterators."""
@@ -900,4 +941,45 @@ class SyncRpcs(abc.ABC):
         Errors as ListConsents; INVALID_ARGUMENT for a page_token from another query.
         """
         reply: notifications_pb2.ListConsentHistoryResponse = self._unary("prefd.v1.NotificationService", "ListConsentHistory", request, timeout)
+        return reply
+
+    def get_key_statistics(
+        self, request: statistics_pb2.GetKeyStatisticsRequest, *, timeout: float | None = None
+    ) -> statistics_pb2.GetKeyStatisticsResponse:
+        """/prefd.v1.StatisticsService/GetKeyStatistics: Holders of overrides of one key and its value
+        distribution (the top values plus "other"). NOT_FOUND (with a field violation on `key`) if no
+        definition has the key; FAILED_PRECONDITION (with a field violation on `top_n`) if values are asked
+        for a sensitive key.
+        """
+        reply: statistics_pb2.GetKeyStatisticsResponse = self._unary("prefd.v1.StatisticsService", "GetKeyStatistics", request, timeout)
+        return reply
+
+    def get_category_statistics(
+        self, request: statistics_pb2.GetCategoryStatisticsRequest, *, timeout: float | None = None
+    ) -> statistics_pb2.GetCategoryStatisticsResponse:
+        """/prefd.v1.StatisticsService/GetCategoryStatistics: The most popular value of every key of a
+        category, keys with the most holders first (sensitive keys with counts only). NOT_FOUND (with a
+        field violation on `category`) if no definition has the category.
+        """
+        reply: statistics_pb2.GetCategoryStatisticsResponse = self._unary("prefd.v1.StatisticsService", "GetCategoryStatistics", request, timeout)
+        return reply
+
+    def get_adoption(
+        self, request: statistics_pb2.GetAdoptionRequest, *, timeout: float | None = None
+    ) -> statistics_pb2.GetAdoptionResponse:
+        """/prefd.v1.StatisticsService/GetAdoption: The share of known users who override a key's default.
+        NOT_FOUND (with a field violation on `key`) if no definition has the key.
+        """
+        reply: statistics_pb2.GetAdoptionResponse = self._unary("prefd.v1.StatisticsService", "GetAdoption", request, timeout)
+        return reply
+
+    def list_daily_rollups(
+        self, request: statistics_pb2.ListDailyRollupsRequest, *, timeout: float | None = None
+    ) -> statistics_pb2.ListDailyRollupsResponse:
+        """/prefd.v1.StatisticsService/ListDailyRollups: One rollup per UTC day of a date range for a key:
+        changes that day, holders and the most common value at the end of the day. NOT_FOUND (with a field
+        violation on `key`) if no definition has the key; INVALID_ARGUMENT for a malformed or inverted range
+        or one longer than 366 days.
+        """
+        reply: statistics_pb2.ListDailyRollupsResponse = self._unary("prefd.v1.StatisticsService", "ListDailyRollups", request, timeout)
         return reply

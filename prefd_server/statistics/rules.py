@@ -1,0 +1,176 @@
+"""Pure rules of the statistics: the deltas a batch of changes makes (old value -1, new value +1), and
+the daily rollups of a date range from the stored rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.model import ChangeKind, ScopeKind
+from prefd_server.statistics.model import ALL_KINDS, HIDDEN, Counted, DayRow
+
+# (scope_kind, scope_id, key): one stored override.
+Slot = tuple[str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedRow:
+    """The part of a change row the statistics need; value_hash/value_json are None for a removal."""
+
+    id: int
+    xid: int
+    kind: str
+    scope_kind: str
+    scope_id: str
+    key: str
+    version: int
+    value_hash: str | None
+    value_json: str | None
+    day: date
+
+    @property
+    def position(self) -> FeedCursor:
+        return FeedCursor(self.xid, self.id)
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything one batch (or one erasure) changes, as net deltas and rows to write."""
+
+    # (key, scope_kind or ALL_KINDS, value_hash) -> holders delta; value_hash -> its JSON when first seen.
+    values: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    value_json: dict[str, str] = field(default_factory=dict)
+    # (key, scope_kind or ALL_KINDS) -> holders delta.
+    holders: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    counted: dict[Slot, Counted] = field(default_factory=dict)  # rows to upsert
+    uncounted: set[Slot] = field(default_factory=set)  # rows to delete (erased users)
+    users_seen: set[str] = field(default_factory=set)
+    users_erased: set[str] = field(default_factory=set)
+    # (key, day) -> changes that day; key -> the day its figures are snapshotted for.
+    changes: dict[tuple[str, date], int] = field(default_factory=lambda: defaultdict(int))
+    snapshot_days: dict[str, date] = field(default_factory=dict)
+    applied: int = 0
+    erasures: int = 0
+
+    def nonzero_values(self) -> dict[tuple[str, str, str], int]:
+        return {k: d for k, d in self.values.items() if d}
+
+    def nonzero_holders(self) -> dict[tuple[str, str], int]:
+        return {k: d for k, d in self.holders.items() if d}
+
+    def _count(self, key: str, scope_kind: str, value_hash: str, delta: int) -> None:
+        for kind in (scope_kind, ALL_KINDS):
+            self.holders[(key, kind)] += delta
+            if value_hash != HIDDEN:
+                self.values[(key, kind, value_hash)] += delta
+
+
+class Planner:
+    """Applies changes in feed order to the counted rows they touch, recording the deltas in a Plan."""
+
+    def __init__(self, counted: Mapping[Slot, Counted], sensitive: Mapping[str, bool]) -> None:
+        self._counted = dict(counted)
+        self._by_scope: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for scope_kind, scope_id, key in self._counted:
+            self._by_scope[(scope_kind, scope_id)].add(key)
+        self._sensitive = sensitive
+        self.plan = Plan()
+
+    def preference(self, row: FeedRow) -> None:
+        """A set or removal: the old counted value -1, the new one +1, unless already counted."""
+        plan = self.plan
+        plan.changes[(row.key, row.day)] += 1
+        plan.snapshot_days[row.key] = row.day
+        if row.scope_kind == ScopeKind.USER:
+            plan.users_seen.add(row.scope_id)
+        slot = (row.scope_kind, row.scope_id, row.key)
+        held = self._counted.get(slot)
+        # Versions of one key grow in feed order; a version already counted (replay after a rebuild
+        # from a snapshot) changes nothing.
+        if held is not None and row.version <= held.version:
+            return
+        new_hash = None
+        if row.value_hash is not None:
+            new_hash = HIDDEN if self._sensitive.get(row.key, True) else row.value_hash
+            if new_hash != HIDDEN and row.value_json is not None:
+                plan.value_json.setdefault(new_hash, row.value_json)
+        if held is not None and held.value_hash is not None:
+            plan._count(row.key, row.scope_kind, held.value_hash, -1)
+        if new_hash is not None:
+            plan._count(row.key, row.scope_kind, new_hash, +1)
+        counted = self._counted[slot] = Counted(new_hash, row.version)
+        self._by_scope[(row.scope_kind, row.scope_id)].add(row.key)
+        plan.counted[slot] = counted
+        plan.uncounted.discard(slot)
+        plan.applied += 1
+
+    def erase(self, scope_kind: str, scope_id: str, day: date) -> None:
+        """A user left: every value counted for its scope -1, its rows and its known-user entry go."""
+        plan = self.plan
+        for key in sorted(self._by_scope.pop((scope_kind, scope_id), set())):
+            slot = (scope_kind, scope_id, key)
+            held = self._counted.pop(slot)
+            if held.value_hash is not None:
+                plan._count(key, scope_kind, held.value_hash, -1)
+            plan.snapshot_days[key] = day
+            plan.counted.pop(slot, None)
+            plan.uncounted.add(slot)
+        plan.users_erased.add(scope_id)
+        plan.erasures += 1
+
+    def apply(self, rows: Iterable[FeedRow]) -> Plan:
+        """Every change of a batch, in feed order (rows of other kinds count nothing)."""
+        for row in rows:
+            if row.kind == ChangeKind.PREFERENCE:
+                self.preference(row)
+            elif row.kind == ChangeKind.ERASURE and row.scope_kind == ScopeKind.USER:
+                self.erase(row.scope_kind, row.scope_id, row.day)
+        return self.plan
+
+
+def erased_scopes(rows: Sequence[FeedRow]) -> list[str]:
+    """The USER scope ids a batch's erasure rows name."""
+    return [r.scope_id for r in rows if r.kind == ChangeKind.ERASURE and r.scope_kind == ScopeKind.USER]
+
+
+def touched_slots(rows: Sequence[FeedRow]) -> list[Slot]:
+    """The (scope, key) of every preference change of a batch, once each."""
+    return list(dict.fromkeys((r.scope_kind, r.scope_id, r.key) for r in rows if r.kind == ChangeKind.PREFERENCE))
+
+
+def distinct_deltas(
+    deltas: Mapping[tuple[str, str, str], int], after: Mapping[tuple[str, str, str], int]
+) -> dict[tuple[str, str], int]:
+    """(key, kind) -> change in distinct values: a value whose holders went from 0 up adds one, one
+    whose holders came down to 0 removes one (`after` holds the holders once the deltas applied)."""
+    found: dict[tuple[str, str], int] = defaultdict(int)
+    for (key, kind, value_hash), delta in deltas.items():
+        now = after[(key, kind, value_hash)]
+        if now - delta == 0 and now > 0:
+            found[(key, kind)] += 1
+        elif now == 0 and delta < 0:
+            found[(key, kind)] -= 1
+    return found
+
+
+def rollup_days(start: date, end: date, rows: Sequence[DayRow], before: DayRow | None) -> list[DayRow]:
+    """One row per day of [start, end]: the stored row of that day, else the state the last stored
+    row before it left (no changes that day), else zeros."""
+    stored = {row.day: row for row in rows}
+    days = []
+    last = before
+    day = start
+    while day <= end:
+        row = stored.get(day)
+        if row is not None:
+            last = row
+        elif last is not None:
+            row = DayRow(day, 0, last.holders, last.users, last.most_common)
+        else:
+            row = DayRow(day, 0, 0, 0, None)
+        days.append(row)
+        day += timedelta(days=1)
+    return days
