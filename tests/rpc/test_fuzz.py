@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 import prefd.v1
 from prefd_server.app import App
+from prefd_server.statistics.store import RUNNER_LOCK_KEY
 from tests.helpers.auth import auth
 from tests.helpers.settings import make_settings
 
@@ -92,6 +93,8 @@ PLAUSIBLE: dict[str, list[Any]] = {
     "string_value": ["dark", "light", "Europe/Paris"],
     "description": ["a definition made by the fuzzer"],
     "actor": ["fz-admin", "fz-user"],
+    "start_date": ["2026-01-01", "2026-11-26", "2026-02-30"],
+    "end_date": ["2026-01-31", "2026-11-27", "2027-12-31"],
 }
 # Values harvested from successful answers (ids, tokens, cursors), by field name.
 HARVESTED_FIELDS = {"id", "page_token", "next_page_token", "token", "preview_token", "change_id", "config_id"}
@@ -225,6 +228,13 @@ TEMPLATES: dict[str, list[dict[str, Any]]] = {
     "WithdrawConsent": [{"user_id": "fz-user", "purpose": "marketing_email", "source": "settings_page"}],
     "ListConsents": [{"user_id": "fz-user"}],
     "ListConsentHistory": [{"user_id": "fz-user", "purpose": "marketing_email", "page_size": 2}],
+    "GetKeyStatistics": [
+        {"key": "display.theme", "scope_kind": "SCOPE_KIND_USER", "top_n": 3},
+        {"key": "notifications.sms.phone_number"},
+    ],
+    "GetCategoryStatistics": [{"category": "display", "scope_kind": "SCOPE_KIND_ORG"}],
+    "GetAdoption": [{"key": "locale.timezone"}],
+    "ListDailyRollups": [{"key": "display.theme", "start_date": "2026-01-01", "end_date": "2026-01-31"}],
 }
 
 
@@ -433,8 +443,16 @@ async def table_fingerprint(conn: asyncpg.Connection) -> dict[str, str]:
 
 @pytest.fixture
 async def fuzz_app(fresh_database: Any, tmp_path: Path) -> AsyncIterator[App]:
-    async with App(make_settings(await fresh_database(), tmp_path)) as app:
-        yield app
+    dsn = await fresh_database()
+    # This connection holds the statistics runner's lock, as another process would, so the server's runner
+    # stands by: its background writes would otherwise show up between two fingerprints.
+    runner_lock = await asyncpg.connect(dsn)
+    try:
+        assert await runner_lock.fetchval("SELECT pg_try_advisory_lock($1)", RUNNER_LOCK_KEY)
+        async with App(make_settings(dsn, tmp_path)) as app:
+            yield app
+    finally:
+        await runner_lock.close()
 
 
 async def test_every_unary_method_answers_hostile_requests_cleanly(fuzz_app: App) -> None:
