@@ -24,7 +24,8 @@ Setup
     server run as child processes. On a machine with at least
     two CPUs both servers are pinned to the first CPU and the load generators (this process and
     h2load) to the others; PostgreSQL is left unpinned (--no-pin disables all pinning). Before
-    measuring, an admin token writes an ORG and a USER override for the benchmark subject.
+    measuring, an admin token writes an ORG override (a 50/50 rollout of display.theme, so every
+    response built buckets the subject) and a USER override for the benchmark subject.
 
 Harness
     The read is a ReadTarget (method, request, seed writes, response checks) handed to
@@ -50,16 +51,29 @@ from harness.children import HOST
 from harness.echo_comparison import SUBJECT, ReadTarget, main
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from prefd_server.preferences.rollout import bucket
 
 METHOD = "/prefd.v1.PreferencesService/GetEffectivePreferences"
 
 
+# The ORG override of display.theme is a rollout (half dark, half system, by user): the subject's
+# variant is worked out with flagd's fractional v2 on every response built.
+THEME_ROLLOUT = common_pb2.Rollout(
+    variants=[
+        common_pb2.RolloutVariant(name=name, value=common_pb2.TypedValue(string_value=name), weight=50)
+        for name in ("dark", "system")
+    ],
+    salt="bench-theme",
+)
+THEME = "dark" if bucket("bench-theme", SUBJECT.user_id, 100) < 50 else "system"
+
+
 async def seed_overrides(port: int, admin_token: str) -> None:
-    """Write an ORG and a USER override for the benchmark subject, so resolution crosses layers."""
+    """Write an ORG rollout and a USER override for the benchmark subject, so resolution crosses layers."""
     writes = [
         (
             common_pb2.Scope(kind=common_pb2.SCOPE_KIND_ORG, id=SUBJECT.org_id),
-            preferences_pb2.PreferenceWrite(key="display.theme", value=common_pb2.TypedValue(string_value="dark")),
+            preferences_pb2.PreferenceWrite(key="display.theme", rollout=THEME_ROLLOUT),
         ),
         (
             common_pb2.Scope(kind=common_pb2.SCOPE_KIND_USER, id=SUBJECT.user_id),
@@ -81,15 +95,20 @@ def check_prefd_response(response: preferences_pb2.GetEffectivePreferencesRespon
     problems = []
     if not response.values:
         problems.append("no values")
-    if theme is None or theme.value.string_value != "dark" or theme.provenance.layer != common_pb2.LAYER_ORG:
-        problems.append(f"display.theme is not 'dark' from the ORG layer: {theme}")
+    if (
+        theme is None
+        or theme.value.string_value != THEME
+        or theme.provenance.layer != common_pb2.LAYER_ORG
+        or theme.provenance.rollout.variant != THEME
+    ):
+        problems.append(f"display.theme is not {THEME!r} from the ORG layer's rollout: {theme}")
     if per_page is None or per_page.value.int_value != 50 or per_page.provenance.layer != common_pb2.LAYER_USER:
         problems.append(f"display.items_per_page is not 50 from the USER layer: {per_page}")
     if problems:
         raise RuntimeError("prefd returned an unexpected GetEffectivePreferences response: " + "; ".join(problems))
     return {
         "values": len(response.values),
-        "display.theme": "dark (LAYER_ORG)",
+        "display.theme": f"{THEME} (LAYER_ORG, rollout variant {THEME})",
         "display.items_per_page": "50 (LAYER_USER)",
     }
 
