@@ -1,4 +1,4 @@
-"""The prefd command: serve, migrate, token, purge, rotate-master-key, healthcheck."""
+"""The prefd command: serve, migrate, token, purge, rotate-master-key, rebuild-statistics, healthcheck."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prefd_server.cli.admin import cmd_migrate, cmd_purge, cmd_rotate_master_key
 from prefd_server.cli.args import invalid_settings_message
 from prefd_server.cli.healthcheck import cmd_healthcheck
 from prefd_server.cli.serve import cmd_serve
+from prefd_server.cli.statistics import cmd_rebuild_statistics
 from prefd_server.settings import Settings, SettingsError
 
 
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = sub.add_parser("rotate-master-key", help="re-encrypt every stored API key under the current master key")
     rotate.add_argument("--data-dir", type=Path, help="as for serve")
     rotate.set_defaults(func=cmd_rotate_master_key)
+
+    stats = sub.add_parser("rebuild-statistics", help="forget every statistic and count the change feed again")
+    stats.add_argument("--data-dir", type=Path, help="as for serve")
+    stats.set_defaults(func=cmd_rebuild_statistics)
 
     hc = sub.add_parser("healthcheck", help="exit 0 if the local server reports SERVING")
     hc.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
