@@ -138,6 +138,26 @@ class VersionConflict(PrefdError):
         return [PreconditionViolation("VERSION", self.subject, self.message)]
 
 
+class PolicyViolation(PrefdError):
+    """A write below an enforced or narrowing override that breaks it."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "POLICY_VIOLATION"
+
+    def __init__(self, key: str, scope: str, policy_scope: str, rule: str) -> None:
+        super().__init__(
+            f"{key} at {scope} is refused by the policy at {policy_scope} ({rule})",
+            key=key,
+            policy_scope=policy_scope,
+            rule=rule,
+        )
+        self.subject = f"{policy_scope}:{key}"
+
+    @property
+    def preconditions(self) -> Sequence[PreconditionViolation]:
+        return [PreconditionViolation("POLICY", self.subject, self.message)]
+
+
 class AIConfigNotFound(PrefdError):
     code = Code.NOT_FOUND
     reason = "AI_CONFIG_NOT_FOUND"

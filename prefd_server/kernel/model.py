@@ -110,6 +110,17 @@ class RolloutAssignment:
 
 
 @dataclass(frozen=True, slots=True)
+class Shadowed:
+    """A stored override a policy above it kept from applying: where it is, its version, the scope whose
+    policy shadowed it and the rule ("enforced", "max 3", "allowed ...")."""
+
+    scope: Scope
+    version: int
+    policy_scope: Scope
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResolvedValue:
     """One effective value with its provenance (and the rollout variant, when a rollout supplied it)."""
 
@@ -121,6 +132,7 @@ class ResolvedValue:
     updated_at: datetime | None
     updated_by: str
     rollout: RolloutAssignment | None = None
+    shadowed: tuple[Shadowed, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

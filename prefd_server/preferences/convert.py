@@ -19,6 +19,8 @@ from prefd_server.kernel.model import (
     ScopeKind,
 )
 from prefd_server.preferences.model import Definition, KeyWrite, ScopeWrite, StoredValue, ValueType, WriteResult
+from prefd_server.preferences.policy import MAX_ALLOWED_VALUES, Policy, is_policy
+from prefd_server.preferences.policy import from_json as policy_from_json
 from prefd_server.preferences.resolve import nest
 from prefd_server.preferences.rollout import (
     MAX_VARIANTS,
@@ -86,9 +88,7 @@ def set_request_to_write(
     check_key_list([w.key for w in request.writes], "writes")
     writes = tuple(
         KeyWrite(
-            w.key,
-            _value_or_rollout(w.value, w.rollout if w.HasField("rollout") else None, f"writes[{i}]", "value"),
-            w.expected_version if w.HasField("expected_version") else None,
+            w.key, _written_value(w, f"writes[{i}]"), w.expected_version if w.HasField("expected_version") else None
         )
         for i, w in enumerate(request.writes)
     )
@@ -170,6 +170,36 @@ def updated_definition(
     mask = field_mask_pb2.FieldMask(paths=paths)
     mask.MergeMessage(request.definition, merged, replace_message_field=True, replace_repeated_field=True)
     return valid_definition_from_pb(merged)
+
+
+def _written_value(write: preferences_pb2.PreferenceWrite, field: str) -> JsonValue:
+    """What a PreferenceWrite stores: its value or rollout, with its policy when it has one."""
+    value = _value_or_rollout(write.value, write.rollout if write.HasField("rollout") else None, field, "value")
+    if not write.HasField("policy"):
+        return value
+    message = write.policy
+    allowed = tuple(
+        value_from_pb(v, f"{field}.policy.allowed_values[{i}]") for i, v in enumerate(message.allowed_values)
+    )
+    if len(allowed) > MAX_ALLOWED_VALUES:
+        raise invalid(f"{field}.policy.allowed_values", f"must have at most {MAX_ALLOWED_VALUES} values")
+    return Policy(
+        value,
+        enforced=message.enforced,
+        min_value=message.min_value if message.HasField("min_value") else None,
+        max_value=message.max_value if message.HasField("max_value") else None,
+        allowed=allowed,
+    ).to_json()
+
+
+def policy_to_pb(policy: Policy) -> preferences_pb2.Policy:
+    """A stored policy as a Policy message."""
+    return preferences_pb2.Policy(
+        enforced=policy.enforced,
+        min_value=policy.min_value,
+        max_value=policy.max_value,
+        allowed_values=[value_to_pb(v) for v in policy.allowed],
+    )
 
 
 def _value_or_rollout(
@@ -280,11 +310,14 @@ def set_response_to_pb(result: WriteResult) -> preferences_pb2.SetPreferencesRes
 
 
 def stored_to_pb(stored: StoredValue) -> preferences_pb2.StoredPreference:
-    """One override stored at a scope."""
+    """One override stored at a scope (its value or rollout, and its policy)."""
+    policy = policy_from_json(stored.value) if is_policy(stored.value) else None
+    value = policy.value if policy is not None else stored.value
     return preferences_pb2.StoredPreference(
         key=stored.key,
-        value=None if is_rollout(stored.value) else value_to_pb(stored.value),
-        rollout=rollout_to_pb(stored.value) if is_rollout(stored.value) else None,
+        value=None if is_rollout(value) else value_to_pb(value),
+        rollout=rollout_to_pb(value) if is_rollout(value) else None,
+        policy=policy_to_pb(policy) if policy is not None else None,
         version=stored.version,
         update_time=timestamp(stored.updated_at),
         updated_by=stored.updated_by,

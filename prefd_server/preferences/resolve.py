@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
-from prefd_server.kernel.model import JsonValue, Layer, ResolvedValue, Scope, ScopeKind
+from prefd_server.kernel.model import JsonValue, Layer, ResolvedValue, Scope, ScopeKind, Shadowed
 from prefd_server.preferences.model import Definition, StoredValue
+from prefd_server.preferences.policy import Policy, is_policy, refusal
+from prefd_server.preferences.policy import from_json as policy_from_json
 from prefd_server.preferences.rollout import assign, from_json, is_rollout
 
 # Overrides stored at one scope, by key.
@@ -20,8 +22,9 @@ def resolve(
     """Each definition's value from the most specific layer that sets it, in definition order.
 
     `layers` runs least specific first; a layer counts only if the definition lets its
-    scope kind override the key. A rollout (as default or override) gives the subject's variant: the
-    subject is the one whose USER and ORG scopes are among the layers.
+    scope kind override the key, and only if no policy of a layer above shadows it (provenance lists
+    what was shadowed). A rollout (as default or override) gives the subject's variant: the subject is
+    the one whose USER and ORG scopes are among the layers.
     """
     user_id = next((scope.id for _, scope, _ in layers if scope.kind is ScopeKind.USER), "")
     org_id = next((scope.id for _, scope, _ in layers if scope.kind is ScopeKind.ORG), "")
@@ -36,24 +39,46 @@ def resolve(
             updated_at=definition.updated_at,
             updated_by=definition.updated_by,
         )
+        policies: list[tuple[Scope, Policy]] = []
+        shadowed: list[Shadowed] = []
         for layer, scope, overrides in layers:
             stored = overrides.get(definition.key)
             if stored is None or scope.kind not in definition.scopes:
                 continue
+            value = stored.value
+            shadowing = _shadowing(policies, value) if policies else None
+            if shadowing is not None:
+                shadowed.append(Shadowed(scope, stored.version, *shadowing))
+                continue
+            if is_policy(value):
+                policy = policy_from_json(value)
+                policies.append((scope, policy))
+                value = policy.value
             chosen = ResolvedValue(
                 key=definition.key,
-                value=stored.value,
+                value=value,
                 layer=layer,
                 scope=scope,
                 version=stored.version,
                 updated_at=stored.updated_at,
                 updated_by=stored.updated_by,
             )
+        if shadowed:
+            chosen = replace(chosen, shadowed=tuple(shadowed))
         if is_rollout(chosen.value):
             value, assignment = assign(from_json(chosen.value), definition.key, user_id, org_id)
             chosen = replace(chosen, value=value, rollout=assignment)
         resolved.append(chosen)
     return resolved
+
+
+def _shadowing(policies: Sequence[tuple[Scope, Policy]], value: JsonValue) -> tuple[Scope, str] | None:
+    """The first policy above that keeps a stored value from applying: (its scope, the rule)."""
+    for scope, policy in policies:
+        rule = refusal(policy, value)
+        if rule is not None:
+            return scope, rule
+    return None
 
 
 def nest(flat: Mapping[str, JsonValue]) -> dict[str, JsonValue]:

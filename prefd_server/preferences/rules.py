@@ -20,6 +20,9 @@ from prefd_server.kernel.model import (
 )
 from prefd_server.kernel.value_checks import ValueChecks
 from prefd_server.preferences.model import MAX_WRITES_PER_CALL, CrossFieldRule, Definition, ValueType
+from prefd_server.preferences.policy import from_json as policy_from_json
+from prefd_server.preferences.policy import is_policy
+from prefd_server.preferences.policy import shape_problems as policy_shape_problems
 from prefd_server.preferences.rollout import from_json as rollout_from_json
 from prefd_server.preferences.rollout import is_rollout, shape_problems, variant_values
 
@@ -37,6 +40,8 @@ def _is_number(value: JsonValue) -> bool:
 def value_problems(definition: Definition, value: JsonValue) -> list[str]:
     """Everything wrong with `value` as a value of `definition` (empty when it is valid). A rollout
     envelope is checked as a rollout whose every variant must be a valid value."""
+    if is_policy(value):
+        return _policy_problems(definition, value)
     if is_rollout(value):
         return _rollout_problems(definition, value)
     vt = definition.value_type
@@ -87,10 +92,27 @@ def checked_value_problems(definition: Definition, value: JsonValue, checks: Val
     problems = value_problems(definition, value)
     if problems or checks is None:
         return problems
+    if is_policy(value):
+        return checked_value_problems(definition, policy_from_json(value).value, checks)
     if is_rollout(value):
         variants = rollout_from_json(value).variants
         return [f"rollout variant {v.name} {p}" for v in variants for p in checks.problems(definition.key, v.value)]
     return checks.problems(definition.key, value)
+
+
+def _policy_problems(definition: Definition, value: JsonValue) -> list[str]:
+    try:
+        policy = policy_from_json(value)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ["is a malformed policy"]
+    if is_policy(policy.value):
+        return ["policy value must not be a policy"]
+    problems = value_problems(definition, policy.value)
+    for i, allowed in enumerate(policy.allowed):
+        problems += [f"policy allowed_values[{i}] {p}" for p in value_problems(definition, allowed)]
+    if not problems:
+        problems = [f"policy {where}: {problem}" for where, problem in policy_shape_problems(definition, policy)]
+    return problems
 
 
 def _rollout_problems(definition: Definition, value: JsonValue) -> list[str]:
@@ -139,6 +161,10 @@ def _fmt(number: float) -> str:
 def coerce(definition: Definition, value: JsonValue) -> JsonValue:
     """Widen an int to float for DOUBLE definitions so stored values keep one type (in each variant of a
     rollout too)."""
+    if is_policy(value):
+        policy = policy_from_json(value)
+        allowed = tuple(coerce(definition, v) for v in policy.allowed)
+        return replace(policy, value=coerce(definition, policy.value), allowed=allowed).to_json()
     if is_rollout(value):
         rollout = rollout_from_json(value)
         variants = tuple(replace(v, value=coerce(definition, v.value)) for v in rollout.variants)

@@ -15,6 +15,7 @@ from prefd_server.kernel.errors import (
     DefinitionExists,
     DefinitionInUse,
     DefinitionNotFound,
+    PolicyViolation,
     StaleRollback,
     ValidationFailed,
     VersionConflict,
@@ -34,6 +35,8 @@ from prefd_server.kernel.value_checks import ValueChecks
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
 from prefd_server.preferences.model import CrossFieldRule, Definition, KeyWrite, ScopeWrite, WriteResult
+from prefd_server.preferences.policy import from_json as policy_from_json
+from prefd_server.preferences.policy import is_policy, own_value, refusal
 from prefd_server.preferences.resolve import resolve
 from prefd_server.preferences.rollout import is_rollout
 from prefd_server.preferences.rules import checked_value_problems, coerce, rule_violations, value_problems
@@ -141,16 +144,19 @@ class PreferenceWriter:
                         f"{field}[{i}].key", f"{w.key} cannot be overridden at {scope.kind.value} (allowed: {allowed})"
                     )
                 )
-            elif is_rollout(w.value) and scope.kind is ScopeKind.USER:
+            elif is_policy(w.value) and scope.kind is ScopeKind.USER:
+                violations.append(FieldViolation(f"{field}[{i}].policy", "a policy is set at ORG or GLOBAL scope"))
+            elif is_rollout(own_value(w.value)) and scope.kind is ScopeKind.USER:
                 violations.append(FieldViolation(f"{field}[{i}].rollout", "a rollout is set at ORG or GLOBAL scope"))
             elif w.value is not None:
-                where = "rollout" if is_rollout(w.value) else "value"
+                where = "policy" if is_policy(w.value) else "rollout" if is_rollout(w.value) else "value"
                 violations += [
                     FieldViolation(f"{field}[{i}].{where}", f"{w.key} {p}")
                     for p in checked_value_problems(definition, w.value, self._checks)
                 ]
         if violations:
             raise ValidationFailed(violations)
+        await self._check_policies(conn, scope, org_id, writes)
 
         current = await preference_sql.current_versions(conn, scope, keys)
         changes = []
@@ -163,6 +169,24 @@ class PreferenceWriter:
                 continue
             changes.append(KeyChange(w.key, old_value, new_value, old_version, old_version + 1))
         return _Staged(scope, org_id, field, tuple(keys), definitions, tuple(changes))
+
+    async def _check_policies(
+        self, conn: asyncpg.Connection, scope: Scope, org_id: str, writes: Sequence[KeyWrite]
+    ) -> None:
+        """PolicyViolation if a value written at `scope` breaks a policy stored at a scope above it."""
+        above = [s for _, s in layers_for_scope(scope, org_id) if s != scope]
+        if not above or all(w.value is None for w in writes):
+            return
+        stored = await preference_sql.overrides(conn, above)
+        for w in writes:
+            if w.value is None:
+                continue
+            for upper in above:
+                held = stored[upper].get(w.key)
+                if held is not None and is_policy(held.value):
+                    rule = refusal(policy_from_json(held.value), w.value)
+                    if rule is not None:
+                        raise PolicyViolation(w.key, str(scope), str(upper), rule)
 
     def _check_rules(self, staged: _Staged, effective: Sequence[ResolvedValue]) -> None:
         """ValidationFailed if the effective values after the changes break a cross-field rule."""

@@ -165,6 +165,12 @@ def provenance_to_pb(resolved: ResolvedValue) -> common_pb2.Provenance:
         updated_at=timestamp(resolved.updated_at),
         updated_by=resolved.updated_by,
         rollout=_assignment_to_pb(resolved.rollout) if resolved.rollout is not None else None,
+        shadowed=[
+            common_pb2.ShadowedOverride(
+                scope=scope_to_pb(s.scope), version=s.version, policy_scope=scope_to_pb(s.policy_scope), rule=s.rule
+            )
+            for s in resolved.shadowed
+        ],
     )
 
 

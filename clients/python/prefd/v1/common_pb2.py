@@ -26,25 +26,25 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prefd/v1/common.proto\x12\x08prefd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\x05Scope\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\n\n\x02id\x18\x02 \x01(\t\"*\n\x07Subject\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xd1\x01\n\nTypedValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x31\n\x11string_list_value\x18\x05 \x01(\x0b\x32\x14.prefd.v1.StringListH\x00\x12-\n\njson_value\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x06\n\x04kind\"\xcf\x01\n\nProvenance\x12\x1e\n\x05layer\x18\x01 \x01(\x0e\x32\x0f.prefd.v1.Layer\x12\x1e\n\x05scope\x18\x02 \x01(\x0b\x32\x0f.prefd.v1.Scope\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x05 \x01(\t\x12,\n\x07rollout\x18\x06 \x01(\x0b\x32\x1b.prefd.v1.RolloutAssignment\"\xa0\x01\n\x07Rollout\x12*\n\x08variants\x18\x01 \x03(\x0b\x32\x18.prefd.v1.RolloutVariant\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12,\n\tbucket_by\x18\x03 \x01(\x0e\x32\x19.prefd.v1.RolloutBucketBy\x12-\n\talgorithm\x18\x04 \x01(\x0e\x32\x1a.prefd.v1.RolloutAlgorithm\"S\n\x0eRolloutVariant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.prefd.v1.TypedValue\x12\x0e\n\x06weight\x18\x03 \x01(\x05\"\x86\x01\n\x11RolloutAssignment\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_weight\x18\x03 \x01(\x03\x12\x0c\n\x04salt\x18\x04 \x01(\t\x12,\n\tbucket_by\x18\x05 \x01(\x0e\x32\x19.prefd.v1.RolloutBucketBy\"\x17\n\x06\x43ursor\x12\r\n\x05token\x18\x01 \x01(\t\"0\n\x0cWatchStarted\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"1\n\rWatchProgress\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"9\n\x0eWatchCompacted\x12\'\n\roldest_cursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"/\n\x0bWatchErased\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor*g\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11SCOPE_KIND_GLOBAL\x10\x01\x12\x12\n\x0eSCOPE_KIND_ORG\x10\x02\x12\x13\n\x0fSCOPE_KIND_USER\x10\x03*\xc4\x01\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x01\x12\x12\n\x0eVALUE_TYPE_INT\x10\x02\x12\x15\n\x11VALUE_TYPE_DOUBLE\x10\x03\x12\x15\n\x11VALUE_TYPE_STRING\x10\x04\x12\x13\n\x0fVALUE_TYPE_ENUM\x10\x05\x12\x1a\n\x16VALUE_TYPE_STRING_LIST\x10\x06\x12\x13\n\x0fVALUE_TYPE_JSON\x10\x07*q\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x11\n\rLAYER_DEFAULT\x10\x01\x12\r\n\tLAYER_ENV\x10\x02\x12\x10\n\x0cLAYER_GLOBAL\x10\x03\x12\r\n\tLAYER_ORG\x10\x04\x12\x0e\n\nLAYER_USER\x10\x05*q\n\x0fRolloutBucketBy\x12!\n\x1dROLLOUT_BUCKET_BY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROLLOUT_BUCKET_BY_USER_ID\x10\x01\x12\x1c\n\x18ROLLOUT_BUCKET_BY_ORG_ID\x10\x02*`\n\x10RolloutAlgorithm\x12!\n\x1dROLLOUT_ALGORITHM_UNSPECIFIED\x10\x00\x12)\n%ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2\x10\x01*\xfd\x01\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43HANGE_KIND_PREFERENCE\x10\x01\x12\x1a\n\x16\x43HANGE_KIND_DEFINITION\x10\x02\x12\x19\n\x15\x43HANGE_KIND_AI_CONFIG\x10\x03\x12\x18\n\x14\x43HANGE_KIND_AI_MODEL\x10\x04\x12\x16\n\x12\x43HANGE_KIND_BUDGET\x10\x05\x12\x1b\n\x17\x43HANGE_KIND_MAINTENANCE\x10\x06\x12\x17\n\x13\x43HANGE_KIND_ERASURE\x10\x07\x12\x17\n\x13\x43HANGE_KIND_CONSENT\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15prefd/v1/common.proto\x12\x08prefd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n\x05Scope\x12!\n\x04kind\x18\x01 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\n\n\x02id\x18\x02 \x01(\t\"*\n\x07Subject\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06org_id\x18\x02 \x01(\t\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xd1\x01\n\nTypedValue\x12\x14\n\nbool_value\x18\x01 \x01(\x08H\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x31\n\x11string_list_value\x18\x05 \x01(\x0b\x32\x14.prefd.v1.StringListH\x00\x12-\n\njson_value\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x06\n\x04kind\"\xfd\x01\n\nProvenance\x12\x1e\n\x05layer\x18\x01 \x01(\x0e\x32\x0f.prefd.v1.Layer\x12\x1e\n\x05scope\x18\x02 \x01(\x0b\x32\x0f.prefd.v1.Scope\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12.\n\nupdated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x05 \x01(\t\x12,\n\x07rollout\x18\x06 \x01(\x0b\x32\x1b.prefd.v1.RolloutAssignment\x12,\n\x08shadowed\x18\x07 \x03(\x0b\x32\x1a.prefd.v1.ShadowedOverride\"x\n\x10ShadowedOverride\x12\x1e\n\x05scope\x18\x01 \x01(\x0b\x32\x0f.prefd.v1.Scope\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12%\n\x0cpolicy_scope\x18\x03 \x01(\x0b\x32\x0f.prefd.v1.Scope\x12\x0c\n\x04rule\x18\x04 \x01(\t\"\xa0\x01\n\x07Rollout\x12*\n\x08variants\x18\x01 \x03(\x0b\x32\x18.prefd.v1.RolloutVariant\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12,\n\tbucket_by\x18\x03 \x01(\x0e\x32\x19.prefd.v1.RolloutBucketBy\x12-\n\talgorithm\x18\x04 \x01(\x0e\x32\x1a.prefd.v1.RolloutAlgorithm\"S\n\x0eRolloutVariant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.prefd.v1.TypedValue\x12\x0e\n\x06weight\x18\x03 \x01(\x05\"\x86\x01\n\x11RolloutAssignment\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_weight\x18\x03 \x01(\x03\x12\x0c\n\x04salt\x18\x04 \x01(\t\x12,\n\tbucket_by\x18\x05 \x01(\x0e\x32\x19.prefd.v1.RolloutBucketBy\"\x17\n\x06\x43ursor\x12\r\n\x05token\x18\x01 \x01(\t\"0\n\x0cWatchStarted\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"1\n\rWatchProgress\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"9\n\x0eWatchCompacted\x12\'\n\roldest_cursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor\"/\n\x0bWatchErased\x12 \n\x06\x63ursor\x18\x01 \x01(\x0b\x32\x10.prefd.v1.Cursor*g\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11SCOPE_KIND_GLOBAL\x10\x01\x12\x12\n\x0eSCOPE_KIND_ORG\x10\x02\x12\x13\n\x0fSCOPE_KIND_USER\x10\x03*\xc4\x01\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x01\x12\x12\n\x0eVALUE_TYPE_INT\x10\x02\x12\x15\n\x11VALUE_TYPE_DOUBLE\x10\x03\x12\x15\n\x11VALUE_TYPE_STRING\x10\x04\x12\x13\n\x0fVALUE_TYPE_ENUM\x10\x05\x12\x1a\n\x16VALUE_TYPE_STRING_LIST\x10\x06\x12\x13\n\x0fVALUE_TYPE_JSON\x10\x07*q\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x11\n\rLAYER_DEFAULT\x10\x01\x12\r\n\tLAYER_ENV\x10\x02\x12\x10\n\x0cLAYER_GLOBAL\x10\x03\x12\r\n\tLAYER_ORG\x10\x04\x12\x0e\n\nLAYER_USER\x10\x05*q\n\x0fRolloutBucketBy\x12!\n\x1dROLLOUT_BUCKET_BY_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROLLOUT_BUCKET_BY_USER_ID\x10\x01\x12\x1c\n\x18ROLLOUT_BUCKET_BY_ORG_ID\x10\x02*`\n\x10RolloutAlgorithm\x12!\n\x1dROLLOUT_ALGORITHM_UNSPECIFIED\x10\x00\x12)\n%ROLLOUT_ALGORITHM_FLAGD_FRACTIONAL_V2\x10\x01*\xfd\x01\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43HANGE_KIND_PREFERENCE\x10\x01\x12\x1a\n\x16\x43HANGE_KIND_DEFINITION\x10\x02\x12\x19\n\x15\x43HANGE_KIND_AI_CONFIG\x10\x03\x12\x18\n\x14\x43HANGE_KIND_AI_MODEL\x10\x04\x12\x16\n\x12\x43HANGE_KIND_BUDGET\x10\x05\x12\x1b\n\x17\x43HANGE_KIND_MAINTENANCE\x10\x06\x12\x17\n\x13\x43HANGE_KIND_ERASURE\x10\x07\x12\x17\n\x13\x43HANGE_KIND_CONSENT\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prefd.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOPEKIND']._serialized_start=1269
-  _globals['_SCOPEKIND']._serialized_end=1372
-  _globals['_VALUETYPE']._serialized_start=1375
-  _globals['_VALUETYPE']._serialized_end=1571
-  _globals['_LAYER']._serialized_start=1573
-  _globals['_LAYER']._serialized_end=1686
-  _globals['_ROLLOUTBUCKETBY']._serialized_start=1688
-  _globals['_ROLLOUTBUCKETBY']._serialized_end=1801
-  _globals['_ROLLOUTALGORITHM']._serialized_start=1803
-  _globals['_ROLLOUTALGORITHM']._serialized_end=1899
-  _globals['_CHANGEKIND']._serialized_start=1902
-  _globals['_CHANGEKIND']._serialized_end=2155
+  _globals['_SCOPEKIND']._serialized_start=1437
+  _globals['_SCOPEKIND']._serialized_end=1540
+  _globals['_VALUETYPE']._serialized_start=1543
+  _globals['_VALUETYPE']._serialized_end=1739
+  _globals['_LAYER']._serialized_start=1741
+  _globals['_LAYER']._serialized_end=1854
+  _globals['_ROLLOUTBUCKETBY']._serialized_start=1856
+  _globals['_ROLLOUTBUCKETBY']._serialized_end=1969
+  _globals['_ROLLOUTALGORITHM']._serialized_start=1971
+  _globals['_ROLLOUTALGORITHM']._serialized_end=2067
+  _globals['_CHANGEKIND']._serialized_start=2070
+  _globals['_CHANGEKIND']._serialized_end=2323
   _globals['_SCOPE']._serialized_start=98
   _globals['_SCOPE']._serialized_end=152
   _globals['_SUBJECT']._serialized_start=154
@@ -54,21 +54,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TYPEDVALUE']._serialized_start=229
   _globals['_TYPEDVALUE']._serialized_end=438
   _globals['_PROVENANCE']._serialized_start=441
-  _globals['_PROVENANCE']._serialized_end=648
-  _globals['_ROLLOUT']._serialized_start=651
-  _globals['_ROLLOUT']._serialized_end=811
-  _globals['_ROLLOUTVARIANT']._serialized_start=813
-  _globals['_ROLLOUTVARIANT']._serialized_end=896
-  _globals['_ROLLOUTASSIGNMENT']._serialized_start=899
-  _globals['_ROLLOUTASSIGNMENT']._serialized_end=1033
-  _globals['_CURSOR']._serialized_start=1035
-  _globals['_CURSOR']._serialized_end=1058
-  _globals['_WATCHSTARTED']._serialized_start=1060
-  _globals['_WATCHSTARTED']._serialized_end=1108
-  _globals['_WATCHPROGRESS']._serialized_start=1110
-  _globals['_WATCHPROGRESS']._serialized_end=1159
-  _globals['_WATCHCOMPACTED']._serialized_start=1161
-  _globals['_WATCHCOMPACTED']._serialized_end=1218
-  _globals['_WATCHERASED']._serialized_start=1220
-  _globals['_WATCHERASED']._serialized_end=1267
+  _globals['_PROVENANCE']._serialized_end=694
+  _globals['_SHADOWEDOVERRIDE']._serialized_start=696
+  _globals['_SHADOWEDOVERRIDE']._serialized_end=816
+  _globals['_ROLLOUT']._serialized_start=819
+  _globals['_ROLLOUT']._serialized_end=979
+  _globals['_ROLLOUTVARIANT']._serialized_start=981
+  _globals['_ROLLOUTVARIANT']._serialized_end=1064
+  _globals['_ROLLOUTASSIGNMENT']._serialized_start=1067
+  _globals['_ROLLOUTASSIGNMENT']._serialized_end=1201
+  _globals['_CURSOR']._serialized_start=1203
+  _globals['_CURSOR']._serialized_end=1226
+  _globals['_WATCHSTARTED']._serialized_start=1228
+  _globals['_WATCHSTARTED']._serialized_end=1276
+  _globals['_WATCHPROGRESS']._serialized_start=1278
+  _globals['_WATCHPROGRESS']._serialized_end=1327
+  _globals['_WATCHCOMPACTED']._serialized_start=1329
+  _globals['_WATCHCOMPACTED']._serialized_end=1386
+  _globals['_WATCHERASED']._serialized_start=1388
+  _globals['_WATCHERASED']._serialized_end=1435
 # @@protoc_insertion_point(module_scope)

@@ -361,6 +361,7 @@ class Provenance(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    SHADOWED_FIELD_NUMBER: _builtins.int
     layer: Global___Layer.ValueType
     """The layer that supplied the value."""
     version: _builtins.int
@@ -379,6 +380,12 @@ class Provenance(_message.Message):
     def rollout(self) -> Global___RolloutAssignment:
         """When that override (or default) is a rollout: the variant this subject got."""
 
+    @_builtins.property
+    def shadowed(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowedOverride]:
+        """Overrides of layers below the one that supplied the value that a policy above them kept from
+        applying (enforced, or outside a narrowing), most general first.
+        """
+
     def __init__(
         self,
         *,
@@ -388,14 +395,53 @@ class Provenance(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
         rollout: Global___RolloutAssignment | None = ...,
+        shadowed: _abc.Iterable[Global___ShadowedOverride] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout", "scope", b"scope", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "rollout", b"rollout", "scope", b"scope", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layer", b"layer", "rollout", b"rollout", "scope", b"scope", "shadowed", b"shadowed", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
+
+@_typing.final
+class ShadowedOverride(_message.Message):
+    """ShadowedOverride is a stored override a policy of a scope above it kept from applying."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_SCOPE_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Its per-key version."""
+    rule: _builtins.str
+    """The rule it broke: "enforced", "min 1", "max 3", or "allowed ..."."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """Where the shadowed override is stored."""
+
+    @_builtins.property
+    def policy_scope(self) -> Global___Scope:
+        """The scope whose policy shadowed it."""
+
+    def __init__(
+        self,
+        *,
+        scope: Global___Scope | None = ...,
+        version: _builtins.int = ...,
+        policy_scope: Global___Scope | None = ...,
+        rule: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy_scope", b"policy_scope", "scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_scope", b"policy_scope", "rule", b"rule", "scope", b"scope", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowedOverride: _TypeAlias = ShadowedOverride  # noqa: Y015
 
 @_typing.final
 class Rollout(_message.Message):

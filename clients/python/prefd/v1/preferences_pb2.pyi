@@ -401,6 +401,7 @@ class PreferenceWrite(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The definition's key."""
     expected_version: _builtins.int
@@ -415,6 +416,12 @@ class PreferenceWrite(_message.Message):
     def rollout(self) -> _common_pb2.Rollout:
         """Instead of `value`: a rollout (ORG and GLOBAL scopes only); each subject reads its variant."""
 
+    @_builtins.property
+    def policy(self) -> Global___Policy:
+        """With `value` or `rollout` (ORG and GLOBAL scopes only): what the override imposes on the layers
+        below. A write below that breaks it is refused (FAILED_PRECONDITION, reason POLICY_VIOLATION).
+        """
+
     def __init__(
         self,
         *,
@@ -422,16 +429,63 @@ class PreferenceWrite(_message.Message):
         value: _common_pb2.TypedValue | None = ...,
         expected_version: _builtins.int | None = ...,
         rollout: _common_pb2.Rollout | None = ...,
+        policy: Global___Policy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "rollout", b"rollout", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "policy", b"policy", "rollout", b"rollout", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "key", b"key", "rollout", b"rollout", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "key", b"key", "policy", b"policy", "rollout", b"rollout", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
 
 Global___PreferenceWrite: _TypeAlias = PreferenceWrite  # noqa: Y015
+
+@_typing.final
+class Policy(_message.Message):
+    """Policy is what an ORG or GLOBAL override imposes on the layers below it (ORG and USER under
+    GLOBAL, USER under ORG). Overrides already stored below that it shadows stay stored; provenance
+    names them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENFORCED_FIELD_NUMBER: _builtins.int
+    MIN_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    ALLOWED_VALUES_FIELD_NUMBER: _builtins.int
+    enforced: _builtins.bool
+    """The layers below no longer apply for this key."""
+    min_value: _builtins.float
+    """A value below must be at least this (INT and DOUBLE keys; not below the definition's min)."""
+    max_value: _builtins.float
+    """A value below must be at most this (INT and DOUBLE keys; not above the definition's max)."""
+    @_builtins.property
+    def allowed_values(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TypedValue]:
+        """A value below must be one of these (a subset of the definition's allowed values, if it has any)."""
+
+    def __init__(
+        self,
+        *,
+        enforced: _builtins.bool = ...,
+        min_value: _builtins.float | None = ...,
+        max_value: _builtins.float | None = ...,
+        allowed_values: _abc.Iterable[_common_pb2.TypedValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_value", b"_max_value", "_min_value", b"_min_value", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_value", b"_max_value", "_min_value", b"_min_value", "allowed_values", b"allowed_values", "enforced", b"enforced", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_value: _TypeAlias = _typing.Literal["max_value"]  # noqa: Y015
+    _WhichOneofArgType__max_value: _TypeAlias = _typing.Literal["_max_value", b"_max_value"]  # noqa: Y015
+    _WhichOneofReturnType__min_value: _TypeAlias = _typing.Literal["min_value"]  # noqa: Y015
+    _WhichOneofArgType__min_value: _TypeAlias = _typing.Literal["_min_value", b"_min_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_value) -> _WhichOneofReturnType__max_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_value) -> _WhichOneofReturnType__min_value | None: ...
+
+Global___Policy: _TypeAlias = Policy  # noqa: Y015
 
 @_typing.final
 class PreferenceChange(_message.Message):
@@ -713,6 +767,7 @@ class StoredPreference(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key."""
     version: _builtins.int
@@ -731,6 +786,10 @@ class StoredPreference(_message.Message):
     def rollout(self) -> _common_pb2.Rollout:
         """When the override is a rollout: the rollout (and `value` is unset)."""
 
+    @_builtins.property
+    def policy(self) -> Global___Policy:
+        """When the override carries a policy: the policy."""
+
     def __init__(
         self,
         *,
@@ -740,10 +799,11 @@ class StoredPreference(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
         rollout: _common_pb2.Rollout | None = ...,
+        policy: Global___Policy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "rollout", b"rollout", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "rollout", b"rollout", "update_time", b"update_time", "updated_by", b"updated_by", "value", b"value", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "policy", b"policy", "rollout", b"rollout", "update_time", b"update_time", "updated_by", b"updated_by", "value", b"value", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
