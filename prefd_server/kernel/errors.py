@@ -113,6 +113,22 @@ class DefinitionExists(PrefdError):
         super().__init__(f"definition {key!r} already exists", key=key)
 
 
+class TemplateNotFound(PrefdError):
+    code = Code.NOT_FOUND
+    reason = "TEMPLATE_NOT_FOUND"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"template {name!r} does not exist", template=name)
+
+
+class TemplateExists(PrefdError):
+    code = Code.ALREADY_EXISTS
+    reason = "TEMPLATE_EXISTS"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"template {name!r} already exists", template=name)
+
+
 class DefinitionInUse(PrefdError):
     code = Code.FAILED_PRECONDITION
     reason = "DEFINITION_IN_USE"

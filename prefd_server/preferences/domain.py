@@ -15,6 +15,8 @@ from prefd_server.preferences.privacy import PreferencePrivacy
 from prefd_server.preferences.reads import PreferenceReader
 from prefd_server.preferences.restore import PreferenceRestorer
 from prefd_server.preferences.service import PreferencesService
+from prefd_server.preferences.template_book import TemplateBook
+from prefd_server.preferences.template_service import TemplateService
 from prefd_server.preferences.writes import PreferenceWriter, install_definitions
 from prefd_server.settings import Settings
 
@@ -50,4 +52,5 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
     async def stop(_grace_s: float) -> None:
         await cache.close()
 
-    return Domain("preferences", [service], stop)
+    templates = TemplateService(TemplateBook(kernel.pool, writer), kernel.tokens)
+    return Domain("preferences", [service, templates], stop)

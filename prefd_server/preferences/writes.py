@@ -93,14 +93,22 @@ class PreferenceWriter:
         # Checks by key that every written value and every definition default must pass too.
         self._checks = checks
 
-    async def write(self, command: ScopeWrite, call: CallInfo) -> WriteResult:
-        """Set (value) or remove (None) keys at one scope, all or nothing (nothing stored on a dry run)."""
+    async def write(
+        self,
+        command: ScopeWrite,
+        call: CallInfo,
+        also: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+    ) -> WriteResult:
+        """Set (value) or remove (None) keys at one scope, all or nothing (nothing stored on a dry run).
+        `also` runs in the same transaction after the writes (not on a dry run)."""
         async with translated_errors(), self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
                     result, xid = await self._write_locked(conn, command, call)
                     if command.dry_run:
                         raise _Rollback
+                    if also is not None:
+                        await also(conn)
             except _Rollback:
                 pass
         if xid is not None and not command.dry_run and self._commits is not None:

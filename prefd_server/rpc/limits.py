@@ -32,6 +32,8 @@ REQUEST_BYTES = {
     "CreateDefinition": 256 * 1024,
     "UpdateDefinition": 256 * 1024,
     # An event's data may take 64 KiB (its own limit below names the field); a batch adds 1,000 subjects.
+    "CreateTemplate": 256 * 1024,
+    "UpdateTemplate": 256 * 1024,
     "Decide": 96 * 1024,
     "DecideBatch": 512 * 1024,
 }

@@ -25,6 +25,7 @@ _AUDIT = "/prefd.v1.AuditService/"
 _HEALTH = "/prefd.v1.HealthService/"
 _NOTIFICATIONS = "/prefd.v1.NotificationService/"
 _STATISTICS = "/prefd.v1.StatisticsService/"
+_TEMPLATES = "/prefd.v1.TemplateService/"
 
 PERMISSIONS: Mapping[str, Access] = {
     # Definitions: everyone reads the catalog, admins change it.
@@ -77,6 +78,13 @@ PERMISSIONS: Mapping[str, Access] = {
     _NOTIFICATIONS + "WithdrawConsent": Access.RESOURCE,
     _NOTIFICATIONS + "ListConsents": Access.RESOURCE,
     _NOTIFICATIONS + "ListConsentHistory": Access.RESOURCE,
+    # Templates: admins keep them, anyone reads them; applying is a write at the scope named (require_write).
+    _TEMPLATES + "CreateTemplate": Access.ADMIN,
+    _TEMPLATES + "UpdateTemplate": Access.ADMIN,
+    _TEMPLATES + "GetTemplate": Access.RESOURCE,
+    _TEMPLATES + "ListTemplates": Access.RESOURCE,
+    _TEMPLATES + "DeleteTemplate": Access.ADMIN,
+    _TEMPLATES + "ApplyTemplate": Access.RESOURCE,
     # Statistics count every user's overrides (values of sensitive keys never): services and admins.
     _STATISTICS + "GetKeyStatistics": Access.SERVICE,
     _STATISTICS + "GetCategoryStatistics": Access.SERVICE,

@@ -117,6 +117,25 @@ TEMPLATES: dict[str, list[dict[str, Any]]] = {
             ],
             "reason": "r",
         },
+        {
+            "scope": ORG_SCOPE,
+            "writes": [
+                {
+                    "key": "display.theme",
+                    "rollout": {
+                        "variants": [
+                            {"name": "a", "value": {"string_value": "dark"}, "weight": 50},
+                            {"name": "b", "value": {"string_value": "light"}, "weight": 50},
+                        ],
+                        "salt": "fz",
+                        "bucket_by": "ROLLOUT_BUCKET_BY_USER_ID",
+                    },
+                    "policy": {"enforced": True, "allowed_values": [{"string_value": "dark"}]},
+                },
+                {"key": "display.items_per_page", "value": {"int_value": 20}, "policy": {"max_value": 50}},
+            ],
+            "reason": "r",
+        },
     ],
     "DeletePreferences": [{"scope": USER_SCOPE, "keys": ["display.theme"], "reason": "r"}],
     "ResetPreferences": [{"scope": USER_SCOPE, "category": "display", "reason": "r"}],
@@ -228,6 +247,30 @@ TEMPLATES: dict[str, list[dict[str, Any]]] = {
     "WithdrawConsent": [{"user_id": "fz-user", "purpose": "marketing_email", "source": "settings_page"}],
     "ListConsents": [{"user_id": "fz-user"}],
     "ListConsentHistory": [{"user_id": "fz-user", "purpose": "marketing_email", "page_size": 2}],
+    "CreateTemplate": [
+        {
+            "template": {
+                "name": "fz-tpl",
+                "scope_kind": "SCOPE_KIND_USER",
+                "values": [{"key": "display.theme", "value": {"string_value": "dark"}}],
+            }
+        }
+    ],
+    "UpdateTemplate": [
+        {
+            "template": {
+                "name": "fz-tpl",
+                "scope_kind": "SCOPE_KIND_USER",
+                "description": "d",
+                "values": [{"key": "display.items_per_page", "value": {"int_value": 25}}],
+            },
+            "expected_version": 1,
+        }
+    ],
+    "GetTemplate": [{"name": "fz-tpl"}],
+    "ListTemplates": [{"page_size": 2}],
+    "DeleteTemplate": [{"name": "fz-tpl"}],
+    "ApplyTemplate": [{"name": "fz-tpl", "scope": USER_SCOPE, "dry_run": True, "reason": "r"}],
     "GetKeyStatistics": [
         {"key": "display.theme", "scope_kind": "SCOPE_KIND_USER", "top_n": 3},
         {"key": "notifications.sms.phone_number"},

@@ -23,6 +23,7 @@ from prefd.v1 import (
     preferences_pb2,
     preferences_pb2_grpc,
     statistics_pb2_grpc,
+    templates_pb2_grpc,
 )
 
 # Idempotent reads retried on UNAVAILABLE (a restarting or briefly unreachable server).
@@ -44,6 +45,7 @@ _RETRYABLE_READS = {
     ),
     "prefd.v1.AuditService": ("ListChanges", "GetChange", "DiffScope", "PreviewRollback", "ExportUserData"),
     "prefd.v1.StatisticsService": ("GetKeyStatistics", "GetCategoryStatistics", "GetAdoption", "ListDailyRollups"),
+    "prefd.v1.TemplateService": ("GetTemplate", "ListTemplates"),
     "prefd.v1.HealthService": (
         "GetSystemHealth",
         "GetDatabaseHealth",
@@ -80,6 +82,7 @@ _STUBS: dict[str, Callable[[grpc.aio.Channel], Any]] = {
     "prefd.v1.HealthService": health_pb2_grpc.HealthServiceStub,
     "prefd.v1.NotificationService": notifications_pb2_grpc.NotificationServiceStub,
     "prefd.v1.StatisticsService": statistics_pb2_grpc.StatisticsServiceStub,
+    "prefd.v1.TemplateService": templates_pb2_grpc.TemplateServiceStub,
 }
 
 

@@ -6,7 +6,7 @@ import abc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from prefd.v1 import ai_config_pb2, audit_pb2, health_pb2, notifications_pb2, preferences_pb2, statistics_pb2
+from prefd.v1 import ai_config_pb2, audit_pb2, health_pb2, notifications_pb2, preferences_pb2, statistics_pb2, templates_pb2
 
 
 class AsyncRpcs(abc.ABC):
@@ -496,6 +496,56 @@ class AsyncRpcs(abc.ABC):
         reply: statistics_pb2.ListDailyRollupsResponse = await self._unary("prefd.v1.StatisticsService", "ListDailyRollups", request, timeout)
         return reply
 
+    async def create_template(
+        self, request: templates_pb2.CreateTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.CreateTemplateResponse:
+        """/prefd.v1.TemplateService/CreateTemplate: Create a template. ALREADY_EXISTS when the name is taken;
+        INVALID_ARGUMENT for an unknown key, a value its definition refuses, a key not overridable at the
+        template's scope kind, or more than 500 keys.
+        """
+        reply: templates_pb2.CreateTemplateResponse = await self._unary("prefd.v1.TemplateService", "CreateTemplate", request, timeout)
+        return reply
+
+    async def update_template(
+        self, request: templates_pb2.UpdateTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.UpdateTemplateResponse:
+        """/prefd.v1.TemplateService/UpdateTemplate: Replace a template's description and values
+        (compare-and-set on `expected_version` when given).
+        """
+        reply: templates_pb2.UpdateTemplateResponse = await self._unary("prefd.v1.TemplateService", "UpdateTemplate", request, timeout)
+        return reply
+
+    async def get_template(
+        self, request: templates_pb2.GetTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.GetTemplateResponse:
+        """/prefd.v1.TemplateService/GetTemplate: One template with its usage."""
+        reply: templates_pb2.GetTemplateResponse = await self._unary("prefd.v1.TemplateService", "GetTemplate", request, timeout)
+        return reply
+
+    async def list_templates(
+        self, request: templates_pb2.ListTemplatesRequest, *, timeout: float | None = None
+    ) -> templates_pb2.ListTemplatesResponse:
+        """/prefd.v1.TemplateService/ListTemplates: Templates by name, paged."""
+        reply: templates_pb2.ListTemplatesResponse = await self._unary("prefd.v1.TemplateService", "ListTemplates", request, timeout)
+        return reply
+
+    async def delete_template(
+        self, request: templates_pb2.DeleteTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.DeleteTemplateResponse:
+        """/prefd.v1.TemplateService/DeleteTemplate: Delete a template (what it wrote stays)."""
+        reply: templates_pb2.DeleteTemplateResponse = await self._unary("prefd.v1.TemplateService", "DeleteTemplate", request, timeout)
+        return reply
+
+    async def apply_template(
+        self, request: templates_pb2.ApplyTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.ApplyTemplateResponse:
+        """/prefd.v1.TemplateService/ApplyTemplate: Write a template's values at a scope of its kind: one
+        transaction, all or nothing, through the same checks as SetPreferences (policies above included).
+        With `dry_run`, the outcome without storing (and without counting a use).
+        """
+        reply: templates_pb2.ApplyTemplateResponse = await self._unary("prefd.v1.TemplateService", "ApplyTemplate", request, timeout)
+        return reply
+
 
 class SyncRpcs(abc.ABC):
     """Every RPC as a method named after it in snake_case; streams return iterators."""
@@ -982,4 +1032,54 @@ class SyncRpcs(abc.ABC):
         or one longer than 366 days.
         """
         reply: statistics_pb2.ListDailyRollupsResponse = self._unary("prefd.v1.StatisticsService", "ListDailyRollups", request, timeout)
+        return reply
+
+    def create_template(
+        self, request: templates_pb2.CreateTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.CreateTemplateResponse:
+        """/prefd.v1.TemplateService/CreateTemplate: Create a template. ALREADY_EXISTS when the name is taken;
+        INVALID_ARGUMENT for an unknown key, a value its definition refuses, a key not overridable at the
+        template's scope kind, or more than 500 keys.
+        """
+        reply: templates_pb2.CreateTemplateResponse = self._unary("prefd.v1.TemplateService", "CreateTemplate", request, timeout)
+        return reply
+
+    def update_template(
+        self, request: templates_pb2.UpdateTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.UpdateTemplateResponse:
+        """/prefd.v1.TemplateService/UpdateTemplate: Replace a template's description and values
+        (compare-and-set on `expected_version` when given).
+        """
+        reply: templates_pb2.UpdateTemplateResponse = self._unary("prefd.v1.TemplateService", "UpdateTemplate", request, timeout)
+        return reply
+
+    def get_template(
+        self, request: templates_pb2.GetTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.GetTemplateResponse:
+        """/prefd.v1.TemplateService/GetTemplate: One template with its usage."""
+        reply: templates_pb2.GetTemplateResponse = self._unary("prefd.v1.TemplateService", "GetTemplate", request, timeout)
+        return reply
+
+    def list_templates(
+        self, request: templates_pb2.ListTemplatesRequest, *, timeout: float | None = None
+    ) -> templates_pb2.ListTemplatesResponse:
+        """/prefd.v1.TemplateService/ListTemplates: Templates by name, paged."""
+        reply: templates_pb2.ListTemplatesResponse = self._unary("prefd.v1.TemplateService", "ListTemplates", request, timeout)
+        return reply
+
+    def delete_template(
+        self, request: templates_pb2.DeleteTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.DeleteTemplateResponse:
+        """/prefd.v1.TemplateService/DeleteTemplate: Delete a template (what it wrote stays)."""
+        reply: templates_pb2.DeleteTemplateResponse = self._unary("prefd.v1.TemplateService", "DeleteTemplate", request, timeout)
+        return reply
+
+    def apply_template(
+        self, request: templates_pb2.ApplyTemplateRequest, *, timeout: float | None = None
+    ) -> templates_pb2.ApplyTemplateResponse:
+        """/prefd.v1.TemplateService/ApplyTemplate: Write a template's values at a scope of its kind: one
+        transaction, all or nothing, through the same checks as SetPreferences (policies above included).
+        With `dry_run`, the outcome without storing (and without counting a use).
+        """
+        reply: templates_pb2.ApplyTemplateResponse = self._unary("prefd.v1.TemplateService", "ApplyTemplate", request, timeout)
         return reply
