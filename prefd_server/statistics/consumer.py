@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.db import horizon_xid, init_connection
+from prefd_server.kernel.db import init_connection
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, ScopeKind
 from prefd_server.kernel.parts import KeyCatalog
@@ -24,6 +24,7 @@ from prefd_server.statistics.rules import Planner, erased_scopes, touched_slots
 log = logging.getLogger(__name__)
 
 BATCH = 5000
+STATEMENT_TIMEOUT_S = 120.0
 _COUNTED_KINDS = frozenset({ChangeKind.PREFERENCE, ChangeKind.ERASURE})
 _DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
@@ -41,8 +42,7 @@ async def apply_batch(conn: asyncpg.Connection, catalog: KeyCatalog, limit: int 
     """Count the next batch of changes after the stored position and store the new position, all in one
     transaction; (what it did, whether more changes may be waiting)."""
     async with conn.transaction():
-        position = await store.lock_position(conn)
-        horizon = await horizon_xid(conn)
+        position, horizon = await store.lock_position(conn)
         rows = await store.read_changes(conn, position, horizon, limit)
         outcome = BatchOutcome(events=len(rows))
         if rows:
@@ -92,7 +92,10 @@ async def catch_up(conn: asyncpg.Connection, catalog: KeyCatalog) -> BatchOutcom
 
 async def connect(dsn: str) -> asyncpg.Connection:
     """A connection of the runner's own (not the pool's: it holds the runner lock for its lifetime)."""
-    conn = await asyncpg.connect(dsn, server_settings={"application_name": "prefd-statistics"})
+    # A hung database ends a batch (rolled back) rather than the runner: it reconnects and resumes.
+    conn = await asyncpg.connect(
+        dsn, server_settings={"application_name": "prefd-statistics"}, command_timeout=STATEMENT_TIMEOUT_S
+    )
     await init_connection(conn)
     return conn
 
@@ -106,7 +109,7 @@ class StatisticsRunner:
         dsn: str,
         catalog: KeyCatalog,
         poll_interval_s: float = 1.0,
-        pace_s: float = 0.1,
+        pace_s: float = 0.25,
         standby_s: float = 2.0,
     ) -> None:
         self._dsn = dsn

@@ -39,11 +39,16 @@ async def try_runner_lock(conn: asyncpg.Connection) -> bool:
     return taken
 
 
-async def lock_position(conn: asyncpg.Connection) -> FeedCursor:
-    """The consumer's position, row-locked until the transaction ends: appliers, erasures and resets of
-    the statistics take their turns here, so no change is counted twice."""
-    row = await conn.fetchrow("SELECT xid, change_id FROM statistics_position FOR UPDATE")
-    return FeedCursor(row["xid"], row["change_id"])
+async def lock_position(conn: asyncpg.Connection) -> tuple[FeedCursor, int]:
+    """The consumer's position, row-locked until the transaction ends (appliers, erasures and resets of
+    the statistics take their turns here, so no change is counted twice), and the feed horizon of the
+    statement's snapshot: every transaction below it has finished (taken before a wait for the lock, so
+    it may be older than the lock's moment, which only makes the batch shorter)."""
+    row = await conn.fetchrow(
+        """SELECT xid, change_id, pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon
+           FROM statistics_position FOR UPDATE"""
+    )
+    return FeedCursor(row["xid"], row["change_id"]), row["horizon"]
 
 
 async def save_position(conn: asyncpg.Connection, position: FeedCursor) -> None:
