@@ -19,7 +19,7 @@ from prefd_server.kernel.model import ChangeKind, ScopeKind
 from prefd_server.kernel.parts import KeyCatalog
 from prefd_server.statistics import store
 from prefd_server.statistics.model import BatchOutcome
-from prefd_server.statistics.rules import Planner, erased_scopes, touched_slots
+from prefd_server.statistics.rules import Plan, Planner, erased_scopes, touched_slots, writes_of
 
 log = logging.getLogger(__name__)
 
@@ -42,38 +42,45 @@ async def apply_batch(conn: asyncpg.Connection, catalog: KeyCatalog, limit: int 
     """Count the next batch of changes after the stored position and store the new position, all in one
     transaction; (what it did, whether more changes may be waiting)."""
     async with conn.transaction():
-        position, horizon = await store.lock_position(conn)
+        position, horizon = await store.lock_apply(conn)
         rows = await store.read_changes(conn, position, horizon, limit)
         outcome = BatchOutcome(events=len(rows))
-        if rows:
-            erased = erased_scopes(rows)
-            counted = await store.counted_rows(conn, touched_slots(rows), erased)
-            keys = sorted({r.key for r in rows if r.kind == ChangeKind.PREFERENCE})
-            plan = Planner(counted, await sensitivity(catalog, keys)).apply(rows)
-            await store.apply_plan(conn, plan)
-            outcome.counted, outcome.erasures, outcome.keys = plan.applied, plan.erasures, set(keys)
+        if not rows:  # an idle poll writes nothing (its own commit would move the horizon again)
+            return outcome, False
+        erased = erased_scopes(rows)
+        counted = await store.counted_rows(conn, touched_slots(rows), erased)
+        keys = sorted({r.key for r in rows if r.kind == ChangeKind.PREFERENCE})
+        plan = Planner(counted, await sensitivity(catalog, keys)).apply(rows)
         more = len(rows) == limit
         # Below the horizon nothing can still appear, so a short batch moves the position up to it.
         new_position = rows[-1].position if more else max(position, FeedCursor.at_horizon(horizon))
-        if rows:  # an idle poll writes nothing (its own commit would move the horizon again)
-            await store.save_position(conn, new_position)
+        await _write(conn, plan, new_position)
+        outcome.counted, outcome.erasures, outcome.keys = plan.applied, plan.erasures, set(keys)
     return outcome, more
+
+
+async def _write(conn: asyncpg.Connection, plan: Plan, position: FeedCursor | None) -> None:
+    """Everything read first (no transaction id yet), then one statement for the figures and one for the
+    daily rows, so the feed horizon is held back as briefly as possible."""
+    values_before, keys_before = await store.touched_figures(conn, plan)
+    await store.write(conn, plan, writes_of(plan, values_before, keys_before), position)
+    await store.write_days(conn, plan)
 
 
 async def erase_user(conn: asyncpg.Connection, user_id: str) -> int:
     """Take a user out of every count now, inside an erasure's transaction; returns the rows removed."""
-    await store.lock_position(conn)
+    await store.lock_apply(conn)
     counted = await store.counted_rows(conn, (), [user_id])
     planner = Planner(counted, {})
     planner.erase(ScopeKind.USER.value, user_id, datetime.now(UTC).date())
-    await store.apply_plan(conn, planner.plan)
+    await _write(conn, planner.plan, None)
     return len(counted)
 
 
 async def reset(conn: asyncpg.Connection) -> None:
     """Forget every figure; the next batches count the whole retained feed again."""
     async with conn.transaction():
-        await store.lock_position(conn)
+        await store.lock_apply(conn)
         await store.reset(conn)
 
 

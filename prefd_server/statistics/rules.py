@@ -141,19 +141,52 @@ def touched_slots(rows: Sequence[FeedRow]) -> list[Slot]:
     return list(dict.fromkeys((r.scope_kind, r.scope_id, r.key) for r in rows if r.kind == ChangeKind.PREFERENCE))
 
 
-def distinct_deltas(
-    deltas: Mapping[tuple[str, str, str], int], after: Mapping[tuple[str, str, str], int]
-) -> dict[tuple[str, str], int]:
-    """(key, kind) -> change in distinct values: a value whose holders went from 0 up adds one, one
-    whose holders came down to 0 removes one (`after` holds the holders once the deltas applied)."""
-    found: dict[tuple[str, str], int] = defaultdict(int)
-    for (key, kind, value_hash), delta in deltas.items():
-        now = after[(key, kind, value_hash)]
-        if now - delta == 0 and now > 0:
-            found[(key, kind)] += 1
-        elif now == 0 and delta < 0:
-            found[(key, kind)] -= 1
-    return found
+@dataclass(frozen=True, slots=True)
+class Writes:
+    """A plan's figures as rows: value rows to update, insert (with their JSON) and delete (at 0 holders),
+    key rows to update and insert, each with absolute holders."""
+
+    values_updated: list[tuple[str, str, str, int]]
+    values_inserted: list[tuple[str, str, str, str, int]]
+    values_deleted: list[tuple[str, str, str]]
+    keys_updated: list[tuple[str, str, int, int]]
+    keys_inserted: list[tuple[str, str, int, int]]
+
+
+def writes_of(
+    plan: Plan,
+    values_before: Mapping[tuple[str, str, str], int],
+    keys_before: Mapping[tuple[str, str], tuple[int, int]],
+) -> Writes:
+    """The rows a plan's deltas make of the figures it touches (holders before: the rows that exist). A
+    value reaching 0 holders is deleted and no longer counts as a distinct value; one going up from 0 does."""
+    updated: list[tuple[str, str, str, int]] = []
+    inserted: list[tuple[str, str, str, str, int]] = []
+    deleted: list[tuple[str, str, str]] = []
+    distinct: dict[tuple[str, str], int] = defaultdict(int)
+    for (key, kind, value_hash), delta in sorted(plan.nonzero_values().items()):
+        before = values_before.get((key, kind, value_hash))
+        after = (before or 0) + delta
+        if after < 0:
+            raise ValueError(f"holders of a value of {key} at {kind} would fall below 0")
+        if before is None:
+            if after:
+                inserted.append((key, kind, value_hash, plan.value_json.get(value_hash, ""), after))
+                distinct[(key, kind)] += 1
+        elif after == 0:
+            deleted.append((key, kind, value_hash))
+            distinct[(key, kind)] -= 1
+        else:
+            updated.append((key, kind, value_hash, after))
+    keys_updated: list[tuple[str, str, int, int]] = []
+    keys_inserted: list[tuple[str, str, int, int]] = []
+    for key_kind in sorted(set(plan.nonzero_holders()) | {k for k, d in distinct.items() if d}):
+        holders, values = keys_before.get(key_kind, (0, 0))
+        row = (key_kind[0], key_kind[1], holders + plan.holders.get(key_kind, 0), values + distinct.get(key_kind, 0))
+        if row[2] < 0 or row[3] < 0:
+            raise ValueError(f"holders of {key_kind[0]} at {key_kind[1]} would fall below 0")
+        (keys_updated if key_kind in keys_before else keys_inserted).append(row)
+    return Writes(updated, inserted, deleted, keys_updated, keys_inserted)
 
 
 def rollup_days(start: date, end: date, rows: Sequence[DayRow], before: DayRow | None) -> list[DayRow]:

@@ -16,7 +16,7 @@ from prefd_server.kernel.model import FieldViolation
 from prefd_server.kernel.parts import KeyCatalog, KeyFacts
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.rpc import convert
-from prefd_server.statistics import store
+from prefd_server.statistics import figures_store as store
 from prefd_server.statistics.convert import (
     adoption_to_pb,
     key_statistics_to_pb,

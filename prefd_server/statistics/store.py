@@ -1,28 +1,22 @@
-"""SQL of the statistics: the consumer's position and runner lock, reading the feed, applying a plan's
-deltas, erasing a user from the counts, resetting, and the reads behind every RPC."""
+"""SQL of the statistics consumer: the runner and apply locks, its position, reading the feed and the
+figures a batch touches, writing a batch's figures in one statement, the daily rows, and the reset."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date
-from typing import Any
 
 import asyncpg
 
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.model import JsonValue
-from prefd_server.statistics.model import (
-    AdoptionFigures,
-    Counted,
-    DayRow,
-    KeyFigures,
-    Popular,
-    ValueCount,
-)
-from prefd_server.statistics.rules import FeedRow, Plan, Slot, distinct_deltas
+from prefd_server.statistics.model import Counted
+from prefd_server.statistics.rules import FeedRow, Plan, Slot, Writes
 
 # pg_advisory_lock key held by the one statistics runner across processes ("prefdst" in ASCII).
 RUNNER_LOCK_KEY = 0x70726566647374
+# pg_advisory_xact_lock key every writer of the statistics (a batch, an erasure, a reset) holds until its
+# transaction ends ("prefdsa"). Unlike a row lock it takes no transaction id, so a batch reads everything
+# first and holds back the change feed's horizon only for its one writing statement.
+APPLY_LOCK_KEY = 0x70726566647361
 
 TABLES = (
     "statistics_current",
@@ -39,24 +33,16 @@ async def try_runner_lock(conn: asyncpg.Connection) -> bool:
     return taken
 
 
-async def lock_position(conn: asyncpg.Connection) -> tuple[FeedCursor, int]:
-    """The consumer's position, row-locked until the transaction ends (appliers, erasures and resets of
-    the statistics take their turns here, so no change is counted twice), and the feed horizon of the
-    statement's snapshot: every transaction below it has finished (taken before a wait for the lock, so
-    it may be older than the lock's moment, which only makes the batch shorter)."""
+async def lock_apply(conn: asyncpg.Connection) -> tuple[FeedCursor, int]:
+    """Take the apply lock for the transaction, then read the position and the feed horizon (both after
+    the lock: what an earlier holder committed is seen, and every transaction below the horizon has
+    finished)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", APPLY_LOCK_KEY)
     row = await conn.fetchrow(
         """SELECT xid, change_id, pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon
-           FROM statistics_position FOR UPDATE"""
+           FROM statistics_position"""
     )
     return FeedCursor(row["xid"], row["change_id"]), row["horizon"]
-
-
-async def save_position(conn: asyncpg.Connection, position: FeedCursor) -> None:
-    await conn.execute(
-        "UPDATE statistics_position SET xid = $1, change_id = $2, updated_at = now()",
-        position.xid,
-        position.change_id,
-    )
 
 
 READ_CHANGES = """SELECT id, xid::text::bigint AS xid, kind, scope_kind, scope_id, key, version,
@@ -107,108 +93,108 @@ async def counted_rows(
     return {(r["scope_kind"], r["scope_id"], r["key"]): Counted(r["value_hash"], r["version"]) for r in rows}
 
 
-async def apply_plan(conn: asyncpg.Connection, plan: Plan) -> None:
-    """Write a plan's deltas, counted rows, known users and daily rows (in the caller's transaction)."""
-    values = plan.nonzero_values()
-    distinct: dict[tuple[str, str], int] = {}
-    if values:
-        items = list(values.items())
-        # Deltas go onto existing rows and missing rows are inserted, in one statement: the CHECK then
-        # sees final holders only (INSERT .. ON CONFLICT would check a negative delta on its own).
-        after = await conn.fetch(
-            """WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-                           AS d(key, scope_kind, value_hash, value_json, delta)),
-                    updated AS (
-                        UPDATE statistics_values t SET holders = t.holders + d.delta FROM d
-                        WHERE t.key = d.key AND t.scope_kind = d.scope_kind AND t.value_hash = d.value_hash
-                        RETURNING t.key, t.scope_kind, t.value_hash, t.holders),
-                    inserted AS (
-                        INSERT INTO statistics_values (key, scope_kind, value_hash, value_json, holders)
-                        SELECT d.key, d.scope_kind, d.value_hash, d.value_json, d.delta FROM d
-                        WHERE NOT EXISTS (SELECT 1 FROM statistics_values t WHERE t.key = d.key
-                                          AND t.scope_kind = d.scope_kind AND t.value_hash = d.value_hash)
-                        RETURNING key, scope_kind, value_hash, holders)
-               SELECT * FROM updated UNION ALL SELECT * FROM inserted""",
-            [k[0] for k, _ in items],
-            [k[1] for k, _ in items],
-            [k[2] for k, _ in items],
-            [plan.value_json.get(k[2], "") for k, _ in items],
-            [d for _, d in items],
-        )
-        distinct = distinct_deltas(values, {(r["key"], r["scope_kind"], r["value_hash"]): r["holders"] for r in after})
-        await conn.execute(
-            """DELETE FROM statistics_values v USING unnest($1::text[], $2::text[], $3::text[]) AS s(key, kind, hash)
-               WHERE v.key = s.key AND v.scope_kind = s.kind AND v.value_hash = s.hash AND v.holders = 0""",
-            [k[0] for k, _ in items],
-            [k[1] for k, _ in items],
-            [k[2] for k, _ in items],
-        )
-    holders = plan.nonzero_holders()
-    keys = sorted(set(holders) | {k for k, d in distinct.items() if d})
-    if keys:
-        await conn.execute(
-            """WITH d AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
-                           AS d(key, scope_kind, delta, distinct_delta)),
-                    updated AS (
-                        UPDATE statistics_keys t
-                        SET holders = t.holders + d.delta, distinct_values = t.distinct_values + d.distinct_delta
-                        FROM d WHERE t.key = d.key AND t.scope_kind = d.scope_kind RETURNING 1)
-               INSERT INTO statistics_keys (key, scope_kind, holders, distinct_values)
-               SELECT d.key, d.scope_kind, d.delta, d.distinct_delta FROM d
-               WHERE NOT EXISTS (
-                   SELECT 1 FROM statistics_keys t WHERE t.key = d.key AND t.scope_kind = d.scope_kind)""",
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [holders.get(k, 0) for k in keys],
-            [distinct.get(k, 0) for k in keys],
-        )
-    await _write_counted(conn, plan)
-    await _write_users(conn, plan)
-    await _write_days(conn, plan)
-
-
-async def _write_counted(conn: asyncpg.Connection, plan: Plan) -> None:
-    if plan.counted:
-        slots = list(plan.counted.items())
-        await conn.execute(
-            """INSERT INTO statistics_current AS c (scope_kind, scope_id, key, value_hash, version)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
-               ON CONFLICT (scope_kind, scope_id, key) DO UPDATE
-               SET value_hash = EXCLUDED.value_hash, version = EXCLUDED.version""",
-            [s[0] for s, _ in slots],
-            [s[1] for s, _ in slots],
-            [s[2] for s, _ in slots],
-            [c.value_hash for _, c in slots],
-            [c.version for _, c in slots],
-        )
-    if plan.uncounted:
-        gone = sorted(plan.uncounted)
-        await conn.execute(
-            """DELETE FROM statistics_current c USING unnest($1::text[], $2::text[], $3::text[]) AS s(kind, id, key)
-               WHERE c.scope_kind = s.kind AND c.scope_id = s.id AND c.key = s.key""",
-            [s[0] for s in gone],
-            [s[1] for s in gone],
-            [s[2] for s in gone],
-        )
-
-
-async def _write_users(conn: asyncpg.Connection, plan: Plan) -> None:
-    if not plan.users_seen and not plan.users_erased:
-        return
-    await conn.execute(
-        """WITH added AS (
-               INSERT INTO statistics_users (user_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING RETURNING 1),
-           removed AS (DELETE FROM statistics_users WHERE user_id = ANY($2::text[]) RETURNING 1)
-           UPDATE statistics_totals
-           SET value = value + (SELECT count(*) FROM added) - (SELECT count(*) FROM removed)
-           WHERE name = 'known_users'""",
-        sorted(plan.users_seen - plan.users_erased),
-        sorted(plan.users_erased),
+async def touched_figures(
+    conn: asyncpg.Connection, plan: Plan
+) -> tuple[dict[tuple[str, str, str], int], dict[tuple[str, str], tuple[int, int]]]:
+    """The holders of every value row a plan changes that exists, and the (holders, distinct values) of
+    every key row it changes that exists."""
+    values = list(plan.nonzero_values())
+    keys = sorted(set(plan.holders) | {(k, kind) for k, kind, _ in values})
+    row = await conn.fetchrow(
+        """SELECT
+               (SELECT coalesce(json_agg(json_build_array(v.key, v.scope_kind, v.value_hash, v.holders)), '[]')
+                FROM unnest($1::text[], $2::text[], $3::text[]) AS s(key, scope_kind, value_hash)
+                JOIN statistics_values v USING (key, scope_kind, value_hash)) AS values,
+               (SELECT coalesce(json_agg(json_build_array(k.key, k.scope_kind, k.holders, k.distinct_values)), '[]')
+                FROM unnest($4::text[], $5::text[]) AS s(key, scope_kind)
+                JOIN statistics_keys k USING (key, scope_kind)) AS keys""",
+        [v[0] for v in values],
+        [v[1] for v in values],
+        [v[2] for v in values],
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return (
+        {(k, kind, h): n for k, kind, h, n in row["values"]},
+        {(k, kind): (n, d) for k, kind, n, d in row["keys"]},
     )
 
 
-async def _write_days(conn: asyncpg.Connection, plan: Plan) -> None:
-    pairs = sorted(set(plan.changes) | {(key, day) for key, day in plan.snapshot_days.items()})
+WRITE = """WITH
+    v_updated AS (
+        UPDATE statistics_values t SET holders = u.holders
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS u(key, scope_kind, value_hash, holders)
+        WHERE t.key = u.key AND t.scope_kind = u.scope_kind AND t.value_hash = u.value_hash RETURNING 1),
+    v_inserted AS (
+        INSERT INTO statistics_values (key, scope_kind, value_hash, value_json, holders)
+        SELECT * FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[]) RETURNING 1),
+    v_deleted AS (
+        DELETE FROM statistics_values t USING unnest($10::text[], $11::text[], $12::text[]) AS d(key, kind, hash)
+        WHERE t.key = d.key AND t.scope_kind = d.kind AND t.value_hash = d.hash RETURNING 1),
+    k_updated AS (
+        UPDATE statistics_keys t SET holders = u.holders, distinct_values = u.distinct_values
+        FROM unnest($13::text[], $14::text[], $15::bigint[], $16::bigint[])
+             AS u(key, scope_kind, holders, distinct_values)
+        WHERE t.key = u.key AND t.scope_kind = u.scope_kind RETURNING 1),
+    k_inserted AS (
+        INSERT INTO statistics_keys (key, scope_kind, holders, distinct_values)
+        SELECT * FROM unnest($17::text[], $18::text[], $19::bigint[], $20::bigint[]) RETURNING 1),
+    c_written AS (
+        INSERT INTO statistics_current AS c (scope_kind, scope_id, key, value_hash, version)
+        SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::bigint[])
+        ON CONFLICT (scope_kind, scope_id, key) DO UPDATE
+        SET value_hash = EXCLUDED.value_hash, version = EXCLUDED.version RETURNING 1),
+    c_deleted AS (
+        DELETE FROM statistics_current c USING unnest($26::text[], $27::text[], $28::text[]) AS d(kind, id, key)
+        WHERE c.scope_kind = d.kind AND c.scope_id = d.id AND c.key = d.key RETURNING 1),
+    u_added AS (
+        INSERT INTO statistics_users (user_id) SELECT unnest($29::text[]) ON CONFLICT DO NOTHING RETURNING 1),
+    u_removed AS (DELETE FROM statistics_users WHERE user_id = ANY($30::text[]) RETURNING 1),
+    known AS (
+        UPDATE statistics_totals SET value = value + (SELECT count(*) FROM u_added) - (SELECT count(*) FROM u_removed)
+        WHERE name = 'known_users' RETURNING 1),
+    moved AS (
+        UPDATE statistics_position SET xid = $31, change_id = $32, updated_at = now()
+        WHERE $33 RETURNING 1)
+SELECT 1"""
+
+
+async def write(conn: asyncpg.Connection, plan: Plan, writes: Writes, position: FeedCursor | None) -> None:
+    """Every figure a plan changes, its counted rows, known users and (unless None) the new position, in
+    one statement: the transaction takes its id here, so the feed horizon waits for this statement only."""
+    c_rows = list(plan.counted.items())
+    gone = sorted(plan.uncounted)
+    await conn.execute(
+        WRITE,
+        *_columns(writes.values_updated, 4),
+        *_columns(writes.values_inserted, 5),
+        *_columns(writes.values_deleted, 3),
+        *_columns(writes.keys_updated, 4),
+        *_columns(writes.keys_inserted, 4),
+        [s[0] for s, _ in c_rows],
+        [s[1] for s, _ in c_rows],
+        [s[2] for s, _ in c_rows],
+        [c.value_hash for _, c in c_rows],
+        [c.version for _, c in c_rows],
+        [s[0] for s in gone],
+        [s[1] for s in gone],
+        [s[2] for s in gone],
+        sorted(plan.users_seen - plan.users_erased),
+        sorted(plan.users_erased),
+        position.xid if position else 0,
+        position.change_id if position else 0,
+        position is not None,
+    )
+
+
+def _columns(rows: Sequence[tuple[object, ...]], width: int) -> list[list[object]]:
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+async def write_days(conn: asyncpg.Connection, plan: Plan) -> None:
+    """Add the plan's changes to their days' rows and snapshot each touched key's holders and most
+    common value into its row (after write(), in the same transaction)."""
+    pairs = sorted(set(plan.changes) | set(plan.snapshot_days.items()))
     if not pairs:
         return
     await conn.execute(
@@ -233,96 +219,7 @@ async def _write_days(conn: asyncpg.Connection, plan: Plan) -> None:
 
 async def reset(conn: asyncpg.Connection) -> None:
     """Forget every figure and move the position to the start of the feed (in the caller's transaction,
-    after lock_position)."""
+    after lock_apply)."""
     await conn.execute(f"TRUNCATE {', '.join(TABLES)}")
     await conn.execute("UPDATE statistics_totals SET value = 0")
-    await save_position(conn, FeedCursor(0, 0))
-
-
-# --- reads ---------------------------------------------------------------------------------------
-
-_POSITION = "(SELECT json_build_array(xid, change_id) FROM statistics_position)"
-
-
-def _cursor(pair: list[int]) -> FeedCursor:
-    return FeedCursor(pair[0], pair[1])
-
-
-def _value(pair: list[Any] | None) -> ValueCount | None:
-    return None if not pair or pair[0] is None else ValueCount(pair[0], pair[1])
-
-
-async def key_figures(conn: asyncpg.Connection, key: str, kind: str, top_n: int) -> tuple[KeyFigures, FeedCursor]:
-    """A key's holders per kind, its distinct values and top values at `kind`, and the position, in one
-    statement (one snapshot)."""
-    row = await conn.fetchrow(
-        f"""SELECT {_POSITION} AS position,
-               (SELECT coalesce(json_object_agg(scope_kind, holders), '{{}}') FROM statistics_keys
-                WHERE key = $1) AS holders,
-               (SELECT distinct_values FROM statistics_keys WHERE key = $1 AND scope_kind = $2) AS distinct_values,
-               (SELECT coalesce(json_agg(json_build_array(value_json, holders) ORDER BY holders DESC, value_hash), '[]')
-                FROM (SELECT value_json, holders, value_hash FROM statistics_values
-                      WHERE key = $1 AND scope_kind = $2 ORDER BY holders DESC, value_hash LIMIT $3) t) AS top""",
-        key,
-        kind,
-        top_n,
-    )
-    top = [ValueCount(v, h) for v, h in row["top"]]
-    return KeyFigures(dict(row["holders"]), row["distinct_values"] or 0, top), _cursor(row["position"])
-
-
-async def popular_values(conn: asyncpg.Connection, keys: Sequence[str], kind: str) -> tuple[list[Popular], FeedCursor]:
-    """Each key's holders at `kind` and most held value (in the order of `keys`), and the position."""
-    row = await conn.fetchrow(
-        f"""SELECT {_POSITION} AS position,
-               (SELECT coalesce(json_agg(json_build_array(q.key, coalesce(k.holders, 0),
-                                                          json_build_array(top.value_json, top.holders))
-                                         ORDER BY q.n), '[]')
-                FROM unnest($1::text[]) WITH ORDINALITY AS q(key, n)
-                LEFT JOIN statistics_keys k ON k.key = q.key AND k.scope_kind = $2
-                LEFT JOIN LATERAL (
-                    SELECT value_json, holders FROM statistics_values
-                    WHERE key = q.key AND scope_kind = $2 ORDER BY holders DESC, value_hash LIMIT 1) top ON true
-               ) AS keys""",
-        list(keys),
-        kind,
-    )
-    return [Popular(k, h, _value(top)) for k, h, top in row["keys"]], _cursor(row["position"])
-
-
-async def adoption(conn: asyncpg.Connection, key: str, default: JsonValue) -> tuple[AdoptionFigures, FeedCursor]:
-    """USER-scope holders of a key, those holding the default's value, known users, and the position."""
-    row = await conn.fetchrow(
-        f"""SELECT {_POSITION} AS position,
-               coalesce((SELECT holders FROM statistics_keys WHERE key = $1 AND scope_kind = 'USER'), 0) AS users,
-               coalesce((SELECT holders FROM statistics_values WHERE key = $1 AND scope_kind = 'USER'
-                         AND value_hash = md5($2::jsonb::text)), 0) AS at_default,
-               (SELECT value FROM statistics_totals WHERE name = 'known_users') AS known""",
-        key,
-        default,
-    )
-    return AdoptionFigures(row["users"], row["at_default"], row["known"]), _cursor(row["position"])
-
-
-async def daily_rows(
-    conn: asyncpg.Connection, key: str, start: date, end: date
-) -> tuple[list[DayRow], DayRow | None, FeedCursor]:
-    """The stored daily rows of a key in [start, end], the last one before start, and the position."""
-    row = await conn.fetchrow(
-        f"""SELECT {_POSITION} AS position,
-               (SELECT coalesce(json_agg(json_build_array(day, changes, holders, user_holders, top_value_json,
-                                                          top_holders) ORDER BY day), '[]')
-                FROM statistics_daily WHERE key = $1 AND day BETWEEN $2 AND $3) AS rows,
-               (SELECT json_build_array(day, changes, holders, user_holders, top_value_json, top_holders)
-                FROM statistics_daily WHERE key = $1 AND day < $2 ORDER BY day DESC LIMIT 1) AS before""",
-        key,
-        start,
-        end,
-    )
-    rows = [_day(r) for r in row["rows"]]
-    before = _day(row["before"]) if row["before"] else None
-    return rows, before, _cursor(row["position"])
-
-
-def _day(r: list[Any]) -> DayRow:
-    return DayRow(date.fromisoformat(r[0]), r[1], r[2], r[3], _value([r[4], r[5]]))
+    await conn.execute("UPDATE statistics_position SET xid = 0, change_id = 0, updated_at = now()")

@@ -141,8 +141,8 @@ async def test_a_consumer_killed_mid_batch_counts_nothing_twice(own_app: App, ow
         for n in range(20):
             await prefs.SetPreferences(set_request(user(f"cu{n}"), {"display.theme": "dark"}), metadata=ADMIN)
         await wait_counted(own_db, stats)
-        # The next batch's last statement (moving the position) kills its own connection: every delta of
-        # the batch was written inside the transaction, none committed.
+        # The next batch's last statement (its daily rows, after its figures, counted rows and new position
+        # were written) kills its own connection: everything the batch wrote is in the dead transaction.
         await own_db.execute(
             """CREATE SEQUENCE statistics_crashes;
                CREATE FUNCTION crash_once() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -150,10 +150,10 @@ async def test_a_consumer_killed_mid_batch_counts_nothing_twice(own_app: App, ow
                    IF nextval('statistics_crashes') = 1 THEN
                        PERFORM pg_terminate_backend(pg_backend_pid());
                    END IF;
-                   RETURN NEW;
+                   RETURN NULL;
                END $$;
-               CREATE TRIGGER crash_once BEFORE UPDATE ON statistics_position
-                   FOR EACH ROW EXECUTE FUNCTION crash_once();"""
+               CREATE TRIGGER crash_once BEFORE INSERT ON statistics_daily
+                   FOR EACH STATEMENT EXECUTE FUNCTION crash_once();"""
         )
         try:
             for n in range(20):
@@ -168,7 +168,7 @@ async def test_a_consumer_killed_mid_batch_counts_nothing_twice(own_app: App, ow
             await eventually(crashed_and_resumed, 20)
             await wait_counted(own_db, stats)
         finally:
-            await own_db.execute("DROP TRIGGER crash_once ON statistics_position; DROP FUNCTION crash_once()")
+            await own_db.execute("DROP TRIGGER crash_once ON statistics_daily; DROP FUNCTION crash_once()")
     expected = await assert_statistics_match_the_database(own_db)
     assert expected["values"][("display.theme", "USER", '"light"')] == 20
     assert expected["values"][("display.theme", "USER", '"dark"')] == 1
