@@ -70,3 +70,15 @@ async def token_key(db: Any) -> TokenKey:
     """The key that seals this database's cursors and page tokens (as every server on it derives it)."""
     row = await db.fetchrow("SELECT id, pseudonym_key FROM installation")
     return TokenKey.derive(row["id"], row["pseudonym_key"])
+
+
+async def effective_value(stub: Any, user_id: str, org_id: str, key: str, metadata: Any) -> Any:
+    """The subject's effective value of one key (a preferences_pb2.EffectiveValue)."""
+    reply = await stub.GetEffectivePreferences(
+        preferences_pb2.GetEffectivePreferencesRequest(
+            subject=common_pb2.Subject(user_id=user_id, org_id=org_id), key_prefixes=[key]
+        ),
+        metadata=metadata,
+    )
+    (found,) = [v for v in reply.values if v.key == key]
+    return found

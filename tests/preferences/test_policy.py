@@ -13,7 +13,17 @@ from grpc_status import rpc_status
 
 from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, preferences_pb2
 from tests.helpers.auth import auth, unique
-from tests.helpers.requests import GLOBAL, error_reason, field_violations, org, py, set_request, tv, user
+from tests.helpers.requests import (
+    GLOBAL,
+    effective_value,
+    error_reason,
+    field_violations,
+    org,
+    py,
+    set_request,
+    tv,
+    user,
+)
 
 ADMIN = auth("admin")
 SERVICE = auth("service", "reader")
@@ -37,14 +47,8 @@ async def define_limit(stub) -> str:
 
 
 async def effective(stub, user_id: str, org_id: str, key: str) -> preferences_pb2.EffectiveValue:
-    reply = await stub.GetEffectivePreferences(
-        preferences_pb2.GetEffectivePreferencesRequest(
-            subject=common_pb2.Subject(user_id=user_id, org_id=org_id), key_prefixes=[key]
-        ),
-        metadata=SERVICE,
-    )
-    (found,) = [v for v in reply.values if v.key == key]
-    return found
+    value: preferences_pb2.EffectiveValue = await effective_value(stub, user_id, org_id, key, SERVICE)
+    return value
 
 
 async def stored(stub, scope: common_pb2.Scope, key: str) -> list[preferences_pb2.StoredPreference]:

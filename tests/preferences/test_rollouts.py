@@ -12,7 +12,7 @@ import pytest
 from prefd.v1 import common_pb2, preferences_pb2
 from prefd_server.preferences.rollout import BucketBy, Rollout, Variant, assign, bucket
 from tests.helpers.auth import auth, unique
-from tests.helpers.requests import GLOBAL, field_violations, org, py, set_request, tv, user
+from tests.helpers.requests import GLOBAL, effective_value, field_violations, org, py, set_request, tv, user
 
 ADMIN = auth("admin")
 SERVICE = auth("service", "reader")
@@ -103,14 +103,8 @@ def rollout_write(
 
 
 async def effective(stub, user_id: str, org_id: str, key: str) -> preferences_pb2.EffectiveValue:
-    reply = await stub.GetEffectivePreferences(
-        preferences_pb2.GetEffectivePreferencesRequest(
-            subject=common_pb2.Subject(user_id=user_id, org_id=org_id), key_prefixes=[key]
-        ),
-        metadata=SERVICE,
-    )
-    (found,) = [v for v in reply.values if v.key == key]
-    return found
+    value: preferences_pb2.EffectiveValue = await effective_value(stub, user_id, org_id, key, SERVICE)
+    return value
 
 
 async def define(stub, key: str, **fields: Any) -> None:
