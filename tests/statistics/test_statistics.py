@@ -3,6 +3,7 @@ sensitive keys, erasure, bad input and permissions."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -315,3 +316,29 @@ async def test_users_may_not_read_statistics_services_and_admins_may(app: App, s
     with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
         await stats.GetKeyStatistics(statistics_pb2.GetKeyStatisticsRequest(key="display.theme"))
     assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_cursor_is_the_feed_position_the_figures_reflect(
+    app: App, stub: Any, stats: Any, db: asyncpg.Connection, category: dict[str, str]
+) -> None:
+    color, someone = category["color"], unique("su")
+    await write(stub, user(someone), {color: "red"})
+    await wait_counted(db, stats)
+    counted = await key_statistics(stats, color)
+    assert [(py(v.value), v.holders) for v in counted.statistics.values] == [("red", 1)]
+    await write(stub, user(someone), {color: "green"})
+    # Watching from the statistics' cursor delivers what they did not count yet: the second write, not the first.
+    request = preferences_pb2.WatchPreferencesRequest(scope=user(someone), start_cursor=counted.cursor)
+    stream = stub.WatchPreferences(request, metadata=ADMIN)
+    try:
+        async with asyncio.timeout(10):
+            async for message in stream:
+                if message.HasField("change"):
+                    assert (message.change.key, message.change.version, py(message.change.new_value)) == (
+                        color,
+                        2,
+                        "green",
+                    )
+                    break
+    finally:
+        stream.cancel()
