@@ -182,9 +182,11 @@ async def test_one_runner_counts_across_processes_and_another_takes_over(fresh_d
     try:
 
         async def runners() -> int:
+            # This database's runners only: other servers of the test session run theirs elsewhere.
             held: int = await db.fetchval(
                 """SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-                   WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'prefd-statistics'"""
+                   WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = 'prefd-statistics'
+                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
             )
             return held
 
