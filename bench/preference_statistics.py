@@ -31,26 +31,18 @@ Throughput
     per write (up to that point, so the consumer's work on the window is in it): less sensitive than
     writes/s to other load on the machine. Target: median writes/s on / off >= 0.90.
 
-    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/statistics.py
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/preference_statistics.py
 """
 
-# ruff: noqa: E402  (the standard library's statistics module is loaded before the other imports, see below)
 from __future__ import annotations
-
-import sys
-
-# This file is named statistics.py and its folder comes first on sys.path: load the standard library's
-# statistics module before that folder can shadow it (write_throughput and the harness import it too).
-_BENCH_DIR = sys.path.pop(0)
-import statistics
-
-sys.path.insert(0, _BENCH_DIR)
 
 import argparse
 import asyncio
 import json
 import os
 import random
+import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
