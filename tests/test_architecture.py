@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "prefd_server"
-DOMAINS = frozenset({"preferences", "aiconfig", "notifications", "audit", "ops"})
+DOMAINS = frozenset({"preferences", "aiconfig", "notifications", "audit", "ops", "statistics"})
 WIRING = frozenset({"app", "cli", "__main__"})
 EDGE_IMPORTS = ("grpc", "grpc_health", "grpc_reflection", "grpc_status", "google.protobuf", "google.rpc", "prefd.v1")
 # A string literal that starts like a statement PostgreSQL runs (a keyword with more after it: a bare
