@@ -34,7 +34,7 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 SETTING_PREFIXES = ("notifications.", "locale.timezone")
 
 # A validated Decide request: the subject as asked (org may be ""), the event (`at` as asked, else a
-# placeholder replaced by now at each call), whether `at` was given, consume, the idempotency key.
+# placeholder: now is used whenever a decision is made), whether `at` was given, consume, the idempotency key.
 _Question = tuple[Subject, Event, bool, bool, str]
 # A prepared answer: the evaluation on the wire, and the whole response body (without cursor) when no
 # throttle applies (else it is finished per call with the throttle's verdict).
