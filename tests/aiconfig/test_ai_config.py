@@ -49,7 +49,7 @@ from tests.helpers.aiconfig import (
 from tests.helpers.auth import auth, unique
 from tests.helpers.processes import prefd_process
 from tests.helpers.requests import error_reason, field_violations
-from tests.helpers.settings import MASTER_KEY, SECRET, make_settings
+from tests.helpers.settings import MASTER_KEY, make_settings, process_env
 
 # --- the chain for every combination of layers -------------------------------------------------
 
@@ -207,19 +207,14 @@ async def test_env_layer_is_read_once_at_start(chain_stubs, monkeypatch) -> None
 async def test_env_layer_comes_from_prefd_ai_environment_variables(fresh_database) -> None:
     url = await fresh_database()
     env_key = new_key("sk-proc-")
-    env = {
-        "DATABASE_URL": url,
-        "PREFD_JWT_SECRET": SECRET,
-        "PREFD_PORT": "0",
-        "PREFD_HOST": "127.0.0.1",
-        "PREFD_PRINT_TOKEN": "false",
-        "PREFD_LOG_LEVEL": "WARNING",
-        "PREFD_SECRET_KEY": MASTER_KEY,
-        "PREFD_AI_MODEL": OPUS,
-        "PREFD_AI_TEMPERATURE": "0.35",
-        "PREFD_AI_MAX_TOKENS": "2048",
-        "PREFD_AI_API_KEY": env_key,
-    }
+    env = process_env(
+        url,
+        PREFD_SECRET_KEY=MASTER_KEY,
+        PREFD_AI_MODEL=OPUS,
+        PREFD_AI_TEMPERATURE="0.35",
+        PREFD_AI_MAX_TOKENS="2048",
+        PREFD_AI_API_KEY=env_key,
+    )
     async with prefd_process(env) as (_proc, port, lines), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = ai_config_pb2_grpc.AIConfigServiceStub(channel)
         reply = await get_effective(stub, unique("u"))

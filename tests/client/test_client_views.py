@@ -23,7 +23,7 @@ from tests.helpers.aiconfig import SMALL_BUDGET, create_config, usage
 from tests.helpers.auth import auth, token, unique
 from tests.helpers.processes import free_port, prefd_process, purge
 from tests.helpers.requests import eventually, py, set_request, user
-from tests.helpers.settings import SECRET, make_settings
+from tests.helpers.settings import make_settings, process_env
 
 ADMIN = auth("admin")
 FAST = Backoff(initial_s=0.05, max_s=0.3)
@@ -106,15 +106,7 @@ async def test_a_view_equals_the_server_under_concurrent_writes(app: App, stub) 
 
 
 def _env(url: str, port: int, tmp_path: Path) -> dict[str, str]:
-    return {
-        "DATABASE_URL": url,
-        "PREFD_PORT": str(port),
-        "PREFD_HOST": "127.0.0.1",
-        "PREFD_JWT_SECRET": SECRET,
-        "PREFD_PRINT_TOKEN": "false",
-        "PREFD_LOG_LEVEL": "WARNING",
-        "PREFD_DATA_DIR": str(tmp_path / "served"),
-    }
+    return process_env(url, port, PREFD_DATA_DIR=str(tmp_path / "served"))
 
 
 async def _until(check: Callable[[], bool], deadline_s: float) -> None:

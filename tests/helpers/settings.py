@@ -37,3 +37,17 @@ def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
         secret_key=MASTER_KEY,
     )
     return Settings(**{**defaults, **overrides})
+
+
+def process_env(database_url: str, port: int = 0, **extra: str) -> dict[str, str]:
+    """The environment of a `prefd serve` child process on `database_url`: the tests' signing secret,
+    loopback, no printed token, warnings only; `extra` adds or overrides variables."""
+    return {
+        "DATABASE_URL": database_url,
+        "PREFD_JWT_SECRET": SECRET,
+        "PREFD_PORT": str(port),
+        "PREFD_HOST": "127.0.0.1",
+        "PREFD_PRINT_TOKEN": "false",
+        "PREFD_LOG_LEVEL": "WARNING",
+        **extra,
+    }

@@ -29,7 +29,7 @@ from prefd_server.preferences import store as preference_sql
 from tests.helpers.auth import auth, unique
 from tests.helpers.processes import prefd_process
 from tests.helpers.requests import GLOBAL, org, py, set_request, token_key, user
-from tests.helpers.settings import SECRET, make_settings
+from tests.helpers.settings import make_settings, process_env
 
 ADMIN = auth("admin")
 KIND_NAMES = {
@@ -59,15 +59,7 @@ VALUE_POOL: dict[str, list[Any]] = {
 
 def server_env(url: str) -> dict[str, str]:
     """Environment of a child-process server on `url` (REDIS_URL, when set, is inherited)."""
-    return {
-        "DATABASE_URL": url,
-        "PREFD_JWT_SECRET": SECRET,
-        "PREFD_PORT": "0",
-        "PREFD_HOST": "127.0.0.1",
-        "PREFD_WATCH_PROGRESS_INTERVAL_S": "0.5",
-        "PREFD_PRINT_TOKEN": "false",
-        "PREFD_LOG_LEVEL": "WARNING",
-    }
+    return process_env(url, PREFD_WATCH_PROGRESS_INTERVAL_S="0.5")
 
 
 @contextlib.asynccontextmanager

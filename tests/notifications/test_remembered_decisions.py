@@ -11,7 +11,7 @@ from prefd.v1 import common_pb2, notifications_pb2_grpc, preferences_pb2, prefer
 from tests.helpers.auth import unique
 from tests.helpers.processes import prefd_process
 from tests.helpers.requests import set_request, user
-from tests.helpers.settings import SECRET
+from tests.helpers.settings import process_env
 from tests.notifications.test_service import ADMIN, SERVICE, N, actions, decide_request, event
 
 RULES = {"LARGE_LOSS": {"enabled": True, "channels": ["EMAIL", "IN_APP"], "conditions": {"loss": {"min": 1000}}}}
@@ -41,14 +41,7 @@ async def test_a_repeated_question_gets_the_answer_its_data_calls_for(stub, noti
 async def test_a_change_through_another_process_reaches_the_next_answer(stub, notify, database_url: str) -> None:
     user_id = unique("u")
     await stub.SetPreferences(set_request(user(user_id), {"notifications.event_rules": RULES}), metadata=ADMIN)
-    env = {
-        "DATABASE_URL": database_url,
-        "PREFD_JWT_SECRET": SECRET,
-        "PREFD_PORT": "0",
-        "PREFD_HOST": "127.0.0.1",
-        "PREFD_PRINT_TOKEN": "false",
-        "PREFD_LOG_LEVEL": "WARNING",
-    }
+    env = process_env(database_url)
     async with prefd_process(env) as (_, port, _):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             other = notifications_pb2_grpc.NotificationServiceStub(channel)

@@ -16,7 +16,7 @@ from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, notifications_pb2, n
 from tests.helpers.auth import auth, unique
 from tests.helpers.processes import prefd_process
 from tests.helpers.requests import error_reason, field_violations, org, set_request, user
-from tests.helpers.settings import SECRET
+from tests.helpers.settings import process_env
 
 N = notifications_pb2
 ADMIN = auth("admin")
@@ -264,14 +264,7 @@ async def test_two_processes_sharing_redis_send_exactly_the_limit(stub, database
 
     The processes share REDIS_URL's Redis when it is set, else PostgreSQL's throttle rows: exact either way."""
     user_id = unique("u")
-    env = {
-        "DATABASE_URL": database_url,
-        "PREFD_JWT_SECRET": SECRET,
-        "PREFD_PORT": "0",
-        "PREFD_HOST": "127.0.0.1",
-        "PREFD_PRINT_TOKEN": "false",
-        "PREFD_LOG_LEVEL": "WARNING",
-    }
+    env = process_env(database_url)
     rules = {"BIG_MOVE": {"enabled": True, "throttle_minutes": 60, "throttle_limit": 5}}
     # Stored before the processes start, so each reads it with its first decision.
     await stub.SetPreferences(set_request(user(user_id), {"notifications.event_rules": rules}), metadata=ADMIN)
