@@ -39,8 +39,9 @@ def resolve(
             updated_at=definition.updated_at,
             updated_by=definition.updated_by,
         )
-        policies: list[tuple[Scope, Policy]] = []
-        shadowed: list[Shadowed] = []
+        # Built only for a key some layer holds a policy for (most keys have none: no lists per key).
+        policies: list[tuple[Scope, Policy]] | None = None
+        shadowed: list[Shadowed] | None = None
         for layer, scope, overrides in layers:
             stored = overrides.get(definition.key)
             if stored is None or scope.kind not in definition.scopes:
@@ -48,10 +49,12 @@ def resolve(
             value = stored.value
             shadowing = _shadowing(policies, value) if policies else None
             if shadowing is not None:
+                shadowed = shadowed or []
                 shadowed.append(Shadowed(scope, stored.version, *shadowing))
                 continue
             if is_policy(value):
                 policy = policy_from_json(value)
+                policies = policies or []
                 policies.append((scope, policy))
                 value = policy.value
             chosen = ResolvedValue(
