@@ -43,6 +43,17 @@ PREFD_TABLES = frozenset(
         "erasures",
         "maintenance_operations",
         "schema_migrations",
+        "consent_ledger",
+        "notification_throttles",
+        "notification_throttle_charges",
+        "statistics_position",
+        "statistics_current",
+        "statistics_values",
+        "statistics_keys",
+        "statistics_users",
+        "statistics_totals",
+        "statistics_daily",
+        "preference_templates",
     }
 )
 _PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")

@@ -102,8 +102,11 @@ async def apply_changes(
     call: CallInfo,
     reason: str,
     rollback_of: str = "",
+    org_id: str = "",
 ) -> int | None:
     """Store the new values (None removes) and append one change row per key, in the caller's transaction.
+    The change rows record the org they were made under: an ORG scope's own id, for a USER scope the org
+    the write named (`org_id`), none for GLOBAL.
 
     Returns the writing transaction's xid (None when there was nothing to write).
     """
@@ -130,8 +133,8 @@ async def apply_changes(
     xid: int = await conn.fetchval(
         """WITH inserted AS (
                INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version,
-                   actor, peer, user_agent, reason, request_id, rollback_of)
-               SELECT 'preference', $1, $2, k, o::jsonb, n::jsonb, ver, $7, $8, $9, $10, $11, $12
+                   actor, peer, user_agent, reason, request_id, rollback_of, org_id)
+               SELECT 'preference', $1, $2, k, o::jsonb, n::jsonb, ver, $7, $8, $9, $10, $11, $12, $13
                FROM unnest($3::text[], $4::text[], $5::text[], $6::bigint[]) WITH ORDINALITY AS t(k, o, n, ver, i)
                ORDER BY i
                RETURNING xid)
@@ -148,6 +151,7 @@ async def apply_changes(
         reason,
         call.request_id,
         rollback_of,
+        {ScopeKind.ORG: scope.id, ScopeKind.USER: org_id}.get(scope.kind, ""),
     )
     return xid
 

@@ -130,7 +130,9 @@ class PreferenceWriter:
         self._check_rules(staged, effective)
         xid = None
         if not command.dry_run:
-            xid = await preference_sql.apply_changes(conn, scope, staged.changes, call, command.reason)
+            xid = await preference_sql.apply_changes(
+                conn, scope, staged.changes, call, command.reason, org_id=staged.org_id
+            )
         return staged.result(effective, command.dry_run), xid
 
     async def _staged(
@@ -284,7 +286,7 @@ class PreferenceWriter:
                         raise _Rollback
                     for one in pending:
                         written = await preference_sql.apply_changes(
-                            conn, one.scope, one.changes, call, reason, rollback_of
+                            conn, one.scope, one.changes, call, reason, rollback_of, one.org_id
                         )
                         xid = written or xid
             except _Rollback:

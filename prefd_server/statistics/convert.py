@@ -35,8 +35,11 @@ def value_count_to_pb(count: ValueCount, total: int) -> statistics_pb2.ValueCoun
     )
 
 
-def key_statistics_to_pb(facts: KeyFacts, kind: ScopeKind | None, figures: KeyFigures) -> statistics_pb2.KeyStatistics:
-    """A key's statistics at `kind`: holders, the top values and the rest as "other"."""
+def key_statistics_to_pb(
+    facts: KeyFacts, org: str, kind: ScopeKind | None, figures: KeyFigures
+) -> statistics_pb2.KeyStatistics:
+    """A key's statistics at `kind` within `org` (ALL_ORGS: every scope): holders, the top values and the
+    rest as "other"."""
     total = figures.holders_by_kind.get(ALL_KINDS if kind is None else kind.value, 0)
     shown = sum(v.holders for v in figures.top)
     return statistics_pb2.KeyStatistics(
@@ -52,6 +55,7 @@ def key_statistics_to_pb(facts: KeyFacts, kind: ScopeKind | None, figures: KeyFi
         values=[value_count_to_pb(v, total) for v in figures.top],
         other_holders=total - shown,
         distinct_values=0 if facts.sensitive else figures.distinct_values,
+        org_id=org,
     )
 
 

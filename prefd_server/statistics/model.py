@@ -11,6 +11,8 @@ from prefd_server.kernel.model import FieldViolation, ScopeKind
 
 # The scope_kind of the rows that add up every kind.
 ALL_KINDS = "*"
+# The org_id of the rows that count every scope, whatever its org.
+ALL_ORGS = ""
 # The counted value of a sensitive key's override: held, value not kept.
 HIDDEN = ""
 DEFAULT_TOP_N = 10
@@ -21,10 +23,12 @@ MAX_ROLLUP_DAYS = 366
 @dataclass(frozen=True, slots=True)
 class Counted:
     """What the statistics count for one stored (scope, key): the value's hash (HIDDEN for a sensitive
-    key, None when the override was removed) and the per-key version that reflects."""
+    key, None when the override was removed), the per-key version that reflects, and the org it is
+    counted in (ALL_ORGS: none)."""
 
     value_hash: str | None
     version: int
+    org_id: str = ALL_ORGS
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,15 +10,20 @@ from datetime import date, timedelta
 
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.model import ChangeKind, ScopeKind
-from prefd_server.statistics.model import ALL_KINDS, HIDDEN, Counted, DayRow
+from prefd_server.statistics.model import ALL_KINDS, ALL_ORGS, HIDDEN, Counted, DayRow
 
 # (scope_kind, scope_id, key): one stored override.
 Slot = tuple[str, str, str]
+# (key, org_id or ALL_ORGS, scope_kind or ALL_KINDS): the holders of a key in one group of scopes.
+Group = tuple[str, str, str]
+# (key, org_id or ALL_ORGS, scope_kind or ALL_KINDS, value_hash): the holders of one value in a group.
+GroupValue = tuple[str, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
 class FeedRow:
-    """The part of a change row the statistics need; value_hash/value_json are None for a removal."""
+    """The part of a change row the statistics need; value_hash/value_json are None for a removal; org_id
+    is the org the change counts in (ALL_ORGS: none)."""
 
     id: int
     xid: int
@@ -30,6 +35,7 @@ class FeedRow:
     value_hash: str | None
     value_json: str | None
     day: date
+    org_id: str = ALL_ORGS
 
     @property
     def position(self) -> FeedCursor:
@@ -40,11 +46,11 @@ class FeedRow:
 class Plan:
     """Everything one batch (or one erasure) changes, as net deltas and rows to write."""
 
-    # (key, scope_kind or ALL_KINDS, value_hash) -> holders delta; value_hash -> its JSON when first seen.
-    values: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # GroupValue -> holders delta; value_hash -> its JSON when first seen.
+    values: dict[GroupValue, int] = field(default_factory=lambda: defaultdict(int))
     value_json: dict[str, str] = field(default_factory=dict)
-    # (key, scope_kind or ALL_KINDS) -> holders delta.
-    holders: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # Group -> holders delta.
+    holders: dict[Group, int] = field(default_factory=lambda: defaultdict(int))
     counted: dict[Slot, Counted] = field(default_factory=dict)  # rows to upsert
     uncounted: set[Slot] = field(default_factory=set)  # rows to delete (erased users)
     users_seen: set[str] = field(default_factory=set)
@@ -55,17 +61,23 @@ class Plan:
     applied: int = 0
     erasures: int = 0
 
-    def nonzero_values(self) -> dict[tuple[str, str, str], int]:
+    def nonzero_values(self) -> dict[GroupValue, int]:
         return {k: d for k, d in self.values.items() if d}
 
-    def nonzero_holders(self) -> dict[tuple[str, str], int]:
+    def nonzero_holders(self) -> dict[Group, int]:
         return {k: d for k, d in self.holders.items() if d}
 
-    def _count(self, key: str, scope_kind: str, value_hash: str, delta: int) -> None:
-        for kind in (scope_kind, ALL_KINDS):
-            self.holders[(key, kind)] += delta
-            if value_hash != HIDDEN:
-                self.values[(key, kind, value_hash)] += delta
+    def _count(self, key: str, scope_kind: str, counted: Counted, delta: int) -> None:
+        """`delta` holders of a counted value in every group its scope belongs to: its kind and all kinds,
+        among every scope and (when it has one) within its org."""
+        value_hash = counted.value_hash
+        assert value_hash is not None
+        orgs = (ALL_ORGS, counted.org_id) if counted.org_id != ALL_ORGS else (ALL_ORGS,)
+        for org in orgs:
+            for kind in (scope_kind, ALL_KINDS):
+                self.holders[(key, org, kind)] += delta
+                if value_hash != HIDDEN:
+                    self.values[(key, org, kind, value_hash)] += delta
 
 
 class Planner:
@@ -98,10 +110,10 @@ class Planner:
             if new_hash != HIDDEN and row.value_json is not None:
                 plan.value_json.setdefault(new_hash, row.value_json)
         if held is not None and held.value_hash is not None:
-            plan._count(row.key, row.scope_kind, held.value_hash, -1)
+            plan._count(row.key, row.scope_kind, held, -1)
+        counted = self._counted[slot] = Counted(new_hash, row.version, row.org_id if new_hash is not None else ALL_ORGS)
         if new_hash is not None:
-            plan._count(row.key, row.scope_kind, new_hash, +1)
-        counted = self._counted[slot] = Counted(new_hash, row.version)
+            plan._count(row.key, row.scope_kind, counted, +1)
         self._by_scope[(row.scope_kind, row.scope_id)].add(row.key)
         plan.counted[slot] = counted
         plan.uncounted.discard(slot)
@@ -114,7 +126,7 @@ class Planner:
             slot = (scope_kind, scope_id, key)
             held = self._counted.pop(slot)
             if held.value_hash is not None:
-                plan._count(key, scope_kind, held.value_hash, -1)
+                plan._count(key, scope_kind, held, -1)
             plan.snapshot_days[key] = day
             plan.counted.pop(slot, None)
             plan.uncounted.add(slot)
@@ -146,46 +158,47 @@ class Writes:
     """A plan's figures as rows: value rows to update, insert (with their JSON) and delete (at 0 holders),
     key rows to update and insert, each with absolute holders."""
 
-    values_updated: list[tuple[str, str, str, int]]
-    values_inserted: list[tuple[str, str, str, str, int]]
-    values_deleted: list[tuple[str, str, str]]
-    keys_updated: list[tuple[str, str, int, int]]
-    keys_inserted: list[tuple[str, str, int, int]]
+    values_updated: list[tuple[str, str, str, str, int]]
+    values_inserted: list[tuple[str, str, str, str, str, int]]
+    values_deleted: list[tuple[str, str, str, str]]
+    keys_updated: list[tuple[str, str, str, int, int]]
+    keys_inserted: list[tuple[str, str, str, int, int]]
 
 
 def writes_of(
     plan: Plan,
-    values_before: Mapping[tuple[str, str, str], int],
-    keys_before: Mapping[tuple[str, str], tuple[int, int]],
+    values_before: Mapping[GroupValue, int],
+    keys_before: Mapping[Group, tuple[int, int]],
 ) -> Writes:
     """The rows a plan's deltas make of the figures it touches (holders before: the rows that exist). A
     value reaching 0 holders is deleted and no longer counts as a distinct value; one going up from 0 does."""
-    updated: list[tuple[str, str, str, int]] = []
-    inserted: list[tuple[str, str, str, str, int]] = []
-    deleted: list[tuple[str, str, str]] = []
-    distinct: dict[tuple[str, str], int] = defaultdict(int)
-    for (key, kind, value_hash), delta in sorted(plan.nonzero_values().items()):
-        before = values_before.get((key, kind, value_hash))
+    updated: list[tuple[str, str, str, str, int]] = []
+    inserted: list[tuple[str, str, str, str, str, int]] = []
+    deleted: list[tuple[str, str, str, str]] = []
+    distinct: dict[Group, int] = defaultdict(int)
+    for (key, org, kind, value_hash), delta in sorted(plan.nonzero_values().items()):
+        before = values_before.get((key, org, kind, value_hash))
         after = (before or 0) + delta
         if after < 0:
-            raise ValueError(f"holders of a value of {key} at {kind} would fall below 0")
+            raise ValueError(f"holders of a value of {key} at {kind} in {org!r} would fall below 0")
         if before is None:
             if after:
-                inserted.append((key, kind, value_hash, plan.value_json.get(value_hash, ""), after))
-                distinct[(key, kind)] += 1
+                inserted.append((key, org, kind, value_hash, plan.value_json.get(value_hash, ""), after))
+                distinct[(key, org, kind)] += 1
         elif after == 0:
-            deleted.append((key, kind, value_hash))
-            distinct[(key, kind)] -= 1
+            deleted.append((key, org, kind, value_hash))
+            distinct[(key, org, kind)] -= 1
         else:
-            updated.append((key, kind, value_hash, after))
-    keys_updated: list[tuple[str, str, int, int]] = []
-    keys_inserted: list[tuple[str, str, int, int]] = []
-    for key_kind in sorted(set(plan.nonzero_holders()) | {k for k, d in distinct.items() if d}):
-        holders, values = keys_before.get(key_kind, (0, 0))
-        row = (key_kind[0], key_kind[1], holders + plan.holders.get(key_kind, 0), values + distinct.get(key_kind, 0))
-        if row[2] < 0 or row[3] < 0:
-            raise ValueError(f"holders of {key_kind[0]} at {key_kind[1]} would fall below 0")
-        (keys_updated if key_kind in keys_before else keys_inserted).append(row)
+            updated.append((key, org, kind, value_hash, after))
+    keys_updated: list[tuple[str, str, str, int, int]] = []
+    keys_inserted: list[tuple[str, str, str, int, int]] = []
+    for group in sorted(set(plan.nonzero_holders()) | {k for k, d in distinct.items() if d}):
+        holders, values = keys_before.get(group, (0, 0))
+        key, org, kind = group
+        row = (key, org, kind, holders + plan.holders.get(group, 0), values + distinct.get(group, 0))
+        if row[3] < 0 or row[4] < 0:
+            raise ValueError(f"holders of {key} at {kind} in {org!r} would fall below 0")
+        (keys_updated if group in keys_before else keys_inserted).append(row)
     return Writes(updated, inserted, deleted, keys_updated, keys_inserted)
 
 

@@ -11,7 +11,7 @@ import grpc
 from prefd.v1 import statistics_pb2, statistics_pb2_grpc
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import ValidationFailed, invalid
-from prefd_server.kernel.ids import key_problem
+from prefd_server.kernel.ids import id_problem, key_problem
 from prefd_server.kernel.model import FieldViolation
 from prefd_server.kernel.parts import KeyCatalog, KeyFacts
 from prefd_server.kernel.tokens import TokenKey
@@ -25,6 +25,7 @@ from prefd_server.statistics.convert import (
     scope_kind_from_pb,
 )
 from prefd_server.statistics.model import (
+    ALL_ORGS,
     DEFAULT_TOP_N,
     MAX_ROLLUP_DAYS,
     MAX_TOP_N,
@@ -46,6 +47,15 @@ def _date(text: str, field: str, violations: list[FieldViolation]) -> date | Non
         pass
     violations.append(FieldViolation(field, "must be a date YYYY-MM-DD"))
     return None
+
+
+def _org(org_id: str) -> str:
+    """The org a request counts within (ALL_ORGS when empty), checked."""
+    if org_id:
+        problem = id_problem(org_id)
+        if problem:
+            raise invalid("org_id", problem)
+    return org_id or ALL_ORGS
 
 
 class StatisticsService(statistics_pb2_grpc.StatisticsServiceServicer):
@@ -72,6 +82,7 @@ class StatisticsService(statistics_pb2_grpc.StatisticsServiceServicer):
         self, request: statistics_pb2.GetKeyStatisticsRequest, context: Context
     ) -> statistics_pb2.GetKeyStatisticsResponse:
         facts = await self._facts(request.key)
+        org = _org(request.org_id)
         asked = request.HasField("top_n")
         if asked and not 0 <= request.top_n <= MAX_TOP_N:
             raise invalid("top_n", f"must be between 0 and {MAX_TOP_N}")
@@ -80,9 +91,10 @@ class StatisticsService(statistics_pb2_grpc.StatisticsServiceServicer):
         top_n = request.top_n if asked else (0 if facts.sensitive else DEFAULT_TOP_N)
         kind = scope_kind_from_pb(request.scope_kind)
         async with translated_errors(), self._pool.acquire() as conn:
-            figures, cursor = await store.key_figures(conn, facts.key, scope_kind_column(kind), top_n)
+            figures, cursor = await store.key_figures(conn, facts.key, org, scope_kind_column(kind), top_n)
         return statistics_pb2.GetKeyStatisticsResponse(
-            statistics=key_statistics_to_pb(facts, kind, figures), cursor=convert.cursor_to_pb(cursor, self._tokens)
+            statistics=key_statistics_to_pb(facts, org, kind, figures),
+            cursor=convert.cursor_to_pb(cursor, self._tokens),
         )
 
     async def GetCategoryStatistics(
@@ -90,13 +102,14 @@ class StatisticsService(statistics_pb2_grpc.StatisticsServiceServicer):
     ) -> statistics_pb2.GetCategoryStatisticsResponse:
         if not request.category:
             raise invalid("category", "must not be empty")
+        org = _org(request.org_id)
         keys = await self._catalog.category_keys(request.category)
         if not keys:
             raise CategoryNotFound(request.category)
         sensitive = {facts.key: facts.sensitive for facts in keys}
         kind = scope_kind_from_pb(request.scope_kind)
         async with translated_errors(), self._pool.acquire() as conn:
-            popular, cursor = await store.popular_values(conn, list(sensitive), scope_kind_column(kind))
+            popular, cursor = await store.popular_values(conn, list(sensitive), org, scope_kind_column(kind))
         popular.sort(key=lambda p: (-p.holders, p.key))
         return statistics_pb2.GetCategoryStatisticsResponse(
             keys=[popular_to_pb(p, sensitive[p.key]) for p in popular],

@@ -46,20 +46,36 @@ async def wait_counted(
     return reached
 
 
+# The org a stored override counts in: an ORG scope's own, a USER override's latest change's, else none.
+OVERRIDE_ORG = """CASE p.scope_kind WHEN 'ORG' THEN p.scope_id
+    WHEN 'USER' THEN (SELECT c.org_id FROM changes c
+                      WHERE c.kind = 'preference'
+                        AND (c.scope_kind, c.scope_id, c.key) = (p.scope_kind, p.scope_id, p.key)
+                      ORDER BY c.xid DESC, c.id DESC LIMIT 1)
+    ELSE '' END"""
+# The value an override counts: a policy's own value, anything else as stored.
+COUNTED_VALUE = """CASE WHEN jsonb_typeof(p.value) = 'object' AND p.value ? '$policy'
+    THEN p.value -> '$policy' -> 'value' ELSE p.value END"""
+
+
 async def truth(db: asyncpg.Connection) -> dict[str, Any]:
-    """What the statistics must say, by GROUP BY over preference_values (the seed's way)."""
+    """What the statistics must say, by GROUP BY over preference_values (the seed's way), among every
+    scope (org '') and within each org."""
     sensitive = {r["key"] for r in await db.fetch("SELECT key FROM definitions WHERE sensitive")}
     rows = await db.fetch(
-        """SELECT key, scope_kind, value::text AS value, count(*) AS n FROM preference_values
-           WHERE value IS NOT NULL GROUP BY key, scope_kind, value::text"""
+        f"""SELECT key, scope_kind, org, value, count(*) AS n
+            FROM (SELECT p.key, p.scope_kind, {OVERRIDE_ORG} AS org, ({COUNTED_VALUE})::text AS value
+                  FROM preference_values p WHERE p.value IS NOT NULL) o
+            GROUP BY key, scope_kind, org, value"""
     )
-    holders: Counter[tuple[str, str]] = Counter()
-    values: Counter[tuple[str, str, str]] = Counter()
+    holders: Counter[tuple[str, str, str]] = Counter()
+    values: Counter[tuple[str, str, str, str]] = Counter()
     for r in rows:
-        for kind in (r["scope_kind"], "*"):
-            holders[(r["key"], kind)] += r["n"]
-            if r["key"] not in sensitive:
-                values[(r["key"], kind, r["value"])] += r["n"]
+        for org in {"", r["org"]}:
+            for kind in (r["scope_kind"], "*"):
+                holders[(r["key"], org, kind)] += r["n"]
+                if r["key"] not in sensitive:
+                    values[(r["key"], org, kind, r["value"])] += r["n"]
     known = await db.fetchval("SELECT count(DISTINCT scope_id) FROM preference_values WHERE scope_kind = 'USER'")
     return {"holders": holders, "values": values, "known_users": known, "sensitive": sensitive}
 
@@ -68,14 +84,14 @@ async def kept(db: asyncpg.Connection) -> dict[str, Any]:
     """What the statistics keep, in the shape of truth()."""
     holders = Counter(
         {
-            (r["key"], r["scope_kind"]): r["holders"]
+            (r["key"], r["org_id"], r["scope_kind"]): r["holders"]
             for r in await db.fetch("SELECT * FROM statistics_keys")
             if r["holders"]
         }
     )
     values = Counter(
         {
-            (r["key"], r["scope_kind"], r["value_json"]): r["holders"]
+            (r["key"], r["org_id"], r["scope_kind"], r["value_json"]): r["holders"]
             for r in await db.fetch("SELECT * FROM statistics_values")
         }
     )
@@ -89,10 +105,10 @@ async def assert_statistics_match_the_database(db: asyncpg.Connection) -> dict[s
     assert actual["known_users"] == expected["known_users"]
     assert actual["holders"] == expected["holders"], _diff(actual["holders"], expected["holders"])
     assert actual["values"] == expected["values"], _diff(actual["values"], expected["values"])
-    assert not any(key in expected["sensitive"] for key, _, _ in actual["values"]), "a sensitive value was kept"
-    distinct = Counter((key, kind) for key, kind, _ in expected["values"])
+    assert not any(key in expected["sensitive"] for key, _, _, _ in actual["values"]), "a sensitive value was kept"
+    distinct = Counter((key, org, kind) for key, org, kind, _ in expected["values"])
     stored = {
-        (r["key"], r["scope_kind"]): r["distinct_values"]
+        (r["key"], r["org_id"], r["scope_kind"]): r["distinct_values"]
         for r in await db.fetch("SELECT * FROM statistics_keys WHERE distinct_values > 0")
     }
     assert stored == dict(distinct)

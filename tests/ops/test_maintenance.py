@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from prefd.v1 import health_pb2, health_pb2_grpc
+from prefd_server.ops.maintenance_store import PREFD_TABLES
 from tests.helpers.auth import auth
 from tests.helpers.requests import error_reason, eventually, field_violations
 
@@ -200,3 +201,11 @@ async def test_an_operation_whose_session_died_is_marked_interrupted(health, db)
     assert done.status == COMPLETED
     interrupted = await _until(health, orphan, {FAILED}, deadline_s=1)
     assert "interrupted" in interrupted.error
+
+
+async def test_every_table_the_migrations_create_may_be_maintained(db: asyncpg.Connection) -> None:
+    """A table a migration adds is prefd's own: maintenance may vacuum, analyze and reindex it."""
+    created = {
+        r["tablename"] for r in await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+    }
+    assert created == PREFD_TABLES

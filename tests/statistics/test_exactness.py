@@ -15,7 +15,7 @@ import asyncpg
 import grpc
 import pytest
 
-from prefd.v1 import audit_pb2, audit_pb2_grpc, preferences_pb2, preferences_pb2_grpc, statistics_pb2_grpc
+from prefd.v1 import audit_pb2, audit_pb2_grpc, common_pb2, preferences_pb2, preferences_pb2_grpc, statistics_pb2_grpc
 from prefd_server.app import App
 from prefd_server.kernel.db import init_connection
 from tests.helpers.auth import auth
@@ -86,6 +86,10 @@ class Load:
         if roll < 0.7:
             chosen = self.rng.sample(keys, self.rng.randint(1, 4))
             request = set_request(scope, {k: self.rng.choice(VALUES[k]) for k in chosen}, reason="load")
+            if scope.kind == common_pb2.SCOPE_KIND_USER:
+                # Mostly the user's own org; sometimes another (the user moved) or none.
+                home = f"lo{int(scope.id[2:]) % ORGS}"
+                request.org_id = self.rng.choices([home, f"lo{self.rng.randrange(ORGS)}", ""], [8, 1, 1])[0]
             await self.prefs.SetPreferences(request, metadata=ADMIN)
             self.key_writes += len(chosen)
             self.calls["set"] += 1
@@ -128,7 +132,8 @@ async def test_statistics_equal_a_group_by_after_concurrent_writes_resets_delete
         await wait_counted(own_db, statistics_pb2_grpc.StatisticsServiceStub(channel))
     expected = await assert_statistics_match_the_database(own_db)
     # The load left a spread of values behind (so the equality above is not between empty tables).
-    assert sum(n for (key, kind), n in expected["holders"].items() if kind == "*") > 1000
+    assert sum(n for (key, org, kind), n in expected["holders"].items() if org == "" and kind == "*") > 1000
+    assert sum(n for (key, org, kind), n in expected["holders"].items() if org == "lo3" and kind == "USER") > 100
     changes = await own_db.fetchval("SELECT count(*) FROM changes WHERE kind = 'preference'")
     daily = await own_db.fetchval("SELECT sum(changes) FROM statistics_daily")
     assert daily == changes
@@ -170,8 +175,8 @@ async def test_a_consumer_killed_mid_batch_counts_nothing_twice(own_app: App, ow
         finally:
             await own_db.execute("DROP TRIGGER crash_once ON statistics_daily; DROP FUNCTION crash_once()")
     expected = await assert_statistics_match_the_database(own_db)
-    assert expected["values"][("display.theme", "USER", '"light"')] == 20
-    assert expected["values"][("display.theme", "USER", '"dark"')] == 1
+    assert expected["values"][("display.theme", "", "USER", '"light"')] == 20
+    assert expected["values"][("display.theme", "", "USER", '"dark"')] == 1
 
 
 async def test_one_runner_counts_across_processes_and_another_takes_over(fresh_database: Any, tmp_path: Path) -> None:
@@ -204,7 +209,7 @@ async def test_one_runner_counts_across_processes_and_another_takes_over(fresh_d
             await wait_counted(db, stats)
         await init_connection(db)
         expected = await assert_statistics_match_the_database(db)
-        assert expected["values"][("display.theme", "USER", '"dark"')] == 2
+        assert expected["values"][("display.theme", "", "USER", '"dark"')] == 2
     finally:
         await db.close()
         await first.stop(0)

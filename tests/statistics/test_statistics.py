@@ -96,6 +96,72 @@ async def test_key_statistics_count_holders_and_values_top_n_plus_other(
     await assert_statistics_match_the_database(db)
 
 
+async def test_statistics_within_one_org_count_its_org_override_and_the_users_written_under_it(
+    app: App, stub: Any, stats: Any, db: asyncpg.Connection, category: dict[str, str]
+) -> None:
+    color, size = category["color"], category["size"]
+    acme, globex = unique("so"), unique("so")
+
+    async def write_in(org_id: str, scope: common_pb2.Scope, values: dict[str, Any]) -> None:
+        request = set_request(scope, values, reason="stats test", org_id=org_id)
+        await stub.SetPreferences(request, metadata=ADMIN)
+
+    for value in ["red", "red", "green"]:
+        await write_in(acme, user(unique("su")), {color: value})
+    await write_in(globex, user(unique("su")), {color: "red"})
+    await write(stub, org(acme), {color: "green", size: 7})
+    # A user writing its own preferences is counted in its token's org.
+    self_writer = unique("su")
+    await stub.SetPreferences(
+        set_request(user(self_writer), {color: "white"}), metadata=auth("user", sub=self_writer, org=acme)
+    )
+    # A user whose latest write names another org counts there only.
+    mover = unique("su")
+    await write_in(acme, user(mover), {color: "white"})
+    await write_in(globex, user(mover), {color: "green"})
+    await wait_counted(db, stats)
+
+    in_acme = (await key_statistics(stats, color, org_id=acme)).statistics
+    assert in_acme.org_id == acme
+    assert [(py(v.value), v.holders) for v in in_acme.values] == [("green", 2), ("red", 2), ("white", 1)]
+    by_kind = {h.scope_kind: h.holders for h in in_acme.holders_by_scope_kind}
+    assert by_kind == {common_pb2.SCOPE_KIND_GLOBAL: 0, common_pb2.SCOPE_KIND_ORG: 1, common_pb2.SCOPE_KIND_USER: 4}
+    assert (in_acme.holders, in_acme.distinct_values) == (5, 3)
+    acme_users = (await key_statistics(stats, color, org_id=acme, scope_kind=common_pb2.SCOPE_KIND_USER)).statistics
+    assert [(py(v.value), v.holders) for v in acme_users.values] == [("red", 2), ("green", 1), ("white", 1)]
+    in_globex = (await key_statistics(stats, color, org_id=globex)).statistics
+    assert [(py(v.value), v.holders) for v in in_globex.values] == [("green", 1), ("red", 1)]
+    everyone = (await key_statistics(stats, color)).statistics
+    assert (everyone.org_id, everyone.holders) == ("", 7)
+    nobody = (await key_statistics(stats, color, org_id=unique("so"))).statistics
+    assert (nobody.holders, list(nobody.values)) == (0, [])
+
+    popular = await stats.GetCategoryStatistics(
+        statistics_pb2.GetCategoryStatisticsRequest(category=category["category"], org_id=acme), metadata=SERVICE
+    )
+    assert [(p.key, p.holders, py(p.most_common.value)) for p in popular.keys if p.holders] == [
+        (color, 5, "green"),
+        (size, 1, 7),
+    ]
+    await assert_statistics_match_the_database(db)
+
+
+async def test_a_policy_is_counted_by_the_value_it_sets(
+    app: App, stub: Any, stats: Any, db: asyncpg.Connection, category: dict[str, str]
+) -> None:
+    size = category["size"]
+    capped = unique("so")
+    write_policy = preferences_pb2.PreferenceWrite(key=size, value=tv(12), policy=preferences_pb2.Policy(max_value=20))
+    await stub.SetPreferences(
+        preferences_pb2.SetPreferencesRequest(scope=org(capped), writes=[write_policy], reason="cap"), metadata=ADMIN
+    )
+    await write(stub, org(unique("so")), {size: 12})
+    await wait_counted(db, stats)
+    orgs = (await key_statistics(stats, size, scope_kind=common_pb2.SCOPE_KIND_ORG)).statistics
+    assert [(py(v.value), v.value_json, v.holders) for v in orgs.values] == [(12, "12", 2)]
+    await assert_statistics_match_the_database(db)
+
+
 async def test_category_statistics_give_each_key_its_most_popular_value(
     app: App, stub: Any, stats: Any, db: asyncpg.Connection, category: dict[str, str]
 ) -> None:
@@ -230,6 +296,18 @@ async def test_erasure_takes_the_user_out_of_every_count(
         ),
         ("GetCategoryStatistics", {"category": "no-such-category"}, grpc.StatusCode.NOT_FOUND, "category"),
         ("GetCategoryStatistics", {"category": ""}, grpc.StatusCode.INVALID_ARGUMENT, "category"),
+        (
+            "GetKeyStatistics",
+            {"key": "display.theme", "org_id": "no spaces"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "org_id",
+        ),
+        (
+            "GetCategoryStatistics",
+            {"category": "display", "org_id": "-leading-dash"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "org_id",
+        ),
         ("GetAdoption", {"key": "no.such.key"}, grpc.StatusCode.NOT_FOUND, "key"),
         (
             "ListDailyRollups",

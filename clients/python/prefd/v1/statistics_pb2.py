@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from prefd.v1 import common_pb2 as prefd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19prefd/v1/statistics.proto\x12\x08prefd.v1\x1a\x15prefd/v1/common.proto\"e\n\nValueCount\x12#\n\x05value\x18\x01 \x01(\x0b\x32\x14.prefd.v1.TypedValue\x12\x12\n\nvalue_json\x18\x02 \x01(\t\x12\x0f\n\x07holders\x18\x03 \x01(\x03\x12\r\n\x05share\x18\x04 \x01(\x01\"L\n\x10ScopeKindHolders\x12\'\n\nscope_kind\x18\x01 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\x0f\n\x07holders\x18\x02 \x01(\x03\"\x8c\x02\n\rKeyStatistics\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x11\n\tsensitive\x18\x03 \x01(\x08\x12\'\n\nscope_kind\x18\x04 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\x0f\n\x07holders\x18\x05 \x01(\x03\x12\x39\n\x15holders_by_scope_kind\x18\x06 \x03(\x0b\x32\x1a.prefd.v1.ScopeKindHolders\x12$\n\x06values\x18\x07 \x03(\x0b\x32\x14.prefd.v1.ValueCount\x12\x15\n\rother_holders\x18\x08 \x01(\x03\x12\x17\n\x0f\x64istinct_values\x18\t \x01(\x03\"m\n\x17GetKeyStatisticsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\nscope_kind\x18\x02 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\x12\n\x05top_n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_n\"i\n\x18GetKeyStatisticsResponse\x12+\n\nstatistics\x18\x01 \x01(\x0b\x32\x17.prefd.v1.KeyStatistics\x12 \n\x06\x63ursor\x18\x02 \x01(\x0b\x32\x10.prefd.v1.Cursor\"j\n\x0cPopularValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tsensitive\x18\x02 \x01(\x08\x12\x0f\n\x07holders\x18\x03 \x01(\x03\x12)\n\x0bmost_common\x18\x04 \x01(\x0b\x32\x14.prefd.v1.ValueCount\"Y\n\x1cGetCategoryStatisticsRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\'\n\nscope_kind\x18\x02 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\"g\n\x1dGetCategoryStatisticsResponse\x12$\n\x04keys\x18\x01 \x03(\x0b\x32\x16.prefd.v1.PopularValue\x12 \n\x06\x63ursor\x18\x02 \x01(\x0b\x32\x10.prefd.v1.Cursor\"!\n\x12GetAdoptionRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\xca\x01\n\x13GetAdoptionResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10users_overriding\x18\x02 \x01(\x03\x12\x13\n\x0bknown_users\x18\x03 \x01(\x03\x12\x15\n\radoption_rate\x18\x04 \x01(\x01\x12#\n\x16users_at_default_value\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12 \n\x06\x63ursor\x18\x06 \x01(\x0b\x32\x10.prefd.v1.CursorB\x19\n\x17_users_at_default_value\"w\n\x0b\x44\x61ilyRollup\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanges\x18\x02 \x01(\x03\x12\x0f\n\x07holders\x18\x03 \x01(\x03\x12\r\n\x05users\x18\x04 \x01(\x03\x12)\n\x0bmost_common\x18\x05 \x01(\x0b\x32\x14.prefd.v1.ValueCount\"L\n\x17ListDailyRollupsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\"d\n\x18ListDailyRollupsResponse\x12&\n\x07rollups\x18\x01 \x03(\x0b\x32\x15.prefd.v1.DailyRollup\x12 \n\x06\x63ursor\x18\x02 \x01(\x0b\x32\x10.prefd.v1.Cursor2\xff\x02\n\x11StatisticsService\x12Y\n\x10GetKeyStatistics\x12!.prefd.v1.GetKeyStatisticsRequest\x1a\".prefd.v1.GetKeyStatisticsResponse\x12h\n\x15GetCategoryStatistics\x12&.prefd.v1.GetCategoryStatisticsRequest\x1a\'.prefd.v1.GetCategoryStatisticsResponse\x12J\n\x0bGetAdoption\x12\x1c.prefd.v1.GetAdoptionRequest\x1a\x1d.prefd.v1.GetAdoptionResponse\x12Y\n\x10ListDailyRollups\x12!.prefd.v1.ListDailyRollupsRequest\x1a\".prefd.v1.ListDailyRollupsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19prefd/v1/statistics.proto\x12\x08prefd.v1\x1a\x15prefd/v1/common.proto\"e\n\nValueCount\x12#\n\x05value\x18\x01 \x01(\x0b\x32\x14.prefd.v1.TypedValue\x12\x12\n\nvalue_json\x18\x02 \x01(\t\x12\x0f\n\x07holders\x18\x03 \x01(\x03\x12\r\n\x05share\x18\x04 \x01(\x01\"L\n\x10ScopeKindHolders\x12\'\n\nscope_kind\x18\x01 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\x0f\n\x07holders\x18\x02 \x01(\x03\"\x9c\x02\n\rKeyStatistics\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x11\n\tsensitive\x18\x03 \x01(\x08\x12\'\n\nscope_kind\x18\x04 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\x0f\n\x07holders\x18\x05 \x01(\x03\x12\x39\n\x15holders_by_scope_kind\x18\x06 \x03(\x0b\x32\x1a.prefd.v1.ScopeKindHolders\x12$\n\x06values\x18\x07 \x03(\x0b\x32\x14.prefd.v1.ValueCount\x12\x15\n\rother_holders\x18\x08 \x01(\x03\x12\x17\n\x0f\x64istinct_values\x18\t \x01(\x03\x12\x0e\n\x06org_id\x18\n \x01(\t\"}\n\x17GetKeyStatisticsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\nscope_kind\x18\x02 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\x12\n\x05top_n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06org_id\x18\x04 \x01(\tB\x08\n\x06_top_n\"i\n\x18GetKeyStatisticsResponse\x12+\n\nstatistics\x18\x01 \x01(\x0b\x32\x17.prefd.v1.KeyStatistics\x12 \n\x06\x63ursor\x18\x02 \x01(\x0b\x32\x10.prefd.v1.Cursor\"j\n\x0cPopularValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x11\n\tsensitive\x18\x02 \x01(\x08\x12\x0f\n\x07holders\x18\x03 \x01(\x03\x12)\n\x0bmost_common\x18\x04 \x01(\x0b\x32\x14.prefd.v1.ValueCount\"i\n\x1cGetCategoryStatisticsRequest\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\'\n\nscope_kind\x18\x02 \x01(\x0e\x32\x13.prefd.v1.ScopeKind\x12\x0e\n\x06org_id\x18\x03 \x01(\t\"g\n\x1dGetCategoryStatisticsResponse\x12$\n\x04keys\x18\x01 \x03(\x0b\x32\x16.prefd.v1.PopularValue\x12 \n\x06\x63ursor\x18\x02 \x01(\x0b\x32\x10.prefd.v1.Cursor\"!\n\x12GetAdoptionRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"\xca\x01\n\x13GetAdoptionResponse\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10users_overriding\x18\x02 \x01(\x03\x12\x13\n\x0bknown_users\x18\x03 \x01(\x03\x12\x15\n\radoption_rate\x18\x04 \x01(\x01\x12#\n\x16users_at_default_value\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12 \n\x06\x63ursor\x18\x06 \x01(\x0b\x32\x10.prefd.v1.CursorB\x19\n\x17_users_at_default_value\"w\n\x0b\x44\x61ilyRollup\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanges\x18\x02 \x01(\x03\x12\x0f\n\x07holders\x18\x03 \x01(\x03\x12\r\n\x05users\x18\x04 \x01(\x03\x12)\n\x0bmost_common\x18\x05 \x01(\x0b\x32\x14.prefd.v1.ValueCount\"L\n\x17ListDailyRollupsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nstart_date\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x03 \x01(\t\"d\n\x18ListDailyRollupsResponse\x12&\n\x07rollups\x18\x01 \x03(\x0b\x32\x15.prefd.v1.DailyRollup\x12 \n\x06\x63ursor\x18\x02 \x01(\x0b\x32\x10.prefd.v1.Cursor2\xff\x02\n\x11StatisticsService\x12Y\n\x10GetKeyStatistics\x12!.prefd.v1.GetKeyStatisticsRequest\x1a\".prefd.v1.GetKeyStatisticsResponse\x12h\n\x15GetCategoryStatistics\x12&.prefd.v1.GetCategoryStatisticsRequest\x1a\'.prefd.v1.GetCategoryStatisticsResponse\x12J\n\x0bGetAdoption\x12\x1c.prefd.v1.GetAdoptionRequest\x1a\x1d.prefd.v1.GetAdoptionResponse\x12Y\n\x10ListDailyRollups\x12!.prefd.v1.ListDailyRollupsRequest\x1a\".prefd.v1.ListDailyRollupsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOPEKINDHOLDERS']._serialized_start=165
   _globals['_SCOPEKINDHOLDERS']._serialized_end=241
   _globals['_KEYSTATISTICS']._serialized_start=244
-  _globals['_KEYSTATISTICS']._serialized_end=512
-  _globals['_GETKEYSTATISTICSREQUEST']._serialized_start=514
-  _globals['_GETKEYSTATISTICSREQUEST']._serialized_end=623
-  _globals['_GETKEYSTATISTICSRESPONSE']._serialized_start=625
-  _globals['_GETKEYSTATISTICSRESPONSE']._serialized_end=730
-  _globals['_POPULARVALUE']._serialized_start=732
-  _globals['_POPULARVALUE']._serialized_end=838
-  _globals['_GETCATEGORYSTATISTICSREQUEST']._serialized_start=840
-  _globals['_GETCATEGORYSTATISTICSREQUEST']._serialized_end=929
-  _globals['_GETCATEGORYSTATISTICSRESPONSE']._serialized_start=931
-  _globals['_GETCATEGORYSTATISTICSRESPONSE']._serialized_end=1034
-  _globals['_GETADOPTIONREQUEST']._serialized_start=1036
-  _globals['_GETADOPTIONREQUEST']._serialized_end=1069
-  _globals['_GETADOPTIONRESPONSE']._serialized_start=1072
-  _globals['_GETADOPTIONRESPONSE']._serialized_end=1274
-  _globals['_DAILYROLLUP']._serialized_start=1276
-  _globals['_DAILYROLLUP']._serialized_end=1395
-  _globals['_LISTDAILYROLLUPSREQUEST']._serialized_start=1397
-  _globals['_LISTDAILYROLLUPSREQUEST']._serialized_end=1473
-  _globals['_LISTDAILYROLLUPSRESPONSE']._serialized_start=1475
-  _globals['_LISTDAILYROLLUPSRESPONSE']._serialized_end=1575
-  _globals['_STATISTICSSERVICE']._serialized_start=1578
-  _globals['_STATISTICSSERVICE']._serialized_end=1961
+  _globals['_KEYSTATISTICS']._serialized_end=528
+  _globals['_GETKEYSTATISTICSREQUEST']._serialized_start=530
+  _globals['_GETKEYSTATISTICSREQUEST']._serialized_end=655
+  _globals['_GETKEYSTATISTICSRESPONSE']._serialized_start=657
+  _globals['_GETKEYSTATISTICSRESPONSE']._serialized_end=762
+  _globals['_POPULARVALUE']._serialized_start=764
+  _globals['_POPULARVALUE']._serialized_end=870
+  _globals['_GETCATEGORYSTATISTICSREQUEST']._serialized_start=872
+  _globals['_GETCATEGORYSTATISTICSREQUEST']._serialized_end=977
+  _globals['_GETCATEGORYSTATISTICSRESPONSE']._serialized_start=979
+  _globals['_GETCATEGORYSTATISTICSRESPONSE']._serialized_end=1082
+  _globals['_GETADOPTIONREQUEST']._serialized_start=1084
+  _globals['_GETADOPTIONREQUEST']._serialized_end=1117
+  _globals['_GETADOPTIONRESPONSE']._serialized_start=1120
+  _globals['_GETADOPTIONRESPONSE']._serialized_end=1322
+  _globals['_DAILYROLLUP']._serialized_start=1324
+  _globals['_DAILYROLLUP']._serialized_end=1443
+  _globals['_LISTDAILYROLLUPSREQUEST']._serialized_start=1445
+  _globals['_LISTDAILYROLLUPSREQUEST']._serialized_end=1521
+  _globals['_LISTDAILYROLLUPSRESPONSE']._serialized_start=1523
+  _globals['_LISTDAILYROLLUPSRESPONSE']._serialized_end=1623
+  _globals['_STATISTICSSERVICE']._serialized_start=1626
+  _globals['_STATISTICSSERVICE']._serialized_end=2009
 # @@protoc_insertion_point(module_scope)

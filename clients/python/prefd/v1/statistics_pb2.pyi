@@ -96,6 +96,7 @@ class KeyStatistics(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     OTHER_HOLDERS_FIELD_NUMBER: _builtins.int
     DISTINCT_VALUES_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The preference key."""
     category: _builtins.str
@@ -110,6 +111,8 @@ class KeyStatistics(_message.Message):
     """Holders of every value not in `values` (all holders for a sensitive key)."""
     distinct_values: _builtins.int
     """How many distinct values the holders hold (0 for a sensitive key)."""
+    org_id: _builtins.str
+    """The org counted (empty: every scope)."""
     @_builtins.property
     def holders_by_scope_kind(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScopeKindHolders]:
         """Holders per scope kind (GLOBAL, ORG, USER), whatever scope_kind selects."""
@@ -130,10 +133,11 @@ class KeyStatistics(_message.Message):
         values: _abc.Iterable[Global___ValueCount] | None = ...,
         other_holders: _builtins.int = ...,
         distinct_values: _builtins.int = ...,
+        org_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "distinct_values", b"distinct_values", "holders", b"holders", "holders_by_scope_kind", b"holders_by_scope_kind", "key", b"key", "other_holders", b"other_holders", "scope_kind", b"scope_kind", "sensitive", b"sensitive", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "distinct_values", b"distinct_values", "holders", b"holders", "holders_by_scope_kind", b"holders_by_scope_kind", "key", b"key", "org_id", b"org_id", "other_holders", b"other_holders", "scope_kind", b"scope_kind", "sensitive", b"sensitive", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,6 +152,7 @@ class GetKeyStatisticsRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     SCOPE_KIND_FIELD_NUMBER: _builtins.int
     TOP_N_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The preference key."""
     scope_kind: _common_pb2.ScopeKind.ValueType
@@ -156,16 +161,21 @@ class GetKeyStatisticsRequest(_message.Message):
     """How many values to return, 0..100; unset: 10 (0 for a sensitive key). A value above 0 for a
     sensitive key is FAILED_PRECONDITION.
     """
+    org_id: _builtins.str
+    """Count only within this org: its ORG override and the USER overrides whose latest change named
+    the org (SetPreferences org_id or the writer's org claim); GLOBAL is in no org. Empty: every scope.
+    """
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
         scope_kind: _common_pb2.ScopeKind.ValueType = ...,
         top_n: _builtins.int | None = ...,
+        org_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "top_n", b"top_n"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "key", b"key", "scope_kind", b"scope_kind", "top_n", b"top_n"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_top_n", b"_top_n", "key", b"key", "org_id", b"org_id", "scope_kind", b"scope_kind", "top_n", b"top_n"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__top_n: _TypeAlias = _typing.Literal["top_n"]  # noqa: Y015
     _WhichOneofArgType__top_n: _TypeAlias = _typing.Literal["_top_n", b"_top_n"]  # noqa: Y015
@@ -247,19 +257,23 @@ class GetCategoryStatisticsRequest(_message.Message):
 
     CATEGORY_FIELD_NUMBER: _builtins.int
     SCOPE_KIND_FIELD_NUMBER: _builtins.int
+    ORG_ID_FIELD_NUMBER: _builtins.int
     category: _builtins.str
     """The category (a definition's category, e.g. "display")."""
     scope_kind: _common_pb2.ScopeKind.ValueType
     """Count overrides of this scope kind only; SCOPE_KIND_UNSPECIFIED counts every kind."""
+    org_id: _builtins.str
+    """Count only within this org (as GetKeyStatisticsRequest.org_id). Empty: every scope."""
     def __init__(
         self,
         *,
         category: _builtins.str = ...,
         scope_kind: _common_pb2.ScopeKind.ValueType = ...,
+        org_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "scope_kind", b"scope_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "org_id", b"org_id", "scope_kind", b"scope_kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
