@@ -7,8 +7,9 @@ How the data gets there (said in the report too)
     (INSERT .. SELECT over generate_series, --load-chunk users per transaction): every user
     display.theme (dark 50%, light 30%, system 20%), 60% locale.language (5 values), 30%
     display.items_per_page (4 values) and 5% the sensitive notifications.sms.phone_number (a distinct
-    number each). Each stored value gets the change row the writer would have written (version 1, same
-    transaction), so the change feed explains every value. The statistics are then built from that feed
+    number each); user n is in org bo<n mod 1000>. Each stored value gets the change row the writer would
+    have written (version 1, same transaction, naming the user's org), so the change feed explains every
+    value. The statistics are then built from that feed
     by the one rebuild command, `prefd rebuild-statistics` (timed), not by a GROUP BY.
 
 Reads
@@ -71,7 +72,7 @@ TARGET_RATIO = 0.90
 CALL_TIMEOUT_S = 30.0
 
 LOAD = """WITH gen AS (
-    SELECT 'bu' || n AS user_id, v.key, v.value FROM generate_series($1::bigint, $2::bigint) AS n
+    SELECT 'bu' || n AS user_id, 'bo' || (n % 1000) AS org_id, v.key, v.value FROM generate_series($1::bigint, $2::bigint) AS n
     CROSS JOIN LATERAL (VALUES
         ('display.theme', to_jsonb(CASE WHEN n % 10 < 5 THEN 'dark' WHEN n % 10 < 8 THEN 'light' ELSE 'system' END)),
         ('locale.language', CASE WHEN n % 10 < 6 THEN to_jsonb((ARRAY['en', 'fr', 'de', 'ja', 'es'])[1 + n % 5]) END),
@@ -83,8 +84,9 @@ LOAD = """WITH gen AS (
 values_written AS (
     INSERT INTO preference_values (scope_kind, scope_id, key, value, version, updated_by)
     SELECT 'USER', user_id, key, value, 1, 'bench-admin' FROM gen)
-INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version, actor, reason)
-SELECT 'preference', 'USER', user_id, key, NULL, value, 1, 'bench-admin', 'statistics bench bulk load' FROM gen"""
+INSERT INTO changes (kind, scope_kind, scope_id, key, old_value, new_value, version, actor, reason, org_id)
+SELECT 'preference', 'USER', user_id, key, NULL, value, 1, 'bench-admin', 'statistics bench bulk load', org_id
+FROM gen"""
 
 # The seed's get_preference_statistics (seed 000), over prefd's table of stored values.
 SEED_GROUP_BY = """WITH stats AS (
