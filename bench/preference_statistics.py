@@ -72,7 +72,8 @@ TARGET_RATIO = 0.90
 CALL_TIMEOUT_S = 30.0
 
 LOAD = """WITH gen AS (
-    SELECT 'bu' || n AS user_id, 'bo' || (n % 1000) AS org_id, v.key, v.value FROM generate_series($1::bigint, $2::bigint) AS n
+    SELECT 'bu' || n AS user_id, 'bo' || (n % 1000) AS org_id, v.key, v.value
+    FROM generate_series($1::bigint, $2::bigint) AS n
     CROSS JOIN LATERAL (VALUES
         ('display.theme', to_jsonb(CASE WHEN n % 10 < 5 THEN 'dark' WHEN n % 10 < 8 THEN 'light' ELSE 'system' END)),
         ('locale.language', CASE WHEN n % 10 < 6 THEN to_jsonb((ARRAY['en', 'fr', 'de', 'ja', 'es'])[1 + n % 5]) END),
