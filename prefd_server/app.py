@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prefd_server.aiconfig import domain as aiconfig_domain
 from prefd_server.audit import domain as audit_domain
 from prefd_server.embedded import EmbeddedPostgres
+from prefd_server.kernel.bounded_cache import CacheBudget
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.db import create_pool, installation_identity, migrate
 from prefd_server.kernel.feed import FeedReader, WakeupNotifier
@@ -157,7 +158,14 @@ class App:
         if settings.metrics_port is not None:
             figures = kernel.provisions.get(CACHE_FIGURES)
             self._metrics_server = start_metrics_endpoint(
-                registry, settings.metrics_port, settings.metrics_host, kernel.feed, figures, kernel.pool, kernel.redis
+                registry,
+                settings.metrics_port,
+                settings.metrics_host,
+                kernel.feed,
+                figures,
+                kernel.pool,
+                kernel.redis,
+                kernel.caches,
             )
             self.metrics_port = self._metrics_server.server_port
         monitor = HealthMonitor(
@@ -197,6 +205,7 @@ class App:
             pseudonym_key=pseudonym_key,
             commits=LocalCommits(self._wake_feed_readers),
             privacy=PrivacyRegistry(),
+            caches=CacheBudget(settings.cache_bytes),
         )
 
     def _wake_feed_readers(self) -> None:

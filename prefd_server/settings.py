@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefd_server.kernel.bounded_cache import DEFAULT_CACHE_BYTES, parse_size
+
 # The roles a verified client certificate may stand for (the token roles).
 CertificateRole = Literal["user", "service", "admin"]
 
@@ -61,6 +63,10 @@ class Settings(BaseSettings):
     watch_progress_interval_s: float = Field(default=5.0, gt=0)
     watch_queue_capacity: int = Field(default=10_000, ge=1)
     redis_ttl_s: int = Field(default=60, ge=1)
+    # Bytes every in-process cache may hold together (override layers, prebuilt responses, org bases,
+    # AI configuration, consents, notification decisions, parsed requests): a number of bytes or a size
+    # such as 256MiB or 1GB; each cache gets a fixed share.
+    cache_bytes: int = DEFAULT_CACHE_BYTES
     workers: int = Field(default=1, ge=1)
     # GetDatabaseHealth: statements with a mean time at or over this are slow; a transaction open
     # longer than this holding the change feed's horizon is an alert.
@@ -80,6 +86,18 @@ class Settings(BaseSettings):
     ai_temperature: float | None = None
     ai_max_tokens: int | None = None
     ai_api_key: SecretStr | None = None
+
+    @field_validator("cache_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        """A positive size: bytes, or a number with KB, KiB, MB, MiB, GB or GiB."""
+        if isinstance(value, bool):
+            raise ValueError("must be a positive size")
+        if isinstance(value, int):
+            if value <= 0:
+                raise ValueError(f"must be a positive size (got {value})")
+            return value
+        return parse_size(str(value))
 
     @field_validator(
         "tls_cert_file",

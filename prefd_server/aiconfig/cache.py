@@ -16,13 +16,11 @@ from prefd_server.aiconfig import store as ai_sql
 from prefd_server.aiconfig.model import AIConfigRecord, ChainLayer, EffectiveAIConfig, ModelInfo, merge
 from prefd_server.aiconfig.secretbox import SecretBox, sealing_context
 from prefd_server.aiconfig.writes import merged_chain
+from prefd_server.kernel.bounded_cache import CacheBudget, approximate_size
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, Subject
 from prefd_server.kernel.scoped_cache import Layer, ScopedCache
-
-# Scopes kept in memory at most; reads beyond are served but not kept.
-MAX_SCOPES = 100_000
 
 ScopeConfigs = Layer[list[AIConfigRecord]]
 
@@ -41,11 +39,13 @@ class Resolved:
 class AIConfigCache:
     """Resolves subjects' AI configuration from cached scopes and catalog."""
 
-    def __init__(self, pool: asyncpg.Pool, box: SecretBox, env: ChainLayer) -> None:
+    def __init__(self, pool: asyncpg.Pool, box: SecretBox, env: ChainLayer, budget: CacheBudget | None = None) -> None:
         self._pool = pool
         self._box = box
         self.env = env
-        self._configs: ScopedCache[list[AIConfigRecord]] = ScopedCache(pool, ai_sql.at_scopes, max_layers=MAX_SCOPES)
+        self._configs: ScopedCache[list[AIConfigRecord]] = ScopedCache(
+            pool, ai_sql.at_scopes, name="ai_config", budget=budget, sizeof=approximate_size
+        )
         self._catalog = self._configs.snapshot_value(ai_sql.models)
         self._keys: dict[str, dict[str, str]] = {}  # config id -> slot -> plaintext
 

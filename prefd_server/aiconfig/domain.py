@@ -18,7 +18,7 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
     box = SecretBox(settings)
     api_key = settings.ai_api_key.get_secret_value() if settings.ai_api_key else None
     env = env_layer(settings.ai_model, settings.ai_temperature, settings.ai_max_tokens, api_key)
-    cache = AIConfigCache(kernel.pool, box, env)
+    cache = AIConfigCache(kernel.pool, box, env, kernel.caches)
     kernel.feed.add_listener(cache.on_changes)
     kernel.commits.add_listener(ChangeKind.AI_CONFIG, cache.on_local_commit)
     kernel.commits.add_listener(ChangeKind.ERASURE, cache.on_local_commit)

@@ -42,6 +42,7 @@ from prefd_server.kernel.watch import WatchTarget
 from prefd_server.rpc import convert
 from prefd_server.rpc.effective_read import EffectiveRead
 from prefd_server.rpc.principal import Principal, current_call, current_principal
+from prefd_server.rpc.request_memo import RequestMemo
 from prefd_server.rpc.watch_stream import start_cursor, watch_responses
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -85,6 +86,7 @@ class AIConfigService(ai_config_pb2_grpc.AIConfigServiceServicer):
             store_response=cache.store_response,
             feed=feed,
             tokens=tokens,
+            parsed=RequestMemo("ai_config.requests", kernel.caches),
             ceiling=self._effective_ceiling,
         )
 

@@ -8,6 +8,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 import asyncpg
 
+from prefd_server.kernel.bounded_cache import CacheBudget
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.model import JsonValue, ResolvedValue, Subject
@@ -116,6 +117,7 @@ class Kernel:
     commits: LocalCommits
     privacy: PrivacyRegistry
     provisions: Provisions = field(default_factory=Provisions)
+    caches: CacheBudget = field(default_factory=CacheBudget)
 
 
 @dataclass(frozen=True, slots=True)

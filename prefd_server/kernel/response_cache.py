@@ -1,16 +1,16 @@
 """Prebuilt response bodies of hot reads, indexed by the scopes they were built from and bounded in
-bytes (the oldest go first), so no caller can make the server keep more than the budget."""
+bytes (segmented LRU, kernel.bounded_cache), so no caller can make the server keep more than the budget."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
+from prefd_server.kernel.bounded_cache import CacheBudget, bounded_cache
 from prefd_server.kernel.model import Scope, ScopeKind
 
 V = TypeVar("V")  # a response: its body, or something it is finished from
 
-DEFAULT_BUDGET_BYTES = 64 * 1024 * 1024
 # A dict slot, the key tuple and the per-scope index entries of one response, roughly.
 _ENTRY_OVERHEAD_BYTES = 512
 
@@ -27,30 +27,28 @@ def _key_bytes(key: Hashable) -> int:
 class ResponseCache(Generic[V]):
     """Response bodies by key; GLOBAL-built bodies are dropped by clear(), the rest by their scopes."""
 
-    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
-        self._budget = budget_bytes
-        self._bodies: dict[Hashable, tuple[V, tuple[Scope, ...], int]] = {}
+    def __init__(self, name: str, budget: CacheBudget | int | None = None) -> None:
+        self._bodies = bounded_cache(name, budget, self._evicted)
         self._by_scope: dict[Scope, set[Hashable]] = {}
-        self.bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bodies.bytes
 
     def get(self, key: Hashable) -> V | None:
         entry = self._bodies.get(key)
         return None if entry is None else entry[0]
 
     def put(self, key: Hashable, body: V, scopes: Iterable[Scope], size: int | None = None) -> None:
-        """Keep `body` for `key`, built from `scopes`; evicts the oldest bodies beyond the budget. `size`
-        is the body's size in bytes (by default its length: bodies are bytes)."""
+        """Keep `body` for `key`, built from `scopes`; evicts the least used bodies beyond the budget.
+        `size` is the body's size in bytes (by default its length: bodies are bytes)."""
         self._discard(key)
         indexed = tuple(s for s in scopes if s.kind is not ScopeKind.GLOBAL)
         cost = (len(body) if size is None else size) + _key_bytes(key) + _ENTRY_OVERHEAD_BYTES  # type: ignore[arg-type]
-        if cost > self._budget:
+        if not self._bodies.put(key, (body, indexed), cost):
             return
-        self._bodies[key] = (body, indexed, cost)
-        self.bytes += cost
         for scope in indexed:
             self._by_scope.setdefault(scope, set()).add(key)
-        while self.bytes > self._budget:
-            self._discard(next(iter(self._bodies)))
 
     def drop(self, scope: Scope | None) -> None:
         """Forget bodies built from `scope` (all of them for GLOBAL or None)."""
@@ -63,14 +61,17 @@ class ResponseCache(Generic[V]):
     def clear(self) -> None:
         self._bodies.clear()
         self._by_scope.clear()
-        self.bytes = 0
 
     def _discard(self, key: Hashable) -> None:
-        entry = self._bodies.pop(key, None)
-        if entry is None:
-            return
-        self.bytes -= entry[2]
-        for scope in entry[1]:
+        entry = self._bodies.pop(key)
+        if entry is not None:
+            self._unindex(key, entry[1])
+
+    def _evicted(self, key: Hashable, entry: tuple[V, tuple[Scope, ...]]) -> None:
+        self._unindex(key, entry[1])
+
+    def _unindex(self, key: Hashable, scopes: tuple[Scope, ...]) -> None:
+        for scope in scopes:
             keys = self._by_scope.get(scope)
             if keys is not None:
                 keys.discard(key)

@@ -20,11 +20,13 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from prefd_server.kernel.db import snapshot
+from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
+from prefd_server.kernel.db import snapshot, translated_errors
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.response_cache import ResponseCache
+from prefd_server.kernel.snapshot_value import SnapshotValue
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -33,6 +35,22 @@ V = TypeVar("V")
 CHANGE_MEMORY_S = 120.0
 # Change marks and floors are pruned only once their map has doubled past this size.
 _PRUNE_AT_LEAST = 1024
+# At most this many change marks and floors each (about 200 bytes apiece). Beyond it the oldest go, and
+# one mark for every scope stands in for those that go early (see _bound_marks): correct, only stricter.
+MAX_MARKS = 65_536
+# A layer's bytes beyond its overrides: the Layer, its Scope key, the dict and the cache's slot.
+LAYER_OVERHEAD_BYTES = 400
+# Loads of missing layers running at once; misses arriving meanwhile wait and are read together.
+MAX_LOADS_IN_FLIGHT = 2
+
+
+@dataclass(slots=True)
+class _Batch(Generic[T]):
+    """Missing scopes queued for one load, and the future its readers wait on."""
+
+    future: asyncio.Future[dict[Scope, Layer[T]]]
+    scopes: list[Scope]
+    scheduled: bool = False
 
 
 class CacheStats:
@@ -68,54 +86,6 @@ class LayerCodec(Generic[T]):
     decode: Callable[[Scope, Any], T]
 
 
-class SnapshotValue(Generic[V]):
-    """One value read for everyone at a snapshot horizon (definitions, a model catalog).
-
-    A change drops it; a read older than the newest change still answers its own callers but is
-    never kept, and a load begun before a change serves no later caller. Concurrent misses share one load.
-    """
-
-    def __init__(
-        self, pool: asyncpg.Pool, read: Callable[[asyncpg.Connection], Awaitable[V]], changed: Callable[[], None]
-    ) -> None:
-        self._pool = pool
-        self._read = read
-        self._changed = changed
-        self._changed_xid = 0
-        self._loading: asyncio.Future[V] | None = None
-        self.value: V | None = None  # the kept value, None until read or after a change
-
-    def forget(self, xid: int) -> None:
-        """The value changed in transaction `xid`."""
-        self.value = None
-        self._changed_xid = max(self._changed_xid, xid)
-        self._loading = None
-        self._changed()
-
-    async def get(self) -> V:
-        """The kept value, else one snapshot read of it."""
-        if self.value is not None:
-            return self.value
-        if self._loading is None:
-            self._loading = asyncio.ensure_future(self._load())
-            self._loading.add_done_callback(self._loaded)
-        return await asyncio.shield(self._loading)
-
-    def _loaded(self, load: asyncio.Future[V]) -> None:
-        if self._loading is load:
-            self._loading = None
-        if not load.cancelled():
-            load.exception()  # retrieved here; each waiter still sees it
-
-    async def _load(self) -> V:
-        async with snapshot(self._pool) as snap:
-            xmin = snap.xmin
-            loaded = await self._read(snap.conn)
-        if xmin > self._changed_xid:
-            self.value = loaded
-        return loaded
-
-
 class ScopedCache(Generic[T]):
     """Each scope's layer from L1, else Redis, else one PostgreSQL snapshot; and prebuilt responses."""
 
@@ -125,26 +95,41 @@ class ScopedCache(Generic[T]):
         read: Callable[[asyncpg.Connection, Sequence[Scope]], Awaitable[Mapping[Scope, T]]],
         redis: RedisLayers | None = None,
         codec: LayerCodec[T] | None = None,
-        max_layers: int | None = None,
+        *,
+        name: str,
+        budget: CacheBudget | None = None,
+        sizeof: Callable[[T], int] | None = None,
+        read_now: Callable[[asyncpg.Connection, Sequence[Scope]], Awaitable[tuple[int, Mapping[Scope, T]]]]
+        | None = None,
     ) -> None:
+        """`name` names the two caches ("<name>.layers", "<name>.responses") whose shares of `budget`
+        bound the layers and the prebuilt responses; `sizeof(value)` estimates a layer's bytes beyond
+        LAYER_OVERHEAD_BYTES (default: nothing beyond it). `read_now(conn, scopes)`, when given, reads the
+        layers and their snapshot's horizon in one statement (else `read` runs in a snapshot transaction)."""
         if redis is not None and codec is None:
             raise ValueError("a Redis layer cache needs a codec")
         self._pool = pool
         self._read = read
         self.redis = redis
         self._codec = codec
-        self._max_layers = max_layers
+        self._sizeof = sizeof
+        self._read_now = read_now
+        self._next_batch: _Batch[T] | None = None
+        self._loads_in_flight = 0
         self.stats = CacheStats()
-        self._layers: dict[Scope, Layer[T]] = {}
+        self._layers: SegmentedLru[Scope, Layer[T]] = bounded_cache(f"{name}.layers", budget)
         self._loading: dict[Scope, asyncio.Future[dict[Scope, Layer[T]]]] = {}
         self._changed: dict[Scope, tuple[int, int, float]] = {}  # scope -> (xid, tick, monotonic)
         # Newest snapshot horizon this process has used per scope (and when), so it never goes back.
         self._floor: dict[Scope, tuple[int, float]] = {}
+        # What stands for every mark and floor bounded away too early (see _bound_marks).
+        self._changed_everywhere = 0
+        self._floor_everywhere = 0
         self._prune_changed_at = _PRUNE_AT_LEAST
         self._prune_floor_at = _PRUNE_AT_LEAST
         self._tick = 0
         self._global_tick = 0
-        self._responses: ResponseCache[bytes] = ResponseCache()
+        self._responses: ResponseCache[bytes] = ResponseCache(f"{name}.responses", budget)
         self._background: set[asyncio.Task[None]] = set()
 
     def snapshot_value(self, read: Callable[[asyncpg.Connection], Awaitable[V]]) -> SnapshotValue[V]:
@@ -179,7 +164,7 @@ class ScopedCache(Generic[T]):
 
     def forget_all(self, xid: int) -> None:
         """Drop every cached layer and response, as if each cached scope changed in `xid`."""
-        for scope in list(self._layers):
+        for scope in list(self._layers.keys()):
             self._forget(scope, xid)
         self._responses.clear()
 
@@ -187,7 +172,7 @@ class ScopedCache(Generic[T]):
         self._tick += 1
         previous = self._changed.get(scope)
         self._changed[scope] = (max(xid, previous[0] if previous else 0), self._tick, time.monotonic())
-        self._layers.pop(scope, None)
+        self._layers.pop(scope)
         self._loading.pop(scope, None)  # a load begun before this change must not serve later readers
         self._responses.drop(scope)
 
@@ -197,13 +182,20 @@ class ScopedCache(Generic[T]):
         self._responses.clear()
 
     def _prune(self) -> None:
-        """Forget marks and floors older than CHANGE_MEMORY_S, amortised: only when a map has doubled."""
+        """Forget marks and floors older than CHANGE_MEMORY_S, amortised: only when a map has doubled;
+        then keep at most MAX_MARKS of each."""
         cutoff = time.monotonic() - CHANGE_MEMORY_S
         if len(self._changed) > self._prune_changed_at:
             self._changed = {s: v for s, v in self._changed.items() if v[2] >= cutoff}
+            if len(self._changed) > MAX_MARKS:
+                self._changed, dropped = _newest(self._changed, lambda v: v[2])
+                self._changed_everywhere = max(self._changed_everywhere, *(v[0] for v in dropped))
             self._prune_changed_at = max(_PRUNE_AT_LEAST, 2 * len(self._changed))
         if len(self._floor) > self._prune_floor_at:
             self._floor = {s: v for s, v in self._floor.items() if v[1] >= cutoff}
+            if len(self._floor) > MAX_MARKS:
+                self._floor, dropped_floors = _newest(self._floor, lambda v: v[1])
+                self._floor_everywhere = max(self._floor_everywhere, *(v[0] for v in dropped_floors))
             self._prune_floor_at = max(_PRUNE_AT_LEAST, 2 * len(self._floor))
 
     def _spawn(self, coro: Any) -> None:
@@ -212,8 +204,14 @@ class ScopedCache(Generic[T]):
         task.add_done_callback(self._background.discard)
 
     def _fresh(self, scope: Scope, xmin: int) -> bool:
+        if xmin <= self._changed_everywhere:
+            return False
         changed = self._changed.get(scope)
         return changed is None or xmin > changed[0]
+
+    def _floor_of(self, scope: Scope) -> int:
+        floor = self._floor.get(scope)
+        return max(self._floor_everywhere, floor[0] if floor is not None else 0)
 
     # --- responses ---------------------------------------------------------------------
 
@@ -247,8 +245,7 @@ class ScopedCache(Generic[T]):
         if self.changed_since(used, since_tick):
             return
         for scope, xmin in used.items():
-            floor = self._floor.get(scope)
-            if floor is not None and xmin < floor[0]:
+            if xmin < self._floor_of(scope):
                 return
         self._responses.put(key, body, used)
 
@@ -257,7 +254,9 @@ class ScopedCache(Generic[T]):
     async def layers(self, scopes: Sequence[Scope]) -> dict[Scope, Layer[T]]:
         """The layer of each scope: L1, else L2, else PostgreSQL (one snapshot for all).
 
-        Concurrent misses of the same scope share one load.
+        Concurrent misses of the same scope share one load, and misses of different scopes arriving in
+        the same event-loop turn, or while MAX_LOADS_IN_FLIGHT loads run, are read together (one Redis
+        round trip, one statement).
         """
         found: dict[Scope, Layer[T]] = {}
         missing = []
@@ -274,7 +273,7 @@ class ScopedCache(Generic[T]):
         joined = {s: self._loading[s] for s in missing if s in self._loading}
         mine = [s for s in missing if s not in joined]
         if mine:
-            load: asyncio.Future[dict[Scope, Layer[T]]] = asyncio.ensure_future(self._load(mine))
+            load = self._queue(mine)
             for scope in mine:
                 self._loading[scope] = load
             load.add_done_callback(functools.partial(self._layers_loaded, scopes=tuple(mine)))
@@ -283,6 +282,38 @@ class ScopedCache(Generic[T]):
             loaded = await asyncio.shield(pending)
             found.update({s: layer for s, layer in loaded.items() if joined.get(s) is pending})
         return found
+
+    def _queue(self, scopes: list[Scope]) -> asyncio.Future[dict[Scope, Layer[T]]]:
+        """The future of the load that will read `scopes` with the others queued alongside."""
+        batch = self._next_batch
+        if batch is None:
+            batch = self._next_batch = _Batch(asyncio.get_running_loop().create_future(), [])
+            if self._loads_in_flight < MAX_LOADS_IN_FLIGHT:
+                batch.scheduled = True
+                asyncio.get_running_loop().call_soon(self._start_next_batch)
+        batch.scopes.extend(scopes)
+        return batch.future
+
+    def _start_next_batch(self) -> None:
+        batch, self._next_batch = self._next_batch, None
+        if batch is None:
+            return
+        self._loads_in_flight += 1
+        task = asyncio.ensure_future(self._load(batch.scopes))
+        task.add_done_callback(functools.partial(self._batch_done, batch=batch))
+
+    def _batch_done(self, task: asyncio.Future[dict[Scope, Layer[T]]], batch: _Batch[T]) -> None:
+        self._loads_in_flight -= 1
+        if task.cancelled():
+            batch.future.cancel()
+        elif task.exception() is not None:
+            batch.future.set_exception(task.exception())  # type: ignore[arg-type]
+        else:
+            batch.future.set_result(task.result())
+        waiting = self._next_batch
+        if waiting is not None and not waiting.scheduled:
+            waiting.scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_next_batch)
 
     def _layers_loaded(self, load: asyncio.Future[dict[Scope, Layer[T]]], scopes: tuple[Scope, ...]) -> None:
         for scope in scopes:
@@ -305,9 +336,13 @@ class ScopedCache(Generic[T]):
             missing = [s for s in missing if s not in from_redis]
             if not missing:
                 return found
-        async with snapshot(self._pool) as snap:
-            xmin = snap.xmin
-            stored = await self._read(snap.conn, missing)
+        if self._read_now is not None:
+            async with translated_errors(), self._pool.acquire() as conn:
+                xmin, stored = await self._read_now(conn, missing)
+        else:
+            async with snapshot(self._pool) as snap:
+                xmin = snap.xmin
+                stored = await self._read(snap.conn, missing)
         loaded = {scope: Layer(stored[scope], xmin) for scope in missing}
         fresh = {s: layer for s, layer in loaded.items() if self._fresh(s, layer.xmin)}
         for scope, layer in loaded.items():
@@ -319,20 +354,23 @@ class ScopedCache(Generic[T]):
 
     def _usable(self, scope: Scope, layer: Layer[T]) -> bool:
         """A layer from Redis is used if no change after it was seen and no newer read of its scope was."""
-        return self._fresh(scope, layer.xmin) and layer.xmin >= self._floor.get(scope, (0, 0.0))[0]
+        return self._fresh(scope, layer.xmin) and layer.xmin >= self._floor_of(scope)
 
     def _loaded(self, scope: Scope, layer: Layer[T], cache: bool) -> None:
         """A layer just read may hold changes the feed has not delivered yet: responses built from older
         layers of the scope must not be served after it, and an older layer never replaces a newer one."""
         self._floor[scope] = (max(self._floor.get(scope, (0, 0.0))[0], layer.xmin), time.monotonic())
         self._responses.drop(scope)
-        current = self._layers.get(scope)
-        if current is None:
-            if cache and (self._max_layers is None or len(self._layers) < self._max_layers):
-                self._layers[scope] = layer
-        elif cache and current.xmin <= layer.xmin:
-            self._layers[scope] = layer
+        current = self._layers.peek(scope)
+        if cache and (current is None or current.xmin <= layer.xmin):
+            size = LAYER_OVERHEAD_BYTES + (self._sizeof(layer.value) if self._sizeof is not None else 0)
+            self._layers.put(scope, layer, size)
         self._prune()
+
+    @property
+    def layers_cached(self) -> int:
+        """How many layers are kept."""
+        return len(self._layers)
 
     async def close(self) -> None:
         """Stop background Redis writes (the Redis client is the kernel's; it closes it)."""
@@ -352,3 +390,12 @@ async def _from_redis(redis: RedisLayers, codec: LayerCodec[T], scopes: Sequence
 def _to_redis(codec: LayerCodec[T], layer: Layer[T]) -> bytes:
     doc = {"xmin": layer.xmin, "values": codec.encode(layer.value)}
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _newest(
+    marks: dict[Scope, tuple[Any, ...]], when: Callable[[tuple[Any, ...]], float]
+) -> tuple[dict[Scope, Any], list[Any]]:
+    """The MAX_MARKS newest marks by `when`, and the ones left out."""
+    ordered = sorted(marks.items(), key=lambda item: when(item[1]))
+    cut = len(ordered) - MAX_MARKS
+    return dict(ordered[cut:]), [v for _, v in ordered[:cut]]

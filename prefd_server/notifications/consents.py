@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from prefd_server.kernel.bounded_cache import CacheBudget, approximate_size
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.errors import Code, PrefdError, ValidationFailed
 from prefd_server.kernel.feed_store import ChangeEvent
@@ -28,8 +29,6 @@ from prefd_server.notifications.model import (
 PURPOSE_PATTERN = re.compile(r"[a-z0-9_.-]{1,128}")
 # Purposes the ledger always knows, besides those `notifications.consent_purposes` names.
 FIXED_PURPOSES = frozenset({"marketing_email", "marketing_sms", "product_updates", "research"})
-# Users whose current consents are kept in memory at most; reads beyond are served but not kept.
-MAX_USERS = 100_000
 
 UserConsents = Mapping[str, ConsentEntry]  # purpose -> its latest entry (shared with the cache: read only)
 KnownPurposes = Callable[[], Awaitable[Collection[str]]]
@@ -95,11 +94,19 @@ class ConsentLedger:
     here) and on feed events of those kinds (register `on_changes` with the feed reader).
     """
 
-    def __init__(self, pool: asyncpg.Pool, commits: LocalCommits, purposes: KnownPurposes | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        commits: LocalCommits,
+        purposes: KnownPurposes | None = None,
+        budget: CacheBudget | None = None,
+    ) -> None:
         self._pool = pool
         self._commits = commits
         self._purposes = purposes
-        self._cache: ScopedCache[UserConsents] = ScopedCache(pool, _read_current, max_layers=MAX_USERS)
+        self._cache: ScopedCache[UserConsents] = ScopedCache(
+            pool, _read_current, name="consents", budget=budget, sizeof=approximate_size
+        )
         commits.add_listener(ChangeKind.CONSENT, self.on_local_commit)
         commits.add_listener(ChangeKind.ERASURE, self.on_local_commit)
 

@@ -15,6 +15,7 @@ import math
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
+from prefd_server.kernel.bounded_cache import CacheBudget
 from prefd_server.kernel.commits import LocalCommits
 from prefd_server.kernel.conditions import values_at
 from prefd_server.kernel.feed_store import ChangeEvent
@@ -24,8 +25,6 @@ from prefd_server.notifications.model import Event
 
 P = TypeVar("P")  # what is remembered: a prepared answer
 
-# Bytes of every remembered decision of one process (keys, prepared pieces and bodies).
-DEFAULT_BUDGET_BYTES = 32 * 1024 * 1024
 # Condition values longer than this (as JSON) are not remembered: such a decision is made afresh.
 MAX_REMEMBERED_VALUES_BYTES = 1024
 # The change kinds a decision reads: settings, their definitions, consents; an erasure may touch any.
@@ -40,9 +39,12 @@ class DecisionMemo(Generic[P]):
     """Prepared answers by (subject, event without data, the condition values read), each valid until a
     given time; `tick` grows with every change heard, so an answer built across a change is not kept."""
 
-    def __init__(self, commits: LocalCommits, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
-        self._entries: ResponseCache[tuple[P, float]] = ResponseCache(budget_bytes)
-        self._paths: ResponseCache[tuple[str, ...]] = ResponseCache(budget_bytes // 8)
+    def __init__(self, commits: LocalCommits, budget: CacheBudget | int | None = None) -> None:
+        """`budget`: the process's cache budget (this memo takes its shares), or bytes for the answers
+        (an eighth more for the condition paths)."""
+        paths_budget = budget // 8 if isinstance(budget, int) else budget
+        self._entries: ResponseCache[tuple[P, float]] = ResponseCache("notifications.decisions", budget)
+        self._paths: ResponseCache[tuple[str, ...]] = ResponseCache("notifications.decision_paths", paths_budget)
         self.tick = 0
         for kind in _KINDS:
             scoped = kind in (ChangeKind.PREFERENCE, ChangeKind.CONSENT)

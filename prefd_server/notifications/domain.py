@@ -33,10 +33,10 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
         mapping = values[0].value if values and isinstance(values[0].value, dict) else {}
         return {purpose for purpose in mapping.values() if isinstance(purpose, str)}
 
-    ledger = ConsentLedger(kernel.pool, kernel.commits, known_purposes)
+    ledger = ConsentLedger(kernel.pool, kernel.commits, known_purposes, kernel.caches)
     kernel.feed.add_listener(ledger.on_changes)
     throttles = Throttles(kernel.pool, kernel.redis)
-    memo: DecisionMemo[Any] = DecisionMemo(kernel.commits)
+    memo: DecisionMemo[Any] = DecisionMemo(kernel.commits, kernel.caches)
     kernel.feed.add_listener(memo.on_changes)
     kernel.privacy.register(ConsentPrivacy())
     kernel.privacy.register(ThrottlePrivacy(throttles))

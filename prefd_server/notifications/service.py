@@ -81,7 +81,7 @@ class NotificationService(notifications_pb2_grpc.NotificationServiceServicer):
         self._memo = memo
         self._feed = kernel.feed
         self._tokens = kernel.tokens
-        self._questions: RequestMemo[_Question] = RequestMemo()
+        self._questions: RequestMemo[_Question] = RequestMemo("notifications.requests", kernel.caches)
         self._cursor_field = CursorField(notifications_pb2.DecideResponse, kernel.tokens)
         self._batch_cursor_field = CursorField(notifications_pb2.DecideBatchResponse, kernel.tokens)
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from prefd_server.kernel.bounded_cache import CacheBudget
 from prefd_server.kernel.db import pool_stats
 from prefd_server.kernel.feed import FeedReader
 from prefd_server.kernel.parts import CacheFigures
@@ -22,9 +23,17 @@ class PrefdCollector(Collector):
     """Feed lag and position, open watch streams, cache hits and misses per layer, the database pool,
     Redis errors."""
 
-    def __init__(self, feed: FeedReader, cache: CacheFigures, pool: asyncpg.Pool, redis: RedisLayers | None) -> None:
+    def __init__(
+        self,
+        feed: FeedReader,
+        cache: CacheFigures,
+        pool: asyncpg.Pool,
+        redis: RedisLayers | None,
+        caches: CacheBudget | None = None,
+    ) -> None:
         self._feed = feed
         self._cache = cache
+        self._caches = caches
         self._pool = pool
         self._redis = redis
 
@@ -51,6 +60,8 @@ class PrefdCollector(Collector):
             misses.add_metric([layer], count)
         yield hits
         yield misses
+        if self._caches is not None:
+            yield from _bounded_caches(self._caches)
         pool = pool_stats(self._pool)
         connections = GaugeMetricFamily("prefd_db_pool_connections", "Pool connections by state", labels=["state"])
         connections.add_metric(["in_use"], pool.in_use)
@@ -62,6 +73,28 @@ class PrefdCollector(Collector):
             yield CounterMetricFamily("prefd_redis_errors", "Failed Redis operations", value=self._redis.errors)
 
 
+def _bounded_caches(caches: CacheBudget) -> Iterator[Any]:
+    """Each in-process cache's bytes, budget, entries, lookups by result and evictions."""
+    label = ["cache"]
+    used = GaugeMetricFamily("prefd_cache_bytes", "Bytes an in-process cache holds (estimated)", labels=label)
+    budget = GaugeMetricFamily(
+        "prefd_cache_budget_bytes", "An in-process cache's share of PREFD_CACHE_BYTES", labels=label
+    )
+    entries = GaugeMetricFamily("prefd_cache_entries", "Entries an in-process cache holds", labels=label)
+    lookups = CounterMetricFamily(
+        "prefd_cache_lookups", "Lookups of an in-process cache by result (hit, miss)", labels=["cache", "result"]
+    )
+    evictions = CounterMetricFamily("prefd_cache_evictions", "Entries evicted to stay within budget", labels=label)
+    for f in caches.figures():
+        used.add_metric([f.name], f.bytes)
+        budget.add_metric([f.name], f.budget_bytes)
+        entries.add_metric([f.name], f.entries)
+        lookups.add_metric([f.name, "hit"], f.hits)
+        lookups.add_metric([f.name, "miss"], f.misses)
+        evictions.add_metric([f.name], f.evictions)
+    yield from (used, budget, entries, lookups, evictions)
+
+
 def start_metrics_endpoint(
     registry: CollectorRegistry,
     port: int,
@@ -70,8 +103,9 @@ def start_metrics_endpoint(
     cache: CacheFigures,
     pool: asyncpg.Pool,
     redis: RedisLayers | None,
+    caches: CacheBudget | None = None,
 ) -> Any:
     """Start the /metrics HTTP endpoint on its own port; returns the HTTP server (call shutdown())."""
-    registry.register(PrefdCollector(feed, cache, pool, redis))
+    registry.register(PrefdCollector(feed, cache, pool, redis, caches))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server

@@ -14,8 +14,10 @@ from typing import Any
 
 import asyncpg
 
+from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, approximate_size, bounded_cache
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, ResolvedValue, Scope, Subject
+from prefd_server.kernel.model import Layer as ResolutionLayer
 from prefd_server.kernel.parts import KeyFacts
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.scoped_cache import Layer, LayerCodec, ScopedCache
@@ -29,6 +31,38 @@ Overrides = dict[str, StoredValue]
 
 # Filters whose definition selection is remembered; more clears the memo (requests choose the filters).
 MAX_SELECTIONS = 256
+
+
+@dataclass(slots=True, eq=False)
+class OrgBase:
+    """What every subject of one org whose USER layer sets none of the selected keys resolves to
+    (GLOBAL <- ORG over the selected definitions), built from exactly these layer objects, and the keys
+    whose values depend on the user even so (rollouts bucketed by user id). `wire` is the edge's
+    serialized form of the values, built once by whoever serializes them first."""
+
+    definitions: list[Definition]
+    global_layer: Layer[Overrides]
+    org_layer: Layer[Overrides] | None
+    values: list[ResolvedValue]
+    by_user: frozenset[str]
+    wire: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectValues:
+    """A subject's effective values as its org's base plus the values it resolves differently (`own`:
+    the keys its USER layer sets and the base's user-bucketed keys), and each layer's horizon."""
+
+    base: OrgBase
+    own: dict[str, ResolvedValue]
+    used: dict[Scope, int]
+
+    def values(self) -> list[ResolvedValue]:
+        """Every selected value, in definition order."""
+        own = self.own
+        if not own:
+            return self.base.values
+        return [own.get(v.key, v) for v in self.base.values]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +89,41 @@ def _overrides_from_json(scope: Scope, doc: dict[str, list[Any]]) -> Overrides:
     }
 
 
+def org_base(
+    definitions: list[Definition], chain: Sequence[tuple[ResolutionLayer, Scope, Layer[Overrides]]]
+) -> OrgBase:
+    """The base of a subject's chain (its layers above USER) over `definitions`."""
+    global_layer = chain[0][2]
+    org_layer = chain[1][2] if len(chain) == 3 else None
+    values = resolve(definitions, [(layer, scope, held.value) for layer, scope, held in chain[:-1]])
+    by_user = frozenset(v.key for v in values if v.rollout is not None and v.rollout.bucket_by == "user_id")
+    return OrgBase(definitions, global_layer, org_layer, values, by_user)
+
+
+def subject_on_base(
+    base: OrgBase,
+    chain: Sequence[tuple[ResolutionLayer, Scope, Layer[Overrides]]],
+    by_key: Mapping[str, Definition],
+) -> SubjectValues:
+    """A subject's values over its org's base: only the selected keys its USER layer sets and the base's
+    user-bucketed keys are resolved again, through the whole chain. `by_key`: the selected definitions."""
+    user_layer = chain[-1][2].value
+    wanted = {k for k in user_layer if k in by_key} | base.by_user if user_layer else base.by_user
+    own: dict[str, ResolvedValue] = {}
+    if wanted:
+        chosen = [by_key[k] for k in sorted(wanted)]
+        own = {v.key: v for v in resolve(chosen, [(layer, scope, held.value) for layer, scope, held in chain])}
+    return SubjectValues(base, own, {scope: held.xmin for _, scope, held in chain})
+
+
+def overrides_size(overrides: Overrides) -> int:
+    """Roughly the bytes a cached layer's overrides hold."""
+    return sum(
+        300 + len(key) + (len(value.value) if isinstance(value.value, str) else approximate_size(value.value))
+        for key, value in overrides.items()
+    )
+
+
 def _facts(definition: Definition) -> KeyFacts:
     return KeyFacts(definition.key, definition.category, definition.sensitive, definition.default)
 
@@ -62,15 +131,29 @@ def _facts(definition: Definition) -> KeyFacts:
 class EffectiveCache:
     """Resolves subjects from cached definitions and layers; keeps prebuilt response bodies."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: RedisLayers | None) -> None:
+    def __init__(self, pool: asyncpg.Pool, redis: RedisLayers | None, budget: CacheBudget | None = None) -> None:
         codec = LayerCodec(_overrides_to_json, _overrides_from_json)
-        self._layers: ScopedCache[Overrides] = ScopedCache(pool, preference_sql.overrides, redis, codec)
+        self._layers: ScopedCache[Overrides] = ScopedCache(
+            pool,
+            preference_sql.overrides,
+            redis,
+            codec,
+            name="preferences",
+            budget=budget,
+            sizeof=overrides_size,
+            read_now=preference_sql.overrides_now,
+        )
+        # (org id, key prefixes, categories) -> the org's base for that selection.
+        self._bases: SegmentedLru[tuple[str, tuple[str, ...], tuple[str, ...]], OrgBase] = bounded_cache(
+            "preferences.org_bases", budget
+        )
         self._definitions = self._layers.snapshot_value(_read_definitions)
         self.redis = redis
         self.stats = self._layers.stats
         # (key prefixes, categories) -> the definition set it was worked out for, and the selection.
         self._selections: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[DefinitionSet, list[Definition]]] = {}
         self._selected_key_memo: tuple[list[Definition], frozenset[str]] | None = None
+        self._by_key_memo: tuple[list[Definition], dict[str, Definition]] | None = None
 
     # --- invalidation ------------------------------------------------------------------
 
@@ -195,6 +278,13 @@ class EffectiveCache:
             found.append((key, values))
         return found
 
+    def _selected_by_key(self, definitions: list[Definition]) -> dict[str, Definition]:
+        """The definitions of a selection by key (remembered for the last selection asked for)."""
+        memo = self._by_key_memo
+        if memo is None or memo[0] is not definitions:
+            memo = self._by_key_memo = (definitions, {d.key: d for d in definitions})
+        return memo[1]
+
     def _selected_keys(self, definitions: list[Definition]) -> frozenset[str]:
         """The keys of a selection (remembered for the last selection asked for)."""
         memo = self._selected_key_memo
@@ -210,6 +300,47 @@ class EffectiveCache:
         layers = await self._layers.layers([scope for _, scope in subject.layers()])
         values = resolve(definitions, [(layer, scope, layers[scope].value) for layer, scope in subject.layers()])
         return values, {scope: layer.xmin for scope, layer in layers.items()}
+
+    async def subject_values(
+        self, subjects: Sequence[Subject], key_prefixes: Sequence[str], categories: Sequence[str]
+    ) -> list[SubjectValues]:
+        """Each subject's values as its org's base (resolved once per org and selection, kept while its
+        GLOBAL and ORG layers and the definitions stay) plus what only the subject's USER layer and
+        user-bucketed rollouts change; every layer from the cache, misses read together."""
+        definitions = await self.selected(key_prefixes, categories)
+        layers = await self._layers.layers(preference_sql.subject_scopes(subjects))
+        by_key = self._selected_by_key(definitions)
+        found = []
+        for subject in subjects:
+            chain = [(layer, scope, layers[scope]) for layer, scope in subject.layers()]
+            base = self._base(subject.org_id, key_prefixes, categories, definitions, chain)
+            found.append(subject_on_base(base, chain, by_key))
+        return found
+
+    def _base(
+        self,
+        org_id: str,
+        key_prefixes: Sequence[str],
+        categories: Sequence[str],
+        definitions: list[Definition],
+        chain: list[tuple[ResolutionLayer, Scope, Layer[Overrides]]],
+    ) -> OrgBase:
+        """The org's base for a selection: the kept one if built from these very layers and definitions,
+        else resolved now (no await between the lookup and the store: concurrent misses build it once)."""
+        memo = (org_id, tuple(key_prefixes), tuple(categories))
+        global_layer = chain[0][2]
+        org_layer = chain[1][2] if org_id else None
+        base = self._bases.get(memo)
+        if (
+            base is not None
+            and base.definitions is definitions
+            and base.global_layer is global_layer
+            and base.org_layer is org_layer
+        ):
+            return base
+        base = org_base(definitions, chain)
+        self._bases.put(memo, base, 2 * approximate_size(base.values))
+        return base
 
     async def resolve_key(self, subject: Subject, key: str) -> ResolvedValue | None:
         """The subject's effective value of one key; None if the key is not defined."""

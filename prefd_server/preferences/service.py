@@ -17,13 +17,16 @@ from prefd_server.kernel.privacy import pseudonym_of
 from prefd_server.kernel.watch import WatchTarget, watch
 from prefd_server.preferences import convert as preference_convert
 from prefd_server.preferences.cache import EffectiveCache
+from prefd_server.preferences.effective_convert import batch_body, effective_body, subject_preferences
 from prefd_server.preferences.model import MAX_BATCH_SUBJECTS
 from prefd_server.preferences.reads import PreferenceReader
 from prefd_server.preferences.rules import check_filters, check_key
 from prefd_server.preferences.writes import PreferenceWriter
 from prefd_server.rpc import convert
+from prefd_server.rpc.convert import CursorField
 from prefd_server.rpc.effective_read import EffectiveRead, ParsedRead
 from prefd_server.rpc.principal import Principal, current_call, current_principal
+from prefd_server.rpc.request_memo import RequestMemo
 from prefd_server.rpc.watch_stream import start_cursor, watch_responses
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -76,7 +79,9 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             store_response=self._store_effective,
             feed=feed,
             tokens=tokens,
+            parsed=RequestMemo("preferences.requests", kernel.caches),
         )
+        self._batch_cursor = CursorField(preferences_pb2.BatchGetEffectivePreferencesResponse, tokens)
 
     async def CreateDefinition(
         self, request: preferences_pb2.CreateDefinitionRequest, context: Context
@@ -175,19 +180,16 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
     async def _build_effective(self, subject: Subject, filters: Filters, key: EffectiveKey) -> tuple[bytes, BuiltFrom]:
         """A GetEffectivePreferencesResponse body (without cursor) and the layers it was built from."""
         since = self._cache.tick
-        values, used = await self._cache.resolve_subject(subject, *filters)
-        body = preferences_pb2.GetEffectivePreferencesResponse(
-            values=convert.effective_to_pb(values), nested=preference_convert.nested_to_pb(values)
-        ).SerializeToString()
-        return body, (used, since)
+        (found,) = await self._cache.subject_values([subject], *filters)
+        return effective_body(found), (found.used, since)
 
     def _store_effective(self, key: EffectiveKey, built_from: BuiltFrom, body: bytes) -> None:
         used, since = built_from
         self._cache.store_response(key, used, since, body)
 
-    async def BatchGetEffectivePreferences(
+    async def BatchGetEffectivePreferences(  # type: ignore[override]  # a serialized response out
         self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, context: Context
-    ) -> preferences_pb2.BatchGetEffectivePreferencesResponse:
+    ) -> bytes:
         principal = current_principal()
         if not request.subjects:
             raise invalid("subjects", "name at least one subject")
@@ -198,18 +200,9 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             principal.require_read(subject)
         check_filters(request.key_prefixes, request.categories)
         cursor = self._feed.position
-        results = await self._cache.resolve(subjects, request.key_prefixes, request.categories)
-        return preferences_pb2.BatchGetEffectivePreferencesResponse(
-            results=[
-                preferences_pb2.SubjectPreferences(
-                    subject=convert.subject_to_pb(subject),
-                    values=convert.effective_to_pb(values),
-                    nested=preference_convert.nested_to_pb(values),
-                )
-                for subject, values in zip(subjects, results, strict=True)
-            ],
-            cursor=convert.cursor_to_pb(cursor, self._tokens),
-        )
+        found = await self._cache.subject_values(subjects, request.key_prefixes, request.categories)
+        results = [subject_preferences(s, values) for s, values in zip(subjects, found, strict=True)]
+        return batch_body(results, self._batch_cursor(cursor))
 
     async def WatchPreferences(
         self, request: preferences_pb2.WatchPreferencesRequest, context: Context

@@ -59,6 +59,28 @@ async def overrides(conn: asyncpg.Connection, scopes: Sequence[Scope]) -> dict[S
     return result
 
 
+async def overrides_now(
+    conn: asyncpg.Connection, scopes: Sequence[Scope]
+) -> tuple[int, dict[Scope, dict[str, StoredValue]]]:
+    """The live overrides at each scope and the horizon (xmin) of the snapshot they were read in, in one
+    statement (one snapshot, one round trip, no transaction around it)."""
+    result: dict[Scope, dict[str, StoredValue]] = {scope: {} for scope in scopes}
+    rows = await conn.fetch(
+        f"""SELECT h.xmin, v.* FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) h
+            LEFT JOIN LATERAL (
+                SELECT {_VALUE_COLUMNS} FROM preference_values
+                JOIN unnest($1::text[], $2::text[]) AS s(kind, id) ON scope_kind = s.kind AND scope_id = s.id
+                WHERE value IS NOT NULL) v ON true""",
+        [s.kind.value for s in scopes],
+        [s.id for s in scopes],
+    )
+    for row in rows:
+        if row["key"] is not None:
+            stored = _stored(row)
+            result[stored.scope][stored.key] = stored
+    return rows[0]["xmin"], result
+
+
 def subject_scopes(subjects: Sequence[Subject]) -> list[Scope]:
     """Every distinct scope the subjects resolve through."""
     scopes = {GLOBAL_SCOPE}

@@ -45,6 +45,7 @@ class EffectiveRead(Generic[Q, K, S]):
         store_response: Callable[[K, S, bytes], None],
         feed: FeedReader,
         tokens: TokenKey,
+        parsed: RequestMemo[ParsedRead[Q]],
         key: Callable[[str, str, Q, Principal], K] | None = None,
         ceiling: Callable[[S], FeedCursor | None] | None = None,
     ) -> None:
@@ -58,6 +59,7 @@ class EffectiveRead(Generic[Q, K, S]):
         build: (subject, rest, key) -> the body (serialized, without cursor) and what it was built from.
         store_response: (key, what it was built from, body) -> offer a new body to the cache.
         feed, tokens: the feed whose position the cursor gives, and the key that signs cursors.
+        parsed: where validated parses are remembered by request bytes.
         key: (user_id, org_id, rest, principal) -> the cache key, the org filled from the caller's
             token when the request left it empty; by default the tuple (user_id, org_id, rest).
         ceiling: what a new body was built from -> a bound on its cursor (None: no bound).
@@ -72,7 +74,7 @@ class EffectiveRead(Generic[Q, K, S]):
         self._feed = feed
         self._cursor_field = CursorField(response_type, tokens)
         self._ceiling = ceiling
-        self._parsed: RequestMemo[ParsedRead[Q]] = RequestMemo()
+        self._parsed = parsed
 
     async def __call__(self, raw: bytes, context: object = None) -> bytes:
         """The serialized response to serialized request `raw` for the current caller.

@@ -60,7 +60,7 @@ async def horizon_past(pool: asyncpg.Pool, xmin: int) -> None:
 
 async def test_a_read_begun_before_a_change_is_never_kept_nor_joined(pool: asyncpg.Pool) -> None:
     reads = GatedReads()
-    cache: ScopedCache[int] = ScopedCache(pool, reads)
+    cache: ScopedCache[int] = ScopedCache(pool, reads, name="preferences")
     since = cache.tick
     first = asyncio.ensure_future(cache.layers([SCOPE]))
     first_gate = await reads.next_started()
@@ -82,7 +82,7 @@ async def test_a_read_begun_before_a_change_is_never_kept_nor_joined(pool: async
 
 async def test_an_older_read_never_replaces_a_newer_one_nor_backs_a_response(pool: asyncpg.Pool) -> None:
     reads = GatedReads()
-    cache: ScopedCache[int] = ScopedCache(pool, reads)
+    cache: ScopedCache[int] = ScopedCache(pool, reads, name="preferences")
     older = asyncio.ensure_future(cache.layers([SCOPE]))
     older_gate = await reads.next_started()
     cache.forget(SCOPE, 1)  # a change every snapshot has seen: detaches the pending read, leaves it fresh
@@ -106,7 +106,7 @@ async def test_an_older_read_never_replaces_a_newer_one_nor_backs_a_response(poo
 
 async def test_a_snapshot_value_read_before_its_change_is_not_kept(pool: asyncpg.Pool) -> None:
     reads = GatedReads()
-    cache: ScopedCache[int] = ScopedCache(pool, reads)
+    cache: ScopedCache[int] = ScopedCache(pool, reads, name="preferences")
     value = cache.snapshot_value(lambda conn: reads(conn, [SCOPE]))
     cache.store_response("body", {}, cache.tick, b"body")
     first = asyncio.ensure_future(value.get())

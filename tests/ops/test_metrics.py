@@ -66,3 +66,29 @@ async def test_metrics_count_each_call_by_code_with_latency_and_pool_figures(dat
     )
     assert after["prefd_db_pool_connections{state=idle}"] + after["prefd_db_pool_connections{state=in_use}"] >= 1
     assert after["prefd_db_pool_waiting"] == 0 and after["prefd_db_pool_max"] >= 1
+
+
+async def test_each_cache_reports_bytes_within_its_budget_entries_lookups_and_evictions(database_url, tmp_path) -> None:
+    # 4 MiB in all: the prebuilt responses get about 1.1 MiB, so 400 subjects' bodies cannot all stay.
+    settings = make_settings(database_url, tmp_path, metrics_port=0, metrics_host="127.0.0.1", cache_bytes="4MiB")
+    async with App(settings) as app:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+            for n in range(400):
+                subject = common_pb2.Subject(user_id=f"{unique('u')}-{n}", org_id="acme")
+                request = preferences_pb2.GetEffectivePreferencesRequest(subject=subject)
+                await stub.GetEffectivePreferences(request, metadata=ADMIN)
+            await stub.GetEffectivePreferences(request, metadata=ADMIN)
+            figures = await asyncio.to_thread(scrape, app.metrics_port)
+    for cache in ("preferences.layers", "preferences.responses", "preferences.org_bases"):
+        assert (
+            0 < figures[f"prefd_cache_bytes{{cache={cache}}}"] <= figures[f"prefd_cache_budget_bytes{{cache={cache}}}"]
+        )
+        assert figures[f"prefd_cache_entries{{cache={cache}}}"] > 0
+    assert figures["prefd_cache_evictions_total{cache=preferences.responses}"] > 0
+    assert figures["prefd_cache_lookups_total{cache=preferences.responses,result=hit}"] >= 1
+    assert figures["prefd_cache_lookups_total{cache=preferences.responses,result=miss}"] >= 400
+    # Every subject of the org shared one base.
+    assert figures["prefd_cache_entries{cache=preferences.org_bases}"] == 1
+    total = sum(v for k, v in figures.items() if k.startswith("prefd_cache_budget_bytes"))
+    assert total <= 4 * 1024 * 1024 * 1.01
