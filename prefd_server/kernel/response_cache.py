@@ -3,10 +3,10 @@ bytes (segmented LRU, kernel.bounded_cache), so no caller can make the server ke
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
-from prefd_server.kernel.bounded_cache import CacheBudget, bounded_cache
+from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
 from prefd_server.kernel.model import Scope, ScopeKind
 
 V = TypeVar("V")  # a response: its body, or something it is finished from
@@ -28,16 +28,23 @@ class ResponseCache(Generic[V]):
     """Response bodies by key; GLOBAL-built bodies are dropped by clear(), the rest by their scopes."""
 
     def __init__(self, name: str, budget: CacheBudget | int | None = None) -> None:
-        self._bodies = bounded_cache(name, budget, self._evicted)
+        self._bodies: SegmentedLru[Hashable, V] = bounded_cache(name, budget, self._evicted)
+        self._scopes: dict[Hashable, tuple[Scope, ...]] = {}  # key -> the scopes its body is indexed under
         self._by_scope: dict[Scope, set[Hashable]] = {}
+        # The body for a key, if kept (the cache's own lookup: one call on the hot path).
+        self.get: Callable[[Hashable], V | None] = self._bodies.get
 
     @property
     def bytes(self) -> int:
         return self._bodies.bytes
 
-    def get(self, key: Hashable) -> V | None:
-        entry = self._bodies.get(key)
-        return None if entry is None else entry[0]
+    @property
+    def hits(self) -> int:
+        return self._bodies.hits
+
+    @property
+    def misses(self) -> int:
+        return self._bodies.misses
 
     def put(self, key: Hashable, body: V, scopes: Iterable[Scope], size: int | None = None) -> None:
         """Keep `body` for `key`, built from `scopes`; evicts the least used bodies beyond the budget.
@@ -45,8 +52,10 @@ class ResponseCache(Generic[V]):
         self._discard(key)
         indexed = tuple(s for s in scopes if s.kind is not ScopeKind.GLOBAL)
         cost = (len(body) if size is None else size) + _key_bytes(key) + _ENTRY_OVERHEAD_BYTES  # type: ignore[arg-type]
-        if not self._bodies.put(key, (body, indexed), cost):
+        if not self._bodies.put(key, body, cost):
             return
+        if indexed:
+            self._scopes[key] = indexed
         for scope in indexed:
             self._by_scope.setdefault(scope, set()).add(key)
 
@@ -60,18 +69,18 @@ class ResponseCache(Generic[V]):
 
     def clear(self) -> None:
         self._bodies.clear()
+        self._scopes.clear()
         self._by_scope.clear()
 
     def _discard(self, key: Hashable) -> None:
-        entry = self._bodies.pop(key)
-        if entry is not None:
-            self._unindex(key, entry[1])
+        if self._bodies.pop(key) is not None:
+            self._unindex(key)
 
-    def _evicted(self, key: Hashable, entry: tuple[V, tuple[Scope, ...]]) -> None:
-        self._unindex(key, entry[1])
+    def _evicted(self, key: Hashable, body: V) -> None:
+        self._unindex(key)
 
-    def _unindex(self, key: Hashable, scopes: tuple[Scope, ...]) -> None:
-        for scope in scopes:
+    def _unindex(self, key: Hashable) -> None:
+        for scope in self._scopes.pop(key, ()):
             keys = self._by_scope.get(scope)
             if keys is not None:
                 keys.discard(key)

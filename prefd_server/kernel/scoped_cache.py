@@ -59,14 +59,13 @@ class CacheStats:
     def __init__(self) -> None:
         self.hits: dict[str, int] = {"l1": 0, "l2": 0}
         self.misses: dict[str, int] = {"l1": 0, "l2": 0}
-        self.response_hits = 0
-        self.response_misses = 0
+        self.responses: ResponseCache[bytes] | None = None  # whose hits and misses count as "response"
 
     def by_layer(self) -> tuple[dict[str, int], dict[str, int]]:
         """(hits, misses) by layer name, responses included."""
         return (
-            {**self.hits, "response": self.response_hits},
-            {**self.misses, "response": self.response_misses},
+            {**self.hits, "response": self.responses.hits if self.responses else 0},
+            {**self.misses, "response": self.responses.misses if self.responses else 0},
         )
 
 
@@ -130,6 +129,9 @@ class ScopedCache(Generic[T]):
         self._tick = 0
         self._global_tick = 0
         self._responses: ResponseCache[bytes] = ResponseCache(f"{name}.responses", budget)
+        self.stats.responses = self._responses
+        # A prebuilt response body, if one is kept for `key` (one call on the hot path).
+        self.response: Callable[[Hashable], bytes | None] = self._responses.get
         self._background: set[asyncio.Task[None]] = set()
 
     def snapshot_value(self, read: Callable[[asyncpg.Connection], Awaitable[V]]) -> SnapshotValue[V]:
@@ -229,15 +231,6 @@ class ScopedCache(Generic[T]):
             if changed is not None and changed[1] > tick:
                 return True
         return False
-
-    def response(self, key: Hashable) -> bytes | None:
-        """A prebuilt response body, if one is cached for `key`."""
-        body = self._responses.get(key)
-        if body is None:
-            self.stats.response_misses += 1
-        else:
-            self.stats.response_hits += 1
-        return body
 
     def store_response(self, key: Hashable, used: Mapping[Scope, int], since_tick: int, body: bytes) -> None:
         """Keep a response body built from layers read at `used` (scope -> xmin) since `since_tick`,

@@ -7,7 +7,7 @@ Redis form of an override layer, and resolution through a subject's layers.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -150,6 +150,8 @@ class EffectiveCache:
         self._definitions = self._layers.snapshot_value(_read_definitions)
         self.redis = redis
         self.stats = self._layers.stats
+        # A prebuilt response body, if one is kept for `key` (one call on the hot path).
+        self.response: Callable[[Hashable], bytes | None] = self._layers.response
         # (key prefixes, categories) -> the definition set it was worked out for, and the selection.
         self._selections: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[DefinitionSet, list[Definition]]] = {}
         self._selected_key_memo: tuple[list[Definition], frozenset[str]] | None = None
@@ -179,10 +181,6 @@ class EffectiveCache:
     def tick(self) -> int:
         """Grows with every invalidation; compare before and after building a response."""
         return self._layers.tick
-
-    def response(self, key: Hashable) -> bytes | None:
-        """A prebuilt response body, if one is cached for `key`."""
-        return self._layers.response(key)
 
     def store_response(self, key: Hashable, used: Mapping[Scope, int], since_tick: int, body: bytes) -> None:
         """Keep a response body built from layers read at `used` (scope -> xmin) since `since_tick`,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
@@ -20,10 +21,8 @@ class RequestMemo(Generic[T]):
 
     def __init__(self, name: str, budget: CacheBudget | int | None = None) -> None:
         self._entries: SegmentedLru[bytes, T] = bounded_cache(name, budget)
-
-    def get(self, raw: bytes) -> T | None:
-        found: T | None = self._entries.get(raw)
-        return found
+        # The parse of request bytes, if remembered (the cache's own lookup: one call on the hot path).
+        self.get: Callable[[bytes], T | None] = self._entries.get
 
     def remember(self, raw: bytes, parsed: T, parsed_bytes: int = 0) -> None:
         """Keep `parsed` for `raw` if it is small enough; `parsed_bytes` estimates what it holds."""
