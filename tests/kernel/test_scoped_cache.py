@@ -121,3 +121,29 @@ async def test_a_snapshot_value_read_before_its_change_is_not_kept(pool: asyncpg
     (await reads.next_started()).set()
     assert (await second)[SCOPE] == 2
     assert value.value == {SCOPE: 2}
+
+
+async def test_concurrent_misses_are_read_together_each_scope_once(pool: asyncpg.Pool) -> None:
+    """A cold process under load: 300 readers of 100 scopes at once make a handful of loads, not 300."""
+    reads = GatedReads()
+    cache: ScopedCache[int] = ScopedCache(pool, reads, name="preferences")
+    scopes = [Scope(ScopeKind.USER, f"u-cold-{n}") for n in range(100)]
+    readers = [asyncio.create_task(cache.layers([scopes[n % 100]])) for n in range(300)]
+    everyone = asyncio.gather(*readers)
+    opened = []
+    async with asyncio.timeout(20):
+        while not everyone.done():
+            started = asyncio.ensure_future(reads.started.get())
+            await asyncio.wait({started, everyone}, return_when=asyncio.FIRST_COMPLETED)
+            if started.done():
+                opened.append(started.result())
+                opened[-1].set()
+            else:
+                started.cancel()
+    found = [next(iter(layers.values())).value for layers in everyone.result()]
+    assert reads.count == len(opened) <= 3
+    # Each scope's readers got the one value its load read.
+    by_scope: dict[int, set[int]] = {}
+    for n, value in enumerate(found):
+        by_scope.setdefault(n % 100, set()).add(value)
+    assert all(len(values) == 1 for values in by_scope.values())
