@@ -14,6 +14,7 @@ import asyncio
 import functools
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -33,15 +34,48 @@ V = TypeVar("V")
 
 # How long a processed change keeps vetoing layers read before it (longer than any read takes).
 CHANGE_MEMORY_S = 120.0
-# Change marks and floors are pruned only once their map has doubled past this size.
-_PRUNE_AT_LEAST = 1024
 # At most this many change marks and floors each (about 200 bytes apiece). Beyond it the oldest go, and
-# one mark for every scope stands in for those that go early (see _bound_marks): correct, only stricter.
+# one mark for every scope stands in for those that go before CHANGE_MEMORY_S: correct, only stricter.
 MAX_MARKS = 65_536
 # A layer's bytes beyond its overrides: the Layer, its Scope key, the dict and the cache's slot.
 LAYER_OVERHEAD_BYTES = 400
 # Loads of missing layers running at once; misses arriving meanwhile wait and are read together.
 MAX_LOADS_IN_FLIGHT = 2
+
+
+class ChangeMarks:
+    """A number per scope (a change's xid, a read's horizon) with the tick it was set at, oldest set first:
+    each set drops the marks older than CHANGE_MEMORY_S and those beyond MAX_MARKS, one at a time. A mark
+    dropped before its time raises `everywhere` (a mark for every scope) and `everywhere_tick`."""
+
+    def __init__(self) -> None:
+        self._marks: OrderedDict[Scope, tuple[int, int, float]] = OrderedDict()  # scope -> (number, tick, when)
+        self.everywhere = 0
+        self.everywhere_tick = 0
+
+    def get(self, scope: Scope) -> tuple[int, int] | None:
+        """(number, tick) of the scope's mark."""
+        mark = self._marks.get(scope)
+        return None if mark is None else (mark[0], mark[1])
+
+    def raise_to(self, scope: Scope, number: int, tick: int) -> None:
+        """Set the scope's mark to at least `number`, at `tick`."""
+        now = time.monotonic()
+        previous = self._marks.pop(scope, None)
+        self._marks[scope] = (max(number, previous[0]) if previous else number, tick, now)
+        cutoff = now - CHANGE_MEMORY_S
+        marks = self._marks
+        while marks:
+            held, _, when = next(iter(marks.values()))
+            if when >= cutoff and len(marks) <= MAX_MARKS:
+                break
+            marks.popitem(last=False)
+            if when >= cutoff:
+                self.everywhere = max(self.everywhere, held)
+                self.everywhere_tick = tick
+
+    def __len__(self) -> int:
+        return len(self._marks)
 
 
 @dataclass(slots=True)
@@ -118,14 +152,9 @@ class ScopedCache(Generic[T]):
         self.stats = CacheStats()
         self._layers: SegmentedLru[Scope, Layer[T]] = bounded_cache(f"{name}.layers", budget)
         self._loading: dict[Scope, asyncio.Future[dict[Scope, Layer[T]]]] = {}
-        self._changed: dict[Scope, tuple[int, int, float]] = {}  # scope -> (xid, tick, monotonic)
-        # Newest snapshot horizon this process has used per scope (and when), so it never goes back.
-        self._floor: dict[Scope, tuple[int, float]] = {}
-        # What stands for every mark and floor bounded away too early (see _bound_marks).
-        self._changed_everywhere = 0
-        self._floor_everywhere = 0
-        self._prune_changed_at = _PRUNE_AT_LEAST
-        self._prune_floor_at = _PRUNE_AT_LEAST
+        self._changed = ChangeMarks()  # scope -> the newest change xid heard, and its tick
+        # Newest snapshot horizon this process has used per scope, so it never goes back.
+        self._floor = ChangeMarks()
         self._tick = 0
         self._global_tick = 0
         self._responses: ResponseCache[bytes] = ResponseCache(f"{name}.responses", budget)
@@ -156,7 +185,6 @@ class ScopedCache(Generic[T]):
                 values[event.kind].forget(event.xid)
         if scopes and self.redis is not None:
             self._spawn(self.redis.delete(scopes))
-        self._prune()
 
     def forget(self, scope: Scope, xid: int, redis_delete: bool = True) -> None:
         """`scope` changed in transaction `xid` (a commit of this process: its own reads see it at once)."""
@@ -172,8 +200,7 @@ class ScopedCache(Generic[T]):
 
     def _forget(self, scope: Scope, xid: int) -> None:
         self._tick += 1
-        previous = self._changed.get(scope)
-        self._changed[scope] = (max(xid, previous[0] if previous else 0), self._tick, time.monotonic())
+        self._changed.raise_to(scope, xid, self._tick)
         self._layers.pop(scope)
         self._loading.pop(scope, None)  # a load begun before this change must not serve later readers
         self._responses.drop(scope)
@@ -183,37 +210,20 @@ class ScopedCache(Generic[T]):
         self._global_tick = self._tick
         self._responses.clear()
 
-    def _prune(self) -> None:
-        """Forget marks and floors older than CHANGE_MEMORY_S, amortised: only when a map has doubled;
-        then keep at most MAX_MARKS of each."""
-        cutoff = time.monotonic() - CHANGE_MEMORY_S
-        if len(self._changed) > self._prune_changed_at:
-            self._changed = {s: v for s, v in self._changed.items() if v[2] >= cutoff}
-            if len(self._changed) > MAX_MARKS:
-                self._changed, dropped = _newest(self._changed, lambda v: v[2])
-                self._changed_everywhere = max(self._changed_everywhere, *(v[0] for v in dropped))
-            self._prune_changed_at = max(_PRUNE_AT_LEAST, 2 * len(self._changed))
-        if len(self._floor) > self._prune_floor_at:
-            self._floor = {s: v for s, v in self._floor.items() if v[1] >= cutoff}
-            if len(self._floor) > MAX_MARKS:
-                self._floor, dropped_floors = _newest(self._floor, lambda v: v[1])
-                self._floor_everywhere = max(self._floor_everywhere, *(v[0] for v in dropped_floors))
-            self._prune_floor_at = max(_PRUNE_AT_LEAST, 2 * len(self._floor))
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     def _fresh(self, scope: Scope, xmin: int) -> bool:
-        if xmin <= self._changed_everywhere:
+        if xmin <= self._changed.everywhere:
             return False
         changed = self._changed.get(scope)
         return changed is None or xmin > changed[0]
 
     def _floor_of(self, scope: Scope) -> int:
         floor = self._floor.get(scope)
-        return max(self._floor_everywhere, floor[0] if floor is not None else 0)
+        return max(self._floor.everywhere, floor[0] if floor is not None else 0)
 
     # --- responses ---------------------------------------------------------------------
 
@@ -224,7 +234,7 @@ class ScopedCache(Generic[T]):
 
     def changed_since(self, scopes: Iterable[Scope], tick: int) -> bool:
         """Whether any of `scopes` (or a snapshot value) was invalidated after `tick`."""
-        if self._global_tick > tick:
+        if self._global_tick > tick or self._changed.everywhere_tick > tick:
             return True
         for scope in scopes:
             changed = self._changed.get(scope)
@@ -352,13 +362,12 @@ class ScopedCache(Generic[T]):
     def _loaded(self, scope: Scope, layer: Layer[T], cache: bool) -> None:
         """A layer just read may hold changes the feed has not delivered yet: responses built from older
         layers of the scope must not be served after it, and an older layer never replaces a newer one."""
-        self._floor[scope] = (max(self._floor.get(scope, (0, 0.0))[0], layer.xmin), time.monotonic())
+        self._floor.raise_to(scope, layer.xmin, self._tick)
         self._responses.drop(scope)
         current = self._layers.peek(scope)
         if cache and (current is None or current.xmin <= layer.xmin):
             size = LAYER_OVERHEAD_BYTES + (self._sizeof(layer.value) if self._sizeof is not None else 0)
             self._layers.put(scope, layer, size)
-        self._prune()
 
     @property
     def layers_cached(self) -> int:
@@ -383,12 +392,3 @@ async def _from_redis(redis: RedisLayers, codec: LayerCodec[T], scopes: Sequence
 def _to_redis(codec: LayerCodec[T], layer: Layer[T]) -> bytes:
     doc = {"xmin": layer.xmin, "values": codec.encode(layer.value)}
     return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def _newest(
-    marks: dict[Scope, tuple[Any, ...]], when: Callable[[tuple[Any, ...]], float]
-) -> tuple[dict[Scope, Any], list[Any]]:
-    """The MAX_MARKS newest marks by `when`, and the ones left out."""
-    ordered = sorted(marks.items(), key=lambda item: when(item[1]))
-    cut = len(ordered) - MAX_MARKS
-    return dict(ordered[cut:]), [v for _, v in ordered[:cut]]
