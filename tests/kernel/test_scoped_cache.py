@@ -12,7 +12,7 @@ import pytest
 
 from prefd_server.kernel.db import horizon_xid
 from prefd_server.kernel.model import Scope, ScopeKind
-from prefd_server.kernel.scoped_cache import MAX_MARKS, ScopedCache, ChangeMarks
+from prefd_server.kernel.scoped_cache import MAX_MARKS, ChangeMarks, ScopedCache
 
 SCOPE = Scope(ScopeKind.USER, "u-scoped-cache")
 
