@@ -29,9 +29,9 @@ PROTECTED_SHARE = 0.8
 # Each named cache's share of the budget. Preferences read at scale need the override layers (one per
 # subject read), the prebuilt responses and the per-org bases; the others are smaller working sets.
 SHARES: dict[str, float] = {
-    "preferences.layers": 0.28,
-    "preferences.responses": 0.28,
-    "preferences.org_bases": 0.08,
+    "preferences.layers": 0.22,
+    "preferences.responses": 0.20,
+    "preferences.org_bases": 0.26,
     "preferences.requests": 0.03,
     "ai_config.layers": 0.04,
     "ai_config.responses": 0.04,

@@ -120,8 +120,8 @@ def effective_body(subject_values: SubjectValues) -> bytes:
         return _assemble(subject_values, _EFFECTIVE_FIELDS)
     wire = wire_base(subject_values.base)
     if wire.body is None:
-        values, nested = wire.blob(_EFFECTIVE_FIELDS)
-        wire.body = values + nested
+        values = b"".join(_field(_EFFECTIVE_FIELDS[0], piece) for piece in wire.pieces)
+        wire.body = values + _field(_EFFECTIVE_FIELDS[1], b"".join(wire.entries.values()))
     return wire.body
 
 
