@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -176,6 +177,9 @@ class App:
         )
         await monitor.check_once()
         self._monitor_task = asyncio.create_task(monitor.run(), name="prefd-health")
+        # What start-up built lives as long as the process: out of the garbage collector's full passes.
+        gc.collect()
+        gc.freeze()
         await server.start()
         self._server = server
         log.info("prefd serving on port %d", self.port)

@@ -62,6 +62,14 @@ class Scope:
 
 GLOBAL_SCOPE = Scope(ScopeKind.GLOBAL, "")
 
+# A scope as the in-process caches key it: (kind, id), a tuple of strings the garbage collector does not
+# track, so caches of a million scopes add nothing to the work of a full collection.
+ScopeKey = tuple[str, str]
+
+
+def scope_key(scope: Scope) -> ScopeKey:
+    return (scope.kind.value, scope.id)
+
 
 @dataclass(frozen=True, slots=True)
 class Subject:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
-from prefd_server.kernel.model import Scope, ScopeKind
+from prefd_server.kernel.model import Scope, ScopeKey, ScopeKind, scope_key
 
 V = TypeVar("V")  # a response: its body, or something it is finished from
 
@@ -29,8 +29,9 @@ class ResponseCache(Generic[V]):
 
     def __init__(self, name: str, budget: CacheBudget | int | None = None) -> None:
         self._bodies: SegmentedLru[Hashable, V] = bounded_cache(name, budget, self._evicted)
-        self._scopes: dict[Hashable, tuple[Scope, ...]] = {}  # key -> the scopes its body is indexed under
-        self._by_scope: dict[Scope, set[Hashable]] = {}
+        self._scopes: dict[Hashable, tuple[ScopeKey, ...]] = {}  # key -> the scopes its body is indexed under
+        # scope -> the key of the one body built from it, or a set of keys when several were
+        self._by_scope: dict[ScopeKey, Hashable | set[Hashable]] = {}
         # The body for a key, if kept (the cache's own lookup: one call on the hot path).
         self.get: Callable[[Hashable], V | None] = self._bodies.get
 
@@ -50,21 +51,29 @@ class ResponseCache(Generic[V]):
         """Keep `body` for `key`, built from `scopes`; evicts the least used bodies beyond the budget.
         `size` is the body's size in bytes (by default its length: bodies are bytes)."""
         self._discard(key)
-        indexed = tuple(s for s in scopes if s.kind is not ScopeKind.GLOBAL)
+        indexed = tuple(scope_key(s) for s in scopes if s.kind is not ScopeKind.GLOBAL)
         cost = (len(body) if size is None else size) + _key_bytes(key) + _ENTRY_OVERHEAD_BYTES  # type: ignore[arg-type]
         if not self._bodies.put(key, body, cost):
             return
         if indexed:
             self._scopes[key] = indexed
+        by_scope = self._by_scope
         for scope in indexed:
-            self._by_scope.setdefault(scope, set()).add(key)
+            held = by_scope.get(scope)
+            if held is None:
+                by_scope[scope] = key
+            elif isinstance(held, set):
+                held.add(key)
+            elif held != key:
+                by_scope[scope] = {held, key}
 
     def drop(self, scope: Scope | None) -> None:
         """Forget bodies built from `scope` (all of them for GLOBAL or None)."""
         if scope is None or scope.kind is ScopeKind.GLOBAL:
             self.clear()
             return
-        for key in self._by_scope.pop(scope, ()):
+        held = self._by_scope.pop(scope_key(scope), None)
+        for key in held if isinstance(held, set) else () if held is None else (held,):
             self._discard(key)
 
     def clear(self) -> None:
@@ -81,11 +90,13 @@ class ResponseCache(Generic[V]):
 
     def _unindex(self, key: Hashable) -> None:
         for scope in self._scopes.pop(key, ()):
-            keys = self._by_scope.get(scope)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
+            held = self._by_scope.get(scope)
+            if isinstance(held, set):
+                held.discard(key)
+                if not held:
                     del self._by_scope[scope]
+            elif held is not None and held == key:
+                del self._by_scope[scope]
 
     def __len__(self) -> int:
         return len(self._bodies)

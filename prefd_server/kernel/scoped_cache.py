@@ -17,14 +17,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import asyncpg
 
 from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
 from prefd_server.kernel.db import snapshot, translated_errors
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import ChangeKind, Scope
+from prefd_server.kernel.model import ChangeKind, Scope, ScopeKey, ScopeKind, scope_key
 from prefd_server.kernel.redis import RedisLayers
 from prefd_server.kernel.response_cache import ResponseCache
 from prefd_server.kernel.snapshot_value import SnapshotValue
@@ -43,22 +43,37 @@ LAYER_OVERHEAD_BYTES = 400
 MAX_LOADS_IN_FLIGHT = 2
 
 
+class Layer(NamedTuple, Generic[T]):
+    """What one scope held as of a snapshot whose horizon was `xmin`. Two views of one cached layer hold
+    the same value object and xmin (`same_layer`)."""
+
+    value: T
+    xmin: int
+
+
+def same_layer(a: Layer[Any] | None, b: Layer[Any] | None) -> bool:
+    """Whether two layers are views of the same read (the same value object at the same horizon)."""
+    if a is None or b is None:
+        return a is b
+    return a.value is b.value and a.xmin == b.xmin
+
+
 class ChangeMarks:
     """A number per scope (a change's xid, a read's horizon) with the tick it was set at, oldest set first:
     each set drops the marks older than CHANGE_MEMORY_S and those beyond MAX_MARKS, one at a time. A mark
     dropped before its time raises `everywhere` (a mark for every scope) and `everywhere_tick`."""
 
     def __init__(self) -> None:
-        self._marks: OrderedDict[Scope, tuple[int, int, float]] = OrderedDict()  # scope -> (number, tick, when)
+        self._marks: OrderedDict[ScopeKey, tuple[int, int, float]] = OrderedDict()  # -> (number, tick, when)
         self.everywhere = 0
         self.everywhere_tick = 0
 
-    def get(self, scope: Scope) -> tuple[int, int] | None:
+    def get(self, scope: ScopeKey) -> tuple[int, int] | None:
         """(number, tick) of the scope's mark."""
         mark = self._marks.get(scope)
         return None if mark is None else (mark[0], mark[1])
 
-    def raise_to(self, scope: Scope, number: int, tick: int) -> None:
+    def raise_to(self, scope: ScopeKey, number: int, tick: int) -> None:
         """Set the scope's mark to at least `number`, at `tick`."""
         now = time.monotonic()
         previous = self._marks.pop(scope, None)
@@ -104,14 +119,6 @@ class CacheStats:
 
 
 @dataclass(frozen=True, slots=True)
-class Layer(Generic[T]):
-    """What one scope held as of a snapshot whose horizon was `xmin`."""
-
-    value: T
-    xmin: int
-
-
-@dataclass(frozen=True, slots=True)
 class LayerCodec(Generic[T]):
     """How a layer's value is written to Redis: to a JSON-able document and back."""
 
@@ -134,11 +141,13 @@ class ScopedCache(Generic[T]):
         sizeof: Callable[[T], int] | None = None,
         read_now: Callable[[asyncpg.Connection, Sequence[Scope]], Awaitable[tuple[int, Mapping[Scope, T]]]]
         | None = None,
+        empty: T | None = None,
     ) -> None:
         """`name` names the two caches ("<name>.layers", "<name>.responses") whose shares of `budget`
         bound the layers and the prebuilt responses; `sizeof(value)` estimates a layer's bytes beyond
         LAYER_OVERHEAD_BYTES (default: nothing beyond it). `read_now(conn, scopes)`, when given, reads the
-        layers and their snapshot's horizon in one statement (else `read` runs in a snapshot transaction)."""
+        layers and their snapshot's horizon in one statement (else `read` runs in a snapshot transaction).
+        `empty`: a shared, never modified value every layer equal to it is handed out as (kept as None)."""
         if redis is not None and codec is None:
             raise ValueError("a Redis layer cache needs a codec")
         self._pool = pool
@@ -147,10 +156,14 @@ class ScopedCache(Generic[T]):
         self._codec = codec
         self._sizeof = sizeof
         self._read_now = read_now
+        self._empty = empty
         self._next_batch: _Batch[T] | None = None
         self._loads_in_flight = 0
         self.stats = CacheStats()
-        self._layers: SegmentedLru[Scope, Layer[T]] = bounded_cache(f"{name}.layers", budget)
+        # scope -> (value, xmin), the value None for a layer equal to `empty`: a plain tuple of atoms, which
+        # the garbage collector stops tracking (a Layer, a tuple subclass, or any container inside would
+        # keep it tracked); lookups hand out Layer views of it.
+        self._layers: SegmentedLru[ScopeKey, tuple[T | None, int]] = bounded_cache(f"{name}.layers", budget)
         self._loading: dict[Scope, asyncio.Future[dict[Scope, Layer[T]]]] = {}
         self._changed = ChangeMarks()  # scope -> the newest change xid heard, and its tick
         # Newest snapshot horizon this process has used per scope, so it never goes back.
@@ -194,14 +207,15 @@ class ScopedCache(Generic[T]):
 
     def forget_all(self, xid: int) -> None:
         """Drop every cached layer and response, as if each cached scope changed in `xid`."""
-        for scope in list(self._layers.keys()):
-            self._forget(scope, xid)
+        for kind, scope_id in list(self._layers.keys()):
+            self._forget(Scope(ScopeKind(kind), scope_id), xid)
         self._responses.clear()
 
     def _forget(self, scope: Scope, xid: int) -> None:
         self._tick += 1
-        self._changed.raise_to(scope, xid, self._tick)
-        self._layers.pop(scope)
+        key = scope_key(scope)
+        self._changed.raise_to(key, xid, self._tick)
+        self._layers.pop(key)
         self._loading.pop(scope, None)  # a load begun before this change must not serve later readers
         self._responses.drop(scope)
 
@@ -218,11 +232,11 @@ class ScopedCache(Generic[T]):
     def _fresh(self, scope: Scope, xmin: int) -> bool:
         if xmin <= self._changed.everywhere:
             return False
-        changed = self._changed.get(scope)
+        changed = self._changed.get(scope_key(scope))
         return changed is None or xmin > changed[0]
 
     def _floor_of(self, scope: Scope) -> int:
-        floor = self._floor.get(scope)
+        floor = self._floor.get(scope_key(scope))
         return max(self._floor.everywhere, floor[0] if floor is not None else 0)
 
     # --- responses ---------------------------------------------------------------------
@@ -237,7 +251,7 @@ class ScopedCache(Generic[T]):
         if self._global_tick > tick or self._changed.everywhere_tick > tick:
             return True
         for scope in scopes:
-            changed = self._changed.get(scope)
+            changed = self._changed.get(scope_key(scope))
             if changed is not None and changed[1] > tick:
                 return True
         return False
@@ -264,9 +278,10 @@ class ScopedCache(Generic[T]):
         found: dict[Scope, Layer[T]] = {}
         missing = []
         for scope in scopes:
-            layer = self._layers.get(scope)
-            if layer is not None:
-                found[scope] = layer
+            held = self._layers.get((scope.kind.value, scope.id))
+            if held is not None:
+                value = held[0]
+                found[scope] = Layer(self._empty if value is None else value, held[1])  # type: ignore[arg-type]  # None only when empty is set
             else:
                 missing.append(scope)
         self.stats.hits["l1"] += len(found)
@@ -362,12 +377,14 @@ class ScopedCache(Generic[T]):
     def _loaded(self, scope: Scope, layer: Layer[T], cache: bool) -> None:
         """A layer just read may hold changes the feed has not delivered yet: responses built from older
         layers of the scope must not be served after it, and an older layer never replaces a newer one."""
-        self._floor.raise_to(scope, layer.xmin, self._tick)
+        key = scope_key(scope)
+        self._floor.raise_to(key, layer.xmin, self._tick)
         self._responses.drop(scope)
-        current = self._layers.peek(scope)
-        if cache and (current is None or current.xmin <= layer.xmin):
+        current = self._layers.peek(key)
+        if cache and (current is None or current[1] <= layer.xmin):
             size = LAYER_OVERHEAD_BYTES + (self._sizeof(layer.value) if self._sizeof is not None else 0)
-            self._layers.put(scope, layer, size)
+            empty = self._empty is not None and layer.value == self._empty
+            self._layers.put(key, (None if empty else layer.value, layer.xmin), size)
 
     @property
     def layers_cached(self) -> int:

@@ -20,13 +20,15 @@ from prefd_server.kernel.model import ChangeKind, ResolvedValue, Scope, Subject
 from prefd_server.kernel.model import Layer as ResolutionLayer
 from prefd_server.kernel.parts import KeyFacts
 from prefd_server.kernel.redis import RedisLayers
-from prefd_server.kernel.scoped_cache import Layer, LayerCodec, ScopedCache
+from prefd_server.kernel.scoped_cache import Layer, LayerCodec, ScopedCache, same_layer
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
 from prefd_server.preferences.model import Definition, StoredValue
 from prefd_server.preferences.resolve import key_selected, resolve
 
 Overrides = dict[str, StoredValue]
+# The overrides of every cached layer that holds none (shared: never modified).
+NO_OVERRIDES: Overrides = {}
 
 
 # What an org base holds per value, with its serialized pieces and body (measured with tracemalloc: about
@@ -145,6 +147,7 @@ class EffectiveCache:
             budget=budget,
             sizeof=overrides_size,
             read_now=preference_sql.overrides_now,
+            empty=NO_OVERRIDES,
         )
         # (org id, key prefixes, categories) -> the org's base for that selection.
         self._bases: SegmentedLru[tuple[str, tuple[str, ...], tuple[str, ...]], OrgBase] = bounded_cache(
@@ -335,8 +338,8 @@ class EffectiveCache:
         if (
             base is not None
             and base.definitions is definitions
-            and base.global_layer is global_layer
-            and base.org_layer is org_layer
+            and same_layer(base.global_layer, global_layer)
+            and same_layer(base.org_layer, org_layer)
         ):
             return base
         base = org_base(definitions, chain)

@@ -3,6 +3,7 @@ entries read once, eviction takes one entry at a time, and the budget setting ac
 
 from __future__ import annotations
 
+import gc
 import random
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefd_server.kernel.bounded_cache import SHARES, CacheBudget, SegmentedLru, parse_size
+from prefd_server.kernel.model import Scope, ScopeKind, scope_key
+from prefd_server.kernel.scoped_cache import Layer, ScopedCache
 from prefd_server.settings import Settings
 from tests.helpers.settings import process_env
 
@@ -105,3 +108,16 @@ def test_a_budget_that_is_not_a_positive_size_refuses_to_start_naming_the_settin
     )
     assert done.returncode != 0
     assert "PREFD_CACHE_BYTES" in done.stderr, done.stderr
+
+
+def test_a_cached_layer_without_overrides_is_nothing_the_garbage_collector_tracks() -> None:
+    cache: ScopedCache[dict[str, int]] = ScopedCache(None, _no_reads, name="preferences", empty={})  # type: ignore[arg-type]
+    scope = Scope(ScopeKind.USER, "u1")
+    cache._loaded(scope, Layer({}, 7), cache=True)
+    gc.collect()
+    assert not any(gc.is_tracked(o) for o in gc.get_referrers(scope_key(scope)) if isinstance(o, tuple))
+    assert not gc.is_tracked(cache._layers.peek(scope_key(scope)))
+
+
+async def _no_reads(conn: object, scopes: object) -> dict[Scope, dict[str, int]]:
+    raise AssertionError("nothing is read")

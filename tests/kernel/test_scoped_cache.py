@@ -152,10 +152,10 @@ async def test_concurrent_misses_are_read_together_each_scope_once(pool: asyncpg
 def test_change_marks_are_bounded_and_a_mark_let_go_early_stands_for_every_scope() -> None:
     marks = ChangeMarks()
     for n in range(MAX_MARKS + 10):
-        marks.raise_to(Scope(ScopeKind.USER, f"u{n}"), 1000 + n, tick=n)
+        marks.raise_to(("USER", f"u{n}"), 1000 + n, tick=n)
     assert len(marks) == MAX_MARKS
     # The ten oldest went before their time: the newest of them now holds for every scope.
-    assert marks.get(Scope(ScopeKind.USER, "u0")) is None
+    assert marks.get(("USER", "u0")) is None
     assert marks.everywhere == 1009 and marks.everywhere_tick == MAX_MARKS + 9
-    marks.raise_to(Scope(ScopeKind.USER, "u20"), 5, tick=1)
-    assert marks.get(Scope(ScopeKind.USER, "u20")) == (1020, 1)  # a mark never goes down
+    marks.raise_to(("USER", "u20"), 5, tick=1)
+    assert marks.get(("USER", "u20")) == (1020, 1)  # a mark never goes down
