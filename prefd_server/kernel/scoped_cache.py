@@ -256,15 +256,29 @@ class ScopedCache(Generic[T]):
                 return True
         return False
 
-    def store_response(self, key: Hashable, used: Mapping[Scope, int], since_tick: int, body: bytes) -> None:
+    def store_response(
+        self,
+        key: Hashable,
+        used: Mapping[Scope, int],
+        since_tick: int,
+        body: bytes,
+        size: int | None = None,
+        also_under: Scope | None = None,
+    ) -> None:
         """Keep a response body built from layers read at `used` (scope -> xmin) since `since_tick`,
-        unless a change was seen after `since_tick` or a newer layer of one of its scopes was read."""
+        unless a change was seen after `since_tick` or a newer layer of one of its scopes was read.
+        `size`: the bytes it adds (default: the body's length); `also_under`: a scope whose drop_responses
+        drops it too."""
         if self.changed_since(used, since_tick):
             return
         for scope, xmin in used.items():
             if xmin < self._floor_of(scope):
                 return
-        self._responses.put(key, body, used)
+        self._responses.put(key, body, (*used, also_under) if also_under is not None else used, size)
+
+    def drop_responses(self, scope: Scope) -> None:
+        """Forget the responses built from (or kept under) `scope`."""
+        self._responses.drop(scope)
 
     # --- reads -------------------------------------------------------------------------
 

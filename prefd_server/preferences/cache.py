@@ -16,7 +16,7 @@ import asyncpg
 
 from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, approximate_size, bounded_cache
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import ChangeKind, ResolvedValue, Scope, Subject
+from prefd_server.kernel.model import ChangeKind, ResolvedValue, Scope, ScopeKind, Subject
 from prefd_server.kernel.model import Layer as ResolutionLayer
 from prefd_server.kernel.parts import KeyFacts
 from prefd_server.kernel.redis import RedisLayers
@@ -151,7 +151,7 @@ class EffectiveCache:
         )
         # (org id, key prefixes, categories) -> the org's base for that selection.
         self._bases: SegmentedLru[tuple[str, tuple[str, ...], tuple[str, ...]], OrgBase] = bounded_cache(
-            "preferences.org_bases", budget
+            "preferences.org_bases", budget, self._base_evicted
         )
         self._definitions = self._layers.snapshot_value(_read_definitions)
         self.redis = redis
@@ -188,10 +188,18 @@ class EffectiveCache:
         """Grows with every invalidation; compare before and after building a response."""
         return self._layers.tick
 
-    def store_response(self, key: Hashable, used: Mapping[Scope, int], since_tick: int, body: bytes) -> None:
+    def store_response(
+        self, key: Hashable, used: Mapping[Scope, int], since_tick: int, body: bytes, org_id: str | None = None
+    ) -> None:
         """Keep a response body built from layers read at `used` (scope -> xmin) since `since_tick`,
-        unless a change was seen after `since_tick` or a newer layer of one of its scopes was read."""
-        self._layers.store_response(key, used, since_tick, body)
+        unless a change was seen after `since_tick` or a newer layer of one of its scopes was read.
+
+        With `org_id`, the body is that org's base body itself (a subject without own values): it costs only
+        its entry, since the base already counts the body, and it goes when the base does."""
+        if org_id is None:
+            self._layers.store_response(key, used, since_tick, body)
+        else:
+            self._layers.store_response(key, used, since_tick, body, 0, Scope(ScopeKind.ORG, org_id))
 
     async def definitions(self) -> list[Definition]:
         """Every definition, ordered by key (one load at a time however many callers miss)."""
@@ -342,9 +350,15 @@ class EffectiveCache:
             and same_layer(base.org_layer, org_layer)
         ):
             return base
+        if base is not None:  # replaced: responses sharing its body go with it
+            self._layers.drop_responses(Scope(ScopeKind.ORG, org_id))
         base = org_base(definitions, chain)
         self._bases.put(memo, base, BASE_BYTES_PER_VALUE * len(base.values) + 1024)
         return base
+
+    def _base_evicted(self, memo: tuple[str, tuple[str, ...], tuple[str, ...]], base: OrgBase) -> None:
+        """An org base left the cache: so do the responses that share its body (kept under its org)."""
+        self._layers.drop_responses(Scope(ScopeKind.ORG, memo[0]))
 
     async def resolve_key(self, subject: Subject, key: str) -> ResolvedValue | None:
         """The subject's effective value of one key; None if the key is not defined."""

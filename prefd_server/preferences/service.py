@@ -36,7 +36,9 @@ Filters: TypeAlias = tuple[tuple[str, ...], tuple[str, ...]]
 # The cache key of an effective read: (user_id, org_id, filters).
 EffectiveKey: TypeAlias = tuple[str, str, Filters]
 # What a body was built from: the horizon (xmin) of each layer it read, and the cache tick before.
-BuiltFrom: TypeAlias = tuple[dict[Scope, int], int]
+# The layers a body was built from (scope -> xmin), the cache tick before, and the subject's org when the
+# body is its org base's own (no own values).
+BuiltFrom: TypeAlias = tuple[dict[Scope, int], int, str | None]
 
 
 def _parse_effective_read(request: preferences_pb2.GetEffectivePreferencesRequest) -> ParsedRead[Filters]:
@@ -181,11 +183,11 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         """A GetEffectivePreferencesResponse body (without cursor) and the layers it was built from."""
         since = self._cache.tick
         (found,) = await self._cache.subject_values([subject], *filters)
-        return effective_body(found), (found.used, since)
+        return effective_body(found), (found.used, since, None if found.own else subject.org_id)
 
     def _store_effective(self, key: EffectiveKey, built_from: BuiltFrom, body: bytes) -> None:
-        used, since = built_from
-        self._cache.store_response(key, used, since, body)
+        used, since, shared_by_org = built_from
+        self._cache.store_response(key, used, since, body, shared_by_org)
 
     async def BatchGetEffectivePreferences(  # type: ignore[override]  # a serialized response out
         self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, context: Context

@@ -69,8 +69,8 @@ async def test_metrics_count_each_call_by_code_with_latency_and_pool_figures(dat
 
 
 async def test_each_cache_reports_bytes_within_its_budget_entries_lookups_and_evictions(database_url, tmp_path) -> None:
-    # 4 MiB in all: the prebuilt responses get about 1.1 MiB, so 400 subjects' bodies cannot all stay.
-    settings = make_settings(database_url, tmp_path, metrics_port=0, metrics_host="127.0.0.1", cache_bytes="4MiB")
+    # 1 MiB in all: the prebuilt responses get about 200 KiB, so 400 subjects' entries cannot all stay.
+    settings = make_settings(database_url, tmp_path, metrics_port=0, metrics_host="127.0.0.1", cache_bytes="1MiB")
     async with App(settings) as app:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
@@ -88,7 +88,9 @@ async def test_each_cache_reports_bytes_within_its_budget_entries_lookups_and_ev
     assert figures["prefd_cache_evictions_total{cache=preferences.responses}"] > 0
     assert figures["prefd_cache_lookups_total{cache=preferences.responses,result=hit}"] >= 1
     assert figures["prefd_cache_lookups_total{cache=preferences.responses,result=miss}"] >= 400
-    # Every subject of the org shared one base.
+    # Every subject of the org shared one base, and its body: a response costs its entry, not a body.
     assert figures["prefd_cache_entries{cache=preferences.org_bases}"] == 1
+    responses = figures["prefd_cache_entries{cache=preferences.responses}"]
+    assert figures["prefd_cache_bytes{cache=preferences.responses}"] / responses < 1024
     total = sum(v for k, v in figures.items() if k.startswith("prefd_cache_budget_bytes"))
-    assert total <= 4 * 1024 * 1024 * 1.01
+    assert total <= 1024 * 1024
