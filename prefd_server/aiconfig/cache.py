@@ -75,8 +75,10 @@ class AIConfigCache:
     # --- responses ---------------------------------------------------------------------
 
     def response(self, key: Hashable) -> bytes | None:
-        """A prebuilt response body, if one is cached for `key`."""
-        return self._configs.response(key)
+        """A prebuilt response body, if one is cached for `key` (kept whole: always bytes)."""
+        kept = self._configs.response(key)
+        assert kept is None or isinstance(kept, bytes)
+        return kept
 
     def store_response(self, key: Hashable, resolved: Resolved, body: bytes) -> None:
         """Keep a body unless a scope it was built from changed, or was read anew, while it was built."""

@@ -29,18 +29,18 @@ PROTECTED_SHARE = 0.8
 # Each named cache's share of the budget. Preferences read at scale need the override layers (one per
 # subject read), the prebuilt responses and the per-org bases; the others are smaller working sets.
 SHARES: dict[str, float] = {
-    "preferences.layers": 0.22,
-    "preferences.responses": 0.20,
-    "preferences.org_bases": 0.26,
+    "preferences.layers": 0.20,
+    "preferences.responses": 0.30,
+    "preferences.org_bases": 0.22,
     "preferences.requests": 0.03,
     "ai_config.layers": 0.03,
     "ai_config.responses": 0.03,
     "ai_config.requests": 0.01,
-    "consents.layers": 0.05,
+    "consents.layers": 0.04,
     "consents.responses": 0.01,
-    "notifications.decisions": 0.10,
+    "notifications.decisions": 0.08,
     "notifications.decision_paths": 0.02,
-    "notifications.requests": 0.04,
+    "notifications.requests": 0.03,
 }
 
 _SIZE = re.compile(r"\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*", re.IGNORECASE)

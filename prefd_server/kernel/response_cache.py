@@ -4,12 +4,22 @@ bytes (segmented LRU, kernel.bounded_cache), so no caller can make the server ke
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
 from prefd_server.kernel.model import Scope, ScopeKey, ScopeKind, scope_key
 
 V = TypeVar("V")  # a response: its body, or something it is finished from
+
+
+class LazyBody(Protocol):
+    """A response kept in parts and joined when served (smaller than its body)."""
+
+    def body(self) -> bytes: ...
+
+
+# A kept response: its body, or its parts.
+Kept = bytes | LazyBody
 
 # A dict slot, the key tuple and the per-scope index entries of one response, roughly.
 _ENTRY_OVERHEAD_BYTES = 512

@@ -26,7 +26,7 @@ from prefd_server.kernel.db import snapshot, translated_errors
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, ScopeKey, ScopeKind, scope_key
 from prefd_server.kernel.redis import RedisLayers
-from prefd_server.kernel.response_cache import ResponseCache
+from prefd_server.kernel.response_cache import Kept, ResponseCache
 from prefd_server.kernel.snapshot_value import SnapshotValue
 
 T = TypeVar("T")
@@ -108,7 +108,7 @@ class CacheStats:
     def __init__(self) -> None:
         self.hits: dict[str, int] = {"l1": 0, "l2": 0}
         self.misses: dict[str, int] = {"l1": 0, "l2": 0}
-        self.responses: ResponseCache[bytes] | None = None  # whose hits and misses count as "response"
+        self.responses: ResponseCache[Kept] | None = None  # whose hits and misses count as "response"
 
     def by_layer(self) -> tuple[dict[str, int], dict[str, int]]:
         """(hits, misses) by layer name, responses included."""
@@ -170,10 +170,10 @@ class ScopedCache(Generic[T]):
         self._floor = ChangeMarks()
         self._tick = 0
         self._global_tick = 0
-        self._responses: ResponseCache[bytes] = ResponseCache(f"{name}.responses", budget)
+        self._responses: ResponseCache[Kept] = ResponseCache(f"{name}.responses", budget)
         self.stats.responses = self._responses
         # A prebuilt response body, if one is kept for `key` (one call on the hot path).
-        self.response: Callable[[Hashable], bytes | None] = self._responses.get
+        self.response: Callable[[Hashable], Kept | None] = self._responses.get
         self._background: set[asyncio.Task[None]] = set()
 
     def snapshot_value(self, read: Callable[[asyncpg.Connection], Awaitable[V]]) -> SnapshotValue[V]:
@@ -261,7 +261,7 @@ class ScopedCache(Generic[T]):
         key: Hashable,
         used: Mapping[Scope, int],
         since_tick: int,
-        body: bytes,
+        body: Kept,
         size: int | None = None,
         also_under: Scope | None = None,
     ) -> None:

@@ -7,7 +7,7 @@ Redis form of an override layer, and resolution through a subject's layers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,6 +20,7 @@ from prefd_server.kernel.model import ChangeKind, ResolvedValue, Scope, ScopeKin
 from prefd_server.kernel.model import Layer as ResolutionLayer
 from prefd_server.kernel.parts import KeyFacts
 from prefd_server.kernel.redis import RedisLayers
+from prefd_server.kernel.response_cache import Kept
 from prefd_server.kernel.scoped_cache import Layer, LayerCodec, ScopedCache, same_layer
 from prefd_server.preferences import definitions_store as definition_sql
 from prefd_server.preferences import store as preference_sql
@@ -156,8 +157,7 @@ class EffectiveCache:
         self._definitions = self._layers.snapshot_value(_read_definitions)
         self.redis = redis
         self.stats = self._layers.stats
-        # A prebuilt response body, if one is kept for `key` (one call on the hot path).
-        self.response: Callable[[Hashable], bytes | None] = self._layers.response
+        self._kept = self._layers.response
         # (key prefixes, categories) -> the definition set it was worked out for, and the selection.
         self._selections: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[DefinitionSet, list[Definition]]] = {}
         self._selected_key_memo: tuple[list[Definition], frozenset[str]] | None = None
@@ -188,18 +188,21 @@ class EffectiveCache:
         """Grows with every invalidation; compare before and after building a response."""
         return self._layers.tick
 
-    def store_response(
-        self, key: Hashable, used: Mapping[Scope, int], since_tick: int, body: bytes, org_id: str | None = None
-    ) -> None:
-        """Keep a response body built from layers read at `used` (scope -> xmin) since `since_tick`,
-        unless a change was seen after `since_tick` or a newer layer of one of its scopes was read.
+    def response(self, key: Hashable) -> bytes | None:
+        """A prebuilt response body, if one is kept for `key` (joined from its parts if kept in parts)."""
+        kept = self._kept(key)
+        if kept is None or type(kept) is bytes:
+            return kept
+        return kept.body()  # type: ignore[union-attr]
 
-        With `org_id`, the body is that org's base body itself (a subject without own values): it costs only
-        its entry, since the base already counts the body, and it goes when the base does."""
-        if org_id is None:
-            self._layers.store_response(key, used, since_tick, body)
-        else:
-            self._layers.store_response(key, used, since_tick, body, 0, Scope(ScopeKind.ORG, org_id))
+    def store_response(
+        self, key: Hashable, used: Mapping[Scope, int], since_tick: int, kept: Kept, size: int, org_id: str
+    ) -> None:
+        """Keep a response built from layers read at `used` (scope -> xmin) since `since_tick`, unless a
+        change was seen after `since_tick` or a newer layer of one of its scopes was read. It shares the
+        serialized parts of `org_id`'s base (its body itself, or its pieces), so it costs only `size` (what
+        it holds beyond them) and goes when that base does."""
+        self._layers.store_response(key, used, since_tick, kept, size, Scope(ScopeKind.ORG, org_id))
 
     async def definitions(self) -> list[Definition]:
         """Every definition, ordered by key (one load at a time however many callers miss)."""

@@ -17,7 +17,13 @@ from prefd_server.kernel.privacy import pseudonym_of
 from prefd_server.kernel.watch import WatchTarget, watch
 from prefd_server.preferences import convert as preference_convert
 from prefd_server.preferences.cache import EffectiveCache
-from prefd_server.preferences.effective_convert import batch_body, effective_body, subject_preferences
+from prefd_server.preferences.effective_convert import (
+    OwnBody,
+    batch_body,
+    effective_body,
+    effective_kept,
+    subject_preferences,
+)
 from prefd_server.preferences.model import MAX_BATCH_SUBJECTS
 from prefd_server.preferences.reads import PreferenceReader
 from prefd_server.preferences.rules import check_filters, check_key
@@ -36,9 +42,9 @@ Filters: TypeAlias = tuple[tuple[str, ...], tuple[str, ...]]
 # The cache key of an effective read: (user_id, org_id, filters).
 EffectiveKey: TypeAlias = tuple[str, str, Filters]
 # What a body was built from: the horizon (xmin) of each layer it read, and the cache tick before.
-# The layers a body was built from (scope -> xmin), the cache tick before, and the subject's org when the
-# body is its org base's own (no own values).
-BuiltFrom: TypeAlias = tuple[dict[Scope, int], int, str | None]
+# The layers a body was built from (scope -> xmin), the cache tick before, what to keep of it (the org
+# base's body, or the subject's parts over it) with its own size, and the subject's org.
+BuiltFrom: TypeAlias = tuple[dict[Scope, int], int, bytes | OwnBody, int, str]
 
 
 def _parse_effective_read(request: preferences_pb2.GetEffectivePreferencesRequest) -> ParsedRead[Filters]:
@@ -183,11 +189,12 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         """A GetEffectivePreferencesResponse body (without cursor) and the layers it was built from."""
         since = self._cache.tick
         (found,) = await self._cache.subject_values([subject], *filters)
-        return effective_body(found), (found.used, since, None if found.own else subject.org_id)
+        kept, size = effective_kept(found)
+        return effective_body(kept), (found.used, since, kept, size, subject.org_id)
 
     def _store_effective(self, key: EffectiveKey, built_from: BuiltFrom, body: bytes) -> None:
-        used, since, shared_by_org = built_from
-        self._cache.store_response(key, used, since, body, shared_by_org)
+        used, since, kept, size, org_id = built_from
+        self._cache.store_response(key, used, since, kept, size, org_id)
 
     async def BatchGetEffectivePreferences(  # type: ignore[override]  # a serialized response out
         self, request: preferences_pb2.BatchGetEffectivePreferencesRequest, context: Context

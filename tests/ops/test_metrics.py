@@ -69,8 +69,8 @@ async def test_metrics_count_each_call_by_code_with_latency_and_pool_figures(dat
 
 
 async def test_each_cache_reports_bytes_within_its_budget_entries_lookups_and_evictions(database_url, tmp_path) -> None:
-    # 1 MiB in all: the prebuilt responses get about 200 KiB, so 400 subjects' entries cannot all stay.
-    settings = make_settings(database_url, tmp_path, metrics_port=0, metrics_host="127.0.0.1", cache_bytes="1MiB")
+    # 512 KiB in all: the prebuilt responses get about 150 KiB, so 400 subjects' entries cannot all stay.
+    settings = make_settings(database_url, tmp_path, metrics_port=0, metrics_host="127.0.0.1", cache_bytes="512KiB")
     async with App(settings) as app:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
@@ -93,4 +93,4 @@ async def test_each_cache_reports_bytes_within_its_budget_entries_lookups_and_ev
     responses = figures["prefd_cache_entries{cache=preferences.responses}"]
     assert figures["prefd_cache_bytes{cache=preferences.responses}"] / responses < 1024
     total = sum(v for k, v in figures.items() if k.startswith("prefd_cache_budget_bytes"))
-    assert total <= 1024 * 1024
+    assert total <= 512 * 1024

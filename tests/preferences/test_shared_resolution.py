@@ -16,7 +16,7 @@ from prefd_server.kernel.model import Layer, Scope, ScopeKind, Subject
 from prefd_server.kernel.scoped_cache import Layer as CachedLayer
 from prefd_server.preferences.cache import org_base, subject_on_base
 from prefd_server.preferences.convert import nested_to_pb
-from prefd_server.preferences.effective_convert import effective_body, subject_preferences
+from prefd_server.preferences.effective_convert import effective_body, effective_kept, subject_preferences
 from prefd_server.preferences.model import Definition, StoredValue, ValueType
 from prefd_server.preferences.policy import Policy
 from prefd_server.preferences.resolve import resolve
@@ -98,7 +98,10 @@ def test_a_subject_over_its_org_base_reads_what_full_resolution_reads(
     base = org_base(definitions, chain)
     shared = subject_on_base(base, chain, {d.key: d for d in definitions})
     assert shared.values() == full
-    assert preferences_pb2.GetEffectivePreferencesResponse.FromString(effective_body(shared)) == expected
+    assert (
+        preferences_pb2.GetEffectivePreferencesResponse.FromString(effective_body(effective_kept(shared)[0]))
+        == expected
+    )
 
     subject = Subject(user, org)
     batch_entry = preferences_pb2.SubjectPreferences.FromString(subject_preferences(subject, shared))
@@ -110,7 +113,7 @@ def test_a_subject_over_its_org_base_reads_what_full_resolution_reads(
     other_full = resolve(definitions, [(layer, scope, held.value) for layer, scope, held in other_chain])
     other = subject_on_base(base, other_chain, {d.key: d for d in definitions})
     assert preferences_pb2.GetEffectivePreferencesResponse.FromString(
-        effective_body(other)
+        effective_body(effective_kept(other)[0])
     ) == preferences_pb2.GetEffectivePreferencesResponse(
         values=effective_to_pb(other_full), nested=nested_to_pb(other_full)
     )
