@@ -39,6 +39,10 @@ CHANGE_MEMORY_S = 120.0
 MAX_MARKS = 65_536
 # A layer's bytes beyond its overrides: the Layer, its Scope key, the dict and the cache's slot.
 LAYER_OVERHEAD_BYTES = 400
+# A snapshot floor guards against serving a layer older than one this process read, until the feed has
+# delivered the change between them (normally milliseconds; feed lag is in the metrics). Floors older
+# than this are let go by count without standing in for every scope.
+FLOOR_MATTERS_FOR_S = 10.0
 # Loads of missing layers running at once; misses arriving meanwhile wait and are read together.
 MAX_LOADS_IN_FLIGHT = 2
 
@@ -61,10 +65,12 @@ def same_layer(a: Layer[Any] | None, b: Layer[Any] | None) -> bool:
 class ChangeMarks:
     """A number per scope (a change's xid, a read's horizon) with the tick it was set at, oldest set first:
     each set drops the marks older than CHANGE_MEMORY_S and those beyond MAX_MARKS, one at a time. A mark
-    dropped before its time raises `everywhere` (a mark for every scope) and `everywhere_tick`."""
+    dropped while it may still matter (younger than `matters_for_s`) raises `everywhere` (a mark for every
+    scope) and `everywhere_tick`."""
 
-    def __init__(self) -> None:
+    def __init__(self, matters_for_s: float = CHANGE_MEMORY_S) -> None:
         self._marks: OrderedDict[ScopeKey, tuple[int, int, float]] = OrderedDict()  # -> (number, tick, when)
+        self._matters_for_s = matters_for_s
         self.everywhere = 0
         self.everywhere_tick = 0
 
@@ -85,7 +91,7 @@ class ChangeMarks:
             if when >= cutoff and len(marks) <= MAX_MARKS:
                 break
             marks.popitem(last=False)
-            if when >= cutoff:
+            if when >= now - self._matters_for_s:
                 self.everywhere = max(self.everywhere, held)
                 self.everywhere_tick = tick
 
@@ -167,7 +173,7 @@ class ScopedCache(Generic[T]):
         self._loading: dict[Scope, asyncio.Future[dict[Scope, Layer[T]]]] = {}
         self._changed = ChangeMarks()  # scope -> the newest change xid heard, and its tick
         # Newest snapshot horizon this process has used per scope, so it never goes back.
-        self._floor = ChangeMarks()
+        self._floor = ChangeMarks(FLOOR_MATTERS_FOR_S)
         self._tick = 0
         self._global_tick = 0
         self._responses: ResponseCache[Kept] = ResponseCache(f"{name}.responses", budget)

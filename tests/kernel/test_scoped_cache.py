@@ -159,3 +159,10 @@ def test_change_marks_are_bounded_and_a_mark_let_go_early_stands_for_every_scope
     assert marks.everywhere == 1009 and marks.everywhere_tick == MAX_MARKS + 9
     marks.raise_to(("USER", "u20"), 5, tick=1)
     assert marks.get(("USER", "u20")) == (1020, 1)  # a mark never goes down
+
+
+def test_floors_let_go_by_count_once_the_feed_has_long_passed_them_stand_for_nothing() -> None:
+    floors = ChangeMarks(matters_for_s=0.0)
+    for n in range(MAX_MARKS + 10):
+        floors.raise_to(("USER", f"u{n}"), 1000 + n, tick=n)
+    assert len(floors) == MAX_MARKS and floors.everywhere == 0
