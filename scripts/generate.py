@@ -1,8 +1,11 @@
 """Regenerate every generated file from protos/: python scripts/generate.py [--check].
 
 Writes the Python messages, gRPC stubs and their .pyi type stubs into
-clients/python/prefd/v1/, and prefd.client's one-method-per-RPC classes into
-clients/python/prefd/client/rpcs.py. With --check it generates into a temporary
+clients/python/prefd/v1/, prefd.client's one-method-per-RPC classes into
+clients/python/prefd/client/rpcs.py, and the Node client's TypeScript messages and
+service descriptors into clients/node/src/gen/ (buf with clients/node/buf.gen.yaml and
+protoc-gen-es from clients/node's lockfile; `npm ci` there first when node_modules is
+missing, buf at the version .ci/run pins). With --check it generates into a temporary
 directory and exits 1 listing every file that differs from the committed one.
 """
 
@@ -13,6 +16,7 @@ import filecmp
 import os
 import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -28,6 +32,10 @@ OUTPUT_ROOT = ROOT / "clients" / "python"
 PACKAGE_DIR = Path("prefd") / "v1"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 CLIENT_RPCS = Path("prefd") / "client" / "rpcs.py"
+NODE_ROOT = ROOT / "clients" / "node"
+NODE_GENERATED = Path("src") / "gen"
+BUF_PREFIX = ROOT / ".ci" / "buf"
+BUF = BUF_PREFIX / "node_modules" / ".bin" / "buf"
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -165,6 +173,64 @@ def _docstring(service: str, name: str, comment: str) -> list[str]:
     return ['        """' + wrapped[0], *(f"        {w}" for w in wrapped[1:]), '        """']
 
 
+def buf_version() -> str:
+    """The buf version .ci/run pins (its `buf_version=` line), so there is one pin."""
+    match = re.search(r"^buf_version=(\S+)$", (ROOT / ".ci" / "run").read_text(), flags=re.MULTILINE)
+    if match is None:
+        raise SystemExit(".ci/run pins no buf_version")
+    return match.group(1)
+
+
+def ensure_buf() -> Path:
+    """buf at the pinned version in .ci/buf (installed from npm as .ci/run does when missing or other)."""
+    version = buf_version()
+    current = subprocess.run([BUF, "--version"], capture_output=True, text=True, check=False) if BUF.exists() else None
+    if current is None or current.stdout.strip() != version:
+        install = ["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(BUF_PREFIX)]
+        _run([*install, f"@bufbuild/buf@{version}"], ROOT)
+    return BUF
+
+
+def ensure_node_modules() -> None:
+    """clients/node's dependencies from its lockfile (protoc-gen-es among them), when missing."""
+    if not (NODE_ROOT / "node_modules" / ".bin" / "protoc-gen-es").exists():
+        _run(["npm", "ci", "--no-audit", "--no-fund"], NODE_ROOT)
+
+
+def generate_node(out_root: Path | None = None) -> None:
+    """buf generate with clients/node/buf.gen.yaml, into clients/node (or under out_root)."""
+    buf = ensure_buf()
+    ensure_node_modules()
+    output = ["--output", str(out_root)] if out_root is not None else []
+    _run([str(buf), "generate", "--template", "buf.gen.yaml", *output], NODE_ROOT)
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed in {cwd}:\n{result.stdout}{result.stderr}")
+
+
+def _tree(root: Path) -> set[Path]:
+    """Every file under root, relative to it (empty when root does not exist)."""
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+def stale_node_files() -> list[str]:
+    """Repository paths of Node generated files that are missing, extra or different."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_node(Path(tmp))
+        fresh_root, committed_root = Path(tmp) / NODE_GENERATED, NODE_ROOT / NODE_GENERATED
+        fresh, committed = _tree(fresh_root), _tree(committed_root)
+        return [
+            str((NODE_ROOT / NODE_GENERATED / rel).relative_to(ROOT))
+            for rel in sorted(fresh | committed)
+            if rel not in fresh
+            or rel not in committed
+            or not filecmp.cmp(fresh_root / rel, committed_root / rel, shallow=False)
+        ]
+
+
 def stale_files() -> list[str]:
     """Names of generated files that are missing, extra or different in the working tree."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +257,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if committed generated code is stale")
     args = parser.parse_args()
     if args.check:
-        stale = stale_files()
+        stale = [*stale_files(), *stale_node_files()]
         for name in stale:
             print(f"stale: {name}", file=sys.stderr)
         return 1 if stale else 0
@@ -203,6 +269,9 @@ def main() -> int:
         for rel in generate(Path(tmp)):
             shutil.copyfile(Path(tmp) / rel, OUTPUT_ROOT / rel)
             print(f"wrote {OUTPUT_ROOT / rel}")
+    generate_node()
+    for rel in sorted(_tree(NODE_ROOT / NODE_GENERATED)):
+        print(f"wrote {NODE_ROOT / NODE_GENERATED / rel}")
     return 0
 
 
