@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -22,6 +20,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import asyncpg
 
 from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
+from prefd_server.kernel.change_marks import ChangeMarks
 from prefd_server.kernel.db import snapshot, translated_errors
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, ScopeKey, ScopeKind, scope_key
@@ -32,11 +31,6 @@ from prefd_server.kernel.snapshot_value import SnapshotValue
 T = TypeVar("T")
 V = TypeVar("V")
 
-# How long a processed change keeps vetoing layers read before it (longer than any read takes).
-CHANGE_MEMORY_S = 120.0
-# At most this many change marks and floors each (about 200 bytes apiece). Beyond it the oldest go, and
-# one mark for every scope stands in for those that go before CHANGE_MEMORY_S: correct, only stricter.
-MAX_MARKS = 65_536
 # A layer's bytes beyond its overrides: the Layer, its Scope key, the dict and the cache's slot.
 LAYER_OVERHEAD_BYTES = 400
 # A snapshot floor guards against serving a layer older than one this process read, until the feed has
@@ -60,43 +54,6 @@ def same_layer(a: Layer[Any] | None, b: Layer[Any] | None) -> bool:
     if a is None or b is None:
         return a is b
     return a.value is b.value and a.xmin == b.xmin
-
-
-class ChangeMarks:
-    """A number per scope (a change's xid, a read's horizon) with the tick it was set at, oldest set first:
-    each set drops the marks older than CHANGE_MEMORY_S and those beyond MAX_MARKS, one at a time. A mark
-    dropped while it may still matter (younger than `matters_for_s`) raises `everywhere` (a mark for every
-    scope) and `everywhere_tick`."""
-
-    def __init__(self, matters_for_s: float = CHANGE_MEMORY_S) -> None:
-        self._marks: OrderedDict[ScopeKey, tuple[int, int, float]] = OrderedDict()  # -> (number, tick, when)
-        self._matters_for_s = matters_for_s
-        self.everywhere = 0
-        self.everywhere_tick = 0
-
-    def get(self, scope: ScopeKey) -> tuple[int, int] | None:
-        """(number, tick) of the scope's mark."""
-        mark = self._marks.get(scope)
-        return None if mark is None else (mark[0], mark[1])
-
-    def raise_to(self, scope: ScopeKey, number: int, tick: int) -> None:
-        """Set the scope's mark to at least `number`, at `tick`."""
-        now = time.monotonic()
-        previous = self._marks.pop(scope, None)
-        self._marks[scope] = (max(number, previous[0]) if previous else number, tick, now)
-        cutoff = now - CHANGE_MEMORY_S
-        marks = self._marks
-        while marks:
-            held, _, when = next(iter(marks.values()))
-            if when >= cutoff and len(marks) <= MAX_MARKS:
-                break
-            marks.popitem(last=False)
-            if when >= now - self._matters_for_s:
-                self.everywhere = max(self.everywhere, held)
-                self.everywhere_tick = tick
-
-    def __len__(self) -> int:
-        return len(self._marks)
 
 
 @dataclass(slots=True)

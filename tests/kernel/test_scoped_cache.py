@@ -10,9 +10,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from prefd_server.kernel.change_marks import MAX_MARKS, ChangeMarks
 from prefd_server.kernel.db import horizon_xid
 from prefd_server.kernel.model import Scope, ScopeKind
-from prefd_server.kernel.scoped_cache import MAX_MARKS, ChangeMarks, ScopedCache
+from prefd_server.kernel.scoped_cache import ScopedCache
 
 SCOPE = Scope(ScopeKind.USER, "u-scoped-cache")
 
