@@ -226,7 +226,7 @@ function typedTransport(inner: Transport, deadlineMs: number): Transport {
       try {
         return await inner.unary(method, signal, timeoutMs ?? deadlineMs, header, input, contextValues);
       } catch (error) {
-        throw PrefdError.from(error);
+        throw PrefdError.from(fromConnection(error, signal));
       }
     },
     async stream<I extends DescMessage, O extends DescMessage>(
@@ -241,7 +241,7 @@ function typedTransport(inner: Transport, deadlineMs: number): Transport {
       try {
         response = await inner.stream(method, signal, timeoutMs, header, input, contextValues);
       } catch (error) {
-        throw PrefdError.from(error);
+        throw PrefdError.from(fromConnection(error, signal));
       }
       const messages = response.message;
       return {
@@ -250,13 +250,31 @@ function typedTransport(inner: Transport, deadlineMs: number): Transport {
           [Symbol.asyncIterator]() {
             const iterator = messages[Symbol.asyncIterator]();
             return {
-              next: () => iterator.next().catch((error: unknown) => Promise.reject(PrefdError.from(error))),
+              next: () =>
+                iterator.next().catch((error: unknown) => Promise.reject(PrefdError.from(fromConnection(error, signal)))),
             };
           },
         },
       };
     },
   };
+}
+
+/** Codes Connect's Node transport gives failures of the connection itself (not the server's status). */
+const CONNECTION_CODES = new Set([Code.Canceled, Code.Aborted, Code.Internal, Code.Unknown]);
+
+/**
+ * A failure without a status from the server that the caller did not cause (no abort) happened on
+ * the connection: a reset or refused connection, a failed TLS handshake, a stream the peer closed.
+ * gRPC calls that UNAVAILABLE (transient, retried for idempotent reads); Connect's Node transport
+ * reports these as CANCELED, ABORTED or INTERNAL, so they are mapped here.
+ */
+function fromConnection(reason: unknown, signal: AbortSignal | undefined): ConnectError {
+  const error = ConnectError.from(reason);
+  if (signal?.aborted || !CONNECTION_CODES.has(error.code) || error.metadata.has("grpc-status")) {
+    return error;
+  }
+  return new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, undefined, error.cause ?? error);
 }
 
 function authInterceptor(tokenProvider: TokenProvider): Interceptor {
@@ -286,9 +304,9 @@ function retryInterceptor(policy: RetryPolicy): Interceptor {
       try {
         return await next(request);
       } catch (error) {
-        const code = error instanceof ConnectError ? error.code : undefined;
-        if (code !== Code.Unavailable || attempt >= policy.maxAttempts || request.signal.aborted) {
-          throw error;
+        const failure = fromConnection(error, request.signal);
+        if (failure.code !== Code.Unavailable || attempt >= policy.maxAttempts || request.signal.aborted) {
+          throw failure;
         }
         const cap = Math.min(policy.maxBackoffMs, policy.initialBackoffMs * policy.multiplier ** (attempt - 1));
         await sleep(Math.random() * cap, request.signal);

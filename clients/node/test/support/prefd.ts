@@ -110,6 +110,36 @@ function run(command: string, args: string[], env: Record<string, string>): Prom
   });
 }
 
+/** PEM files of a test PKI (made with the venv's `cryptography`): the CA, a server certificate for
+ * localhost and 127.0.0.1, and a client certificate (CN trading-engine), each with its key. */
+export interface Pki {
+  directory: string;
+  ca: string;
+  serverCert: string;
+  serverKey: string;
+  clientCert: string;
+  clientKey: string;
+  dispose(): void;
+}
+
+export async function makePki(): Promise<Pki> {
+  const directory = mkdtempSync(join(tmpdir(), "prefd-node-pki-"));
+  const script = join(ROOT, "clients", "node", "test", "support", "make_pki.py");
+  const { code, output } = await run(PYTHON, [script, directory], {});
+  if (code !== 0) {
+    throw new Error(`making the test PKI failed (${code}):\n${output}`);
+  }
+  return {
+    directory,
+    ca: join(directory, "ca.pem"),
+    serverCert: join(directory, "server.pem"),
+    serverKey: join(directory, "server.key"),
+    clientCert: join(directory, "client.pem"),
+    clientKey: join(directory, "client.key"),
+    dispose: () => rmSync(directory, { recursive: true, force: true }),
+  };
+}
+
 /** A TCP port nothing listens on right now. */
 export async function freePort(): Promise<number> {
   return new Promise((resolvePromise, reject) => {
