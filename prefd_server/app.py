@@ -20,11 +20,12 @@ from prefd_server.audit import domain as audit_domain
 from prefd_server.embedded import EmbeddedPostgres
 from prefd_server.kernel.bounded_cache import CacheBudget
 from prefd_server.kernel.commits import LocalCommits
-from prefd_server.kernel.db import create_pool, installation_identity, migrate
+from prefd_server.kernel.db import breaker_of, create_pool, installation_identity, migrate
 from prefd_server.kernel.feed import FeedReader, WakeupNotifier
 from prefd_server.kernel.parts import CACHE_FIGURES, Domain, Kernel
 from prefd_server.kernel.privacy import PrivacyRegistry
 from prefd_server.kernel.redis import RedisLayers
+from prefd_server.kernel.scoped_cache import MAX_LOADS_IN_FLIGHT
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.memory import return_large_buffers
 from prefd_server.notifications import domain as notifications_domain
@@ -95,6 +96,7 @@ class App:
         self.domains: dict[str, Domain] = {}
         self._embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
         self._pool: asyncpg.Pool | None = None
+        self._read_pool: asyncpg.Pool | None = None
         self._redis: RedisLayers | None = None
         self._notifier: WakeupNotifier | None = None
         self._server: grpc.aio.Server | None = None
@@ -194,6 +196,14 @@ class App:
         pool = self._pool = await create_pool(
             self.dsn, settings.db_pool_min, settings.db_pool_max, settings.db_statement_timeout_ms
         )
+        self._read_pool = await create_pool(
+            self.dsn,
+            1,
+            MAX_LOADS_IN_FLIGHT,
+            settings.db_statement_timeout_ms,
+            single_statements=True,
+            breaker=breaker_of(pool),
+        )
         installation, pseudonym_key = await installation_identity(pool)
         if settings.redis_url:
             self._redis = RedisLayers(settings.redis_url, installation, settings.redis_ttl_s)
@@ -210,6 +220,7 @@ class App:
             commits=LocalCommits(self._wake_feed_readers),
             privacy=PrivacyRegistry(),
             caches=CacheBudget(settings.cache_bytes),
+            read_pool=self._read_pool,
         )
 
     def _wake_feed_readers(self) -> None:
@@ -247,14 +258,16 @@ class App:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
             self._monitor_task = None
-        if self._pool is not None:
+        for pool in (self._read_pool, self._pool):
+            if pool is None:
+                continue
             try:
                 # Connections stuck on a hung server never come back: close what can be closed.
                 async with asyncio.timeout(max(grace or 0, 1.0)):
-                    await self._pool.close()
+                    await pool.close()
             except TimeoutError:
-                self._pool.terminate()
-            self._pool = None
+                pool.terminate()
+        self._pool = self._read_pool = None
         if self._embedded is not None:
             await self._embedded.stop()
 

@@ -157,9 +157,23 @@ def breaker_of(pool: asyncpg.Pool) -> DatabaseBreaker | None:
     return pool.breaker if isinstance(pool, GuardedPool) else None
 
 
-async def create_pool(dsn: str, min_size: int, max_size: int, statement_timeout_ms: int) -> asyncpg.Pool:
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset on release: for a pool whose connections only ever run single read-only statements."""
+
+
+async def create_pool(
+    dsn: str,
+    min_size: int,
+    max_size: int,
+    statement_timeout_ms: int,
+    *,
+    single_statements: bool = False,
+    breaker: DatabaseBreaker | None = None,
+) -> asyncpg.Pool:
     """A pool whose connections decode json/jsonb to Python values and whose acquire() honours the
-    deadline of the RPC being handled (GuardedPool)."""
+    deadline of the RPC being handled (GuardedPool). `single_statements`: its users only run single
+    read-only statements (no session state), so a release skips asyncpg's reset round trip. `breaker`:
+    share another pool's breaker (open while the database is known down)."""
     pool = GuardedPool(
         dsn,
         min_size=min_size,
@@ -172,7 +186,10 @@ async def create_pool(dsn: str, min_size: int, max_size: int, statement_timeout_
         record_class=asyncpg.Record,
         server_settings={"statement_timeout": str(statement_timeout_ms), "application_name": "prefd"},
         command_timeout=max(statement_timeout_ms / 1000 + 5, 10) if statement_timeout_ms else None,
+        reset=_keep_session if single_statements else None,
     )
+    if breaker is not None:
+        pool.breaker = breaker
     await pool
     return pool
 

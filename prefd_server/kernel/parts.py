@@ -118,6 +118,8 @@ class Kernel:
     privacy: PrivacyRegistry
     provisions: Provisions = field(default_factory=Provisions)
     caches: CacheBudget = field(default_factory=CacheBudget)
+    # Connections for single read-only statements (cache loads): no reset round trip on release.
+    read_pool: asyncpg.Pool | None = None
 
 
 @dataclass(frozen=True, slots=True)

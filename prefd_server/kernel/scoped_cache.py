@@ -11,6 +11,7 @@ rules as a SnapshotValue. PostgreSQL stays the source of truth: losing Redis los
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ import asyncpg
 
 from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
 from prefd_server.kernel.change_marks import ChangeMarks
-from prefd_server.kernel.db import snapshot, translated_errors
+from prefd_server.kernel.db import breaker_of, snapshot, translated_errors
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, ScopeKey, ScopeKind, scope_key
 from prefd_server.kernel.redis import RedisLayers
@@ -105,12 +106,14 @@ class ScopedCache(Generic[T]):
         read_now: Callable[[asyncpg.Connection, Sequence[Scope]], Awaitable[tuple[int, Mapping[Scope, T]]]]
         | None = None,
         empty: T | None = None,
+        read_pool: asyncpg.Pool | None = None,
     ) -> None:
         """`name` names the two caches ("<name>.layers", "<name>.responses") whose shares of `budget`
         bound the layers and the prebuilt responses; `sizeof(value)` estimates a layer's bytes beyond
         LAYER_OVERHEAD_BYTES (default: nothing beyond it). `read_now(conn, scopes)`, when given, reads the
         layers and their snapshot's horizon in one statement (else `read` runs in a snapshot transaction).
-        `empty`: a shared, never modified value every layer equal to it is handed out as (kept as None)."""
+        `empty`: a shared, never modified value every layer equal to it is handed out as (kept as None).
+        `read_pool`: where `read_now` runs (connections for single statements), else `pool`."""
         if redis is not None and codec is None:
             raise ValueError("a Redis layer cache needs a codec")
         self._pool = pool
@@ -119,6 +122,7 @@ class ScopedCache(Generic[T]):
         self._codec = codec
         self._sizeof = sizeof
         self._read_now = read_now
+        self._read_pool = read_pool or pool
         self._empty = empty
         self._next_batch: _Batch[T] | None = None
         self._loads_in_flight = 0
@@ -285,7 +289,9 @@ class ScopedCache(Generic[T]):
             batch = self._next_batch = _Batch(asyncio.get_running_loop().create_future(), [])
             if self._loads_in_flight < MAX_LOADS_IN_FLIGHT:
                 batch.scheduled = True
-                asyncio.get_running_loop().call_soon(self._start_next_batch)
+                # A shared load belongs to no one call: it runs outside the caller's context (its
+                # deadline), and each reader's own deadline ends only its wait.
+                asyncio.get_running_loop().call_soon(self._start_next_batch, context=contextvars.Context())
         batch.scopes.extend(scopes)
         return batch.future
 
@@ -308,7 +314,7 @@ class ScopedCache(Generic[T]):
         waiting = self._next_batch
         if waiting is not None and not waiting.scheduled:
             waiting.scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_next_batch)
+            asyncio.get_running_loop().call_soon(self._start_next_batch, context=contextvars.Context())
 
     def _layers_loaded(self, load: asyncio.Future[dict[Scope, Layer[T]]], scopes: tuple[Scope, ...]) -> None:
         for scope in scopes:
@@ -331,8 +337,11 @@ class ScopedCache(Generic[T]):
             missing = [s for s in missing if s not in from_redis]
             if not missing:
                 return found
+        breaker = breaker_of(self._read_pool)
+        if breaker is not None:
+            breaker.check()  # outside any call the pool would not: with the database known down, fail fast
         if self._read_now is not None:
-            async with translated_errors(), self._pool.acquire() as conn:
+            async with translated_errors(), self._read_pool.acquire() as conn:
                 xmin, stored = await self._read_now(conn, missing)
         else:
             async with snapshot(self._pool) as snap:

@@ -137,7 +137,13 @@ def _facts(definition: Definition) -> KeyFacts:
 class EffectiveCache:
     """Resolves subjects from cached definitions and layers; keeps prebuilt response bodies."""
 
-    def __init__(self, pool: asyncpg.Pool, redis: RedisLayers | None, budget: CacheBudget | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis: RedisLayers | None,
+        budget: CacheBudget | None = None,
+        read_pool: asyncpg.Pool | None = None,
+    ) -> None:
         codec = LayerCodec(_overrides_to_json, _overrides_from_json)
         self._layers: ScopedCache[Overrides] = ScopedCache(
             pool,
@@ -149,6 +155,7 @@ class EffectiveCache:
             sizeof=overrides_size,
             read_now=preference_sql.overrides_now,
             empty=NO_OVERRIDES,
+            read_pool=read_pool,
         )
         # (org id, key prefixes, categories) -> the org's base for that selection.
         self._bases: SegmentedLru[tuple[str, tuple[str, ...], tuple[str, ...]], OrgBase] = bounded_cache(

@@ -31,7 +31,7 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
     added = await install_definitions(kernel.pool, catalog.definitions, CallInfo(actor="prefd:catalog"))
     if added:
         log.info("installed %d shipped definitions", len(added))
-    cache = EffectiveCache(kernel.pool, kernel.redis, kernel.caches)
+    cache = EffectiveCache(kernel.pool, kernel.redis, kernel.caches, kernel.read_pool)
     kernel.feed.add_listener(cache.on_changes)
     kernel.commits.add_listener(ChangeKind.PREFERENCE, cache.on_local_commit)
     kernel.commits.add_listener(ChangeKind.ERASURE, cache.on_local_commit)

@@ -68,9 +68,13 @@ async def test_metrics_count_each_call_by_code_with_latency_and_pool_figures(dat
     assert after["prefd_db_pool_waiting"] == 0 and after["prefd_db_pool_max"] >= 1
 
 
-async def test_each_cache_reports_bytes_within_its_budget_entries_lookups_and_evictions(database_url, tmp_path) -> None:
+async def test_each_cache_reports_bytes_within_its_budget_entries_lookups_and_evictions(
+    fresh_database, tmp_path
+) -> None:
+    # A database of its own (no rollouts by user id from other tests: every subject shares its org's body).
     # 512 KiB in all: the prebuilt responses get about 150 KiB, so 400 subjects' entries cannot all stay.
-    settings = make_settings(database_url, tmp_path, metrics_port=0, metrics_host="127.0.0.1", cache_bytes="512KiB")
+    database = await fresh_database()
+    settings = make_settings(database, tmp_path, metrics_port=0, metrics_host="127.0.0.1", cache_bytes="512KiB")
     async with App(settings) as app:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
             stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
