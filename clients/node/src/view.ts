@@ -318,6 +318,9 @@ export class PreferencesView {
         }
         failed = true;
         this.unhealthy();
+        if (!(error instanceof PrefdError)) {
+          this.logger.error(`prefd view of ${this.subject.userId}: unexpected error; retrying`, error);
+        }
         const typed = PrefdError.from(error);
         this.lastError = typed;
         if (!this.startSettled) {
