@@ -147,7 +147,11 @@ async def _outage_and_restart(
             await _until(lambda: view.stale, 5)
             assert view.get("display.items_per_page") == 11  # the last known value is still served
             async with prefd_process(env):
-                await _until(lambda: view.get("display.items_per_page") == 16 and not view.stale, 20)
+                # A write after the restart comes after every replayed change in the feed: once the view
+                # has it, it has had them all (each replayed change carries the key's value now, so the
+                # value alone reaches 16 with the first of them).
+                await stub.SetPreferences(set_request(user(uid), {"display.theme": "dark"}), metadata=ADMIN)
+                await _until(lambda: view.get("display.theme") == "dark" and not view.stale, 20)
                 yield view, recorder, await truth(stub, uid)
         finally:
             await client.close()
@@ -160,7 +164,7 @@ async def test_no_update_is_lost_across_a_server_kill_and_restart(fresh_database
     async for view, recorder, expected in _outage_and_restart(fresh_database, tmp_path, nothing):
         # Every change made while the server was down arrives from the resumed cursor (each carries
         # the key's effective value now, so callbacks see 11 -> 16 once).
-        assert view.changes_applied == 6  # 11, then 12..16 replayed
+        assert view.changes_applied == 7  # 11, then 12..16 replayed, then the theme written after the restart
         assert recorder.values_of("display.items_per_page") == [11, 16]
         assert view.as_flat_dict() == expected
         assert view.snapshots == 1 and view.reconnects >= 1
