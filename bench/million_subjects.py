@@ -12,7 +12,10 @@ What it measures
        (10^6 bytes). The budget is --cache-bytes parsed, else 256 MiB, the server's default.
     2. zipf: subjects drawn from a Zipf distribution with s = 1.1 (rank r with probability proportional
        to 1/r^1.1; ranks map to users through a fixed random permutation, so the hot users are spread
-       over the orgs). Target ratio >= 0.50, the same RSS bound.
+       over the orgs). Target ratio >= 0.50, the same RSS bound. Before its first round prefd alone reads
+       Zipf draws for --zipf-warmup seconds (30), so its caches hold the hot set as a long-running
+       server's do: 10-second runs read too few of a million subjects for it to settle (the hit ratio
+       is reported per run).
     3. batch: --batch-calls serial BatchGetEffectivePreferences calls (service token), each of
        --batch-size (1,000) distinct subjects never read before; p50 and p99 (target p50 <= 100 ms).
     4. eviction wave: a Zipf run of --wave-duration seconds (20) to which, from --wave-start (8 s) for
@@ -639,7 +642,15 @@ class Bench:
         return record
 
     async def compare(self, mode: str, echo: Server, prefd: Server, target_ratio: float, budget: int) -> dict[str, Any]:
-        """Alternating echo and prefd runs of one subject distribution; medians, ratios, RSS bound."""
+        """Alternating echo and prefd runs of one subject distribution; medians, ratios, RSS bound.
+
+        Before the first Zipf round prefd alone reads Zipf draws for --zipf-warmup seconds, so its caches
+        hold the hot subjects as a long-running server's do (a few 10-second runs read too few subjects of
+        a million for the hot set to settle); the echo server has no cache to warm."""
+        if mode == "zipf" and self.args.zipf_warmup > 0:
+            log(f"zipf: prefd reads Zipf draws for {self.args.zipf_warmup:g} s first (its caches settle)")
+            draw = self.draws(mode)(self.rng("zipf-settle"))
+            await self.reads(prefd, until(time.monotonic() + self.args.zipf_warmup, draw), self.args.in_flight)
         runs = []
         for round_no in range(1, self.args.rounds + 1):
             for server in (echo, prefd) if round_no % 2 else (prefd, echo):
@@ -987,6 +998,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             "channels": args.channels,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
+            "zipf_warmup_s": args.zipf_warmup,
             "rounds": args.rounds,
             "order": "per round echo then prefd in odd rounds, prefd then echo in even ones; uniform rounds, then Zipf",
             "zipf_s": args.zipf_s,
@@ -1028,6 +1040,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-chunk", type=positive_int, default=100_000, help="users per load transaction")
     parser.add_argument("--duration", type=positive_float, default=10.0, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unreported seconds before each run (default 2)")
+    parser.add_argument(
+        "--zipf-warmup",
+        type=float,
+        default=30.0,
+        help="unreported seconds of Zipf reads on prefd before the Zipf rounds, so its caches settle (default 30)",
+    )
     parser.add_argument("--rounds", type=rounds_arg, default=3, help="alternating rounds, at least 3 (default 3)")
     parser.add_argument("--in-flight", type=positive_int, default=64, help="concurrent calls (default 64)")
     parser.add_argument("--channels", type=positive_int, default=4, help="client connections per server (default 4)")
