@@ -1,4 +1,6 @@
-/** prefd's TypeScript client: typed gRPC clients for every prefd service and live local views. */
+/** prefd's TypeScript client: typed gRPC clients for every prefd service and live local views. The
+ * OpenFeature provider is the `prefd-client/openfeature` entry (src/openfeature.ts), kept out of this
+ * one so that apps without `@openfeature/server-sdk` never load it. */
 
 export {
   createPrefdClient,
