@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from prefd_server.aiconfig import domain as aiconfig_domain
 from prefd_server.audit import domain as audit_domain
+from prefd_server.collector import FullCollections
 from prefd_server.embedded import EmbeddedPostgres
 from prefd_server.kernel.bounded_cache import CacheBudget
 from prefd_server.kernel.commits import LocalCommits
@@ -97,6 +98,7 @@ class App:
         self._embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
         self._pool: asyncpg.Pool | None = None
         self._read_pool: asyncpg.Pool | None = None
+        self._collections = FullCollections()
         self._redis: RedisLayers | None = None
         self._notifier: WakeupNotifier | None = None
         self._server: grpc.aio.Server | None = None
@@ -179,9 +181,11 @@ class App:
         )
         await monitor.check_once()
         self._monitor_task = asyncio.create_task(monitor.run(), name="prefd-health")
-        # What start-up built lives as long as the process: out of the garbage collector's full passes.
+        # What start-up built lives as long as the process: out of the garbage collector's full passes;
+        # later survivors of each full pass too (prefd_server/collector.py).
         gc.collect()
         gc.freeze()
+        self._collections.start()
         await server.start()
         self._server = server
         log.info("prefd serving on port %d", self.port)
@@ -240,6 +244,7 @@ class App:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        await self._collections.stop()
         for domain in reversed(list(self.domains.values())):
             if domain.stop is not None:
                 await domain.stop(grace or 0)
