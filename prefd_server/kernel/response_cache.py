@@ -77,6 +77,11 @@ class ResponseCache(Generic[V]):
             elif held != key:
                 by_scope[scope] = {held, key}
 
+    def replace(self, key: Hashable, body: V, size: int) -> None:
+        """Keep `body` for `key` instead of what is kept (same scopes), at `size` bytes; nothing if gone."""
+        if key in self._bodies:
+            self._bodies.put(key, body, size + _key_bytes(key) + _ENTRY_OVERHEAD_BYTES)
+
     def drop(self, scope: Scope | None) -> None:
         """Forget bodies built from `scope` (all of them for GLOBAL or None)."""
         if scope is None or scope.kind is ScopeKind.GLOBAL:

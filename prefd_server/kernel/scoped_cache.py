@@ -243,6 +243,10 @@ class ScopedCache(Generic[T]):
                 return
         self._responses.put(key, body, (*used, also_under) if also_under is not None else used, size)
 
+    def replace_response(self, key: Hashable, body: Kept, size: int) -> None:
+        """Keep `body` (`size` bytes) for `key` instead of what is kept, if anything still is."""
+        self._responses.replace(key, body, size)
+
     def drop_responses(self, scope: Scope) -> None:
         """Forget the responses built from (or kept under) `scope`."""
         self._responses.drop(scope)

@@ -196,11 +196,14 @@ class EffectiveCache:
         return self._layers.tick
 
     def response(self, key: Hashable) -> bytes | None:
-        """A prebuilt response body, if one is kept for `key` (joined from its parts if kept in parts)."""
+        """A prebuilt response body, if one is kept for `key`. One kept in parts is joined and, being read
+        again, kept whole from then on (at its whole size)."""
         kept = self._kept(key)
         if kept is None or type(kept) is bytes:
             return kept
-        return kept.body()  # type: ignore[union-attr]
+        body = kept.body()  # type: ignore[union-attr]
+        self._layers.replace_response(key, body, len(body))
+        return body
 
     def store_response(
         self, key: Hashable, used: Mapping[Scope, int], since_tick: int, kept: Kept, size: int, org_id: str
