@@ -32,7 +32,7 @@ import {
   typedValue,
   type PrefdClient,
 } from "../src/index.js";
-import { FreshDatabase, freePort, PrefdServer, setRequest, token, unique, userScope } from "./support/prefd.js";
+import { closeSuite, freePort, FreshDatabase, openSuite, PrefdServer, setRequest, token, unique, userScope } from "./support/prefd.js";
 
 /** The error a promise rejects with (fails when it resolves). */
 async function rejection(promise: Promise<unknown>): Promise<PrefdError> {
@@ -51,15 +51,11 @@ describe("prefd client", () => {
   let admin: PrefdClient;
 
   before(async () => {
-    database = await FreshDatabase.create();
-    server = await new PrefdServer(database.url).start();
-    admin = createPrefdClient({ target: server.target, token: token("admin") });
+    ({ database, server, admin } = await openSuite());
   });
 
   after(async () => {
-    await admin?.close();
-    await server?.dispose();
-    await database?.drop();
+    await closeSuite({ database, server, admin });
   });
 
   test("writes and reads effective values with provenance and a cursor", async () => {

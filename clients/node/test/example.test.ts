@@ -6,8 +6,8 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { after, before, test } from "node:test";
 
-import { createPrefdClient, type PrefdClient } from "../src/index.js";
-import { FreshDatabase, PrefdServer, ROOT, setRequest, token, unique, userScope } from "./support/prefd.js";
+import type { PrefdClient } from "../src/index.js";
+import { closeSuite, FreshDatabase, openSuite, PrefdServer, ROOT, setRequest, token, unique, userScope } from "./support/prefd.js";
 
 const EXAMPLE = join(ROOT, "clients", "node", "dist", "examples", "trading-engine.js");
 
@@ -16,15 +16,11 @@ let server: PrefdServer;
 let admin: PrefdClient;
 
 before(async () => {
-  database = await FreshDatabase.create();
-  server = await new PrefdServer(database.url).start();
-  admin = createPrefdClient({ target: server.target, token: token("admin") });
+  ({ database, server, admin } = await openSuite());
 });
 
 after(async () => {
-  await admin?.close();
-  await server?.dispose();
-  await database?.drop();
+  await closeSuite({ database, server, admin });
 });
 
 test("the trading engine applies new risk limits on change", async () => {

@@ -23,7 +23,6 @@ import {
 
 import {
   Code,
-  createPrefdClient,
   PrefdError,
   ScopeKind,
   ValueType,
@@ -32,18 +31,7 @@ import {
   type PrefdClient,
 } from "../src/index.js";
 import { PrefdProvider, type PrefdProviderOptions } from "../src/openfeature.js";
-import {
-  FreshDatabase,
-  freePort,
-  orgScope,
-  PrefdServer,
-  ROOT,
-  SECRET,
-  setRequest,
-  token,
-  unique,
-  userScope,
-} from "./support/prefd.js";
+import { closeSuite, freePort, FreshDatabase, openSuite, orgScope, PrefdServer, ROOT, SECRET, setRequest, token, unique, userScope } from "./support/prefd.js";
 
 const FAST = { initialMs: 20, maxMs: 300 };
 
@@ -128,15 +116,11 @@ describe("OpenFeature provider", () => {
   let admin: PrefdClient;
 
   before(async () => {
-    database = await FreshDatabase.create();
-    server = await new PrefdServer(database.url).start();
-    admin = createPrefdClient({ target: server.target, token: token("admin") });
+    ({ database, server, admin } = await openSuite());
   });
 
   after(async () => {
-    await admin?.close();
-    await server?.dispose();
-    await database?.drop();
+    await closeSuite({ database, server, admin });
   });
 
   afterEach(async () => {

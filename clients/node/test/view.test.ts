@@ -18,18 +18,7 @@ import {
   type PreferenceValue,
   type PrefdClient,
 } from "../src/index.js";
-import {
-  ChangeRecorder,
-  FreshDatabase,
-  freePort,
-  orgScope,
-  PrefdServer,
-  setRequest,
-  token,
-  unique,
-  until,
-  userScope,
-} from "./support/prefd.js";
+import { ChangeRecorder, closeSuite, freePort, FreshDatabase, openSuite, orgScope, PrefdServer, setRequest, token, unique, until, userScope } from "./support/prefd.js";
 
 const FAST = { initialMs: 20, maxMs: 200 };
 
@@ -39,15 +28,11 @@ describe("preferences view", () => {
   let admin: PrefdClient;
 
   before(async () => {
-    database = await FreshDatabase.create();
-    server = await new PrefdServer(database.url).start();
-    admin = createPrefdClient({ target: server.target, token: token("admin") });
+    ({ database, server, admin } = await openSuite());
   });
 
   after(async () => {
-    await admin?.close();
-    await server?.dispose();
-    await database?.drop();
+    await closeSuite({ database, server, admin });
   });
 
   async function truth(userId: string, orgId = ""): Promise<Record<string, PreferenceValue | undefined>> {

@@ -13,7 +13,15 @@ import { fileURLToPath } from "node:url";
 
 import pg from "pg";
 
-import { ScopeKind, toTypedValue, type KeyChange, type PreferenceValue, type PreferencesView } from "../../src/index.js";
+import {
+  ScopeKind,
+  createPrefdClient,
+  toTypedValue,
+  type KeyChange,
+  type PrefdClient,
+  type PreferenceValue,
+  type PreferencesView,
+} from "../../src/index.js";
 
 /** The repository root (this file is clients/node/{test,dist/test}/support/prefd.{ts,js}). */
 export const ROOT = resolve(
@@ -305,3 +313,24 @@ export function setRequest(
 
 export const userScope = (id: string): { kind: ScopeKind; id: string } => ({ kind: ScopeKind.USER, id });
 export const orgScope = (id: string): { kind: ScopeKind; id: string } => ({ kind: ScopeKind.ORG, id });
+
+/** A fresh database, a prefd server on it and an admin client on that server: what a suite's tests share. */
+export interface Suite {
+  database: FreshDatabase;
+  server: PrefdServer;
+  admin: PrefdClient;
+}
+
+/** Open a suite's database, server and admin client (in its `before`). */
+export async function openSuite(): Promise<Suite> {
+  const database = await FreshDatabase.create();
+  const server = await new PrefdServer(database.url).start();
+  return { database, server, admin: createPrefdClient({ target: server.target, token: token("admin") }) };
+}
+
+/** Close what openSuite opened, whatever of it was opened (in its `after`). */
+export async function closeSuite(suite: Partial<Suite>): Promise<void> {
+  await suite.admin?.close();
+  await suite.server?.dispose();
+  await suite.database?.drop();
+}
