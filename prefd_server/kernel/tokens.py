@@ -20,8 +20,13 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    """Strict base64url: any character outside the alphabet is an error, never skipped."""
-    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    """Strict base64url: any character outside the alphabet is an error, never skipped, and only the one
+    canonical spelling of given bytes is accepted (unused trailing bits must be zero), so a token cannot
+    be respelled."""
+    raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    if _b64(raw) != text:
+        raise ValueError("not the canonical spelling")
+    return raw
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ server keep stays bounded."""
 from __future__ import annotations
 
 import asyncio
+import string
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,9 @@ async def test_hostile_fields_are_invalid_argument_and_write_nothing(channel, db
     assert await rows_everywhere(db) == before
 
 
+BASE64URL = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+
+
 async def test_cursor_spellings_the_server_never_issued_are_refused(channel) -> None:
     stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
     uid = unique("hc")
@@ -309,7 +313,20 @@ async def test_cursor_spellings_the_server_never_issued_are_refused(channel) -> 
     )
     real = first.cursor.token
     body, _, mac = real.partition(".")
-    forged = [" 5", "1_0", "x" * 5000, f"{body}.{mac[:-2]}AA", f"{body[:-2]}AA.{mac}", "9" * 40]
+
+    def other(char: str) -> str:
+        return "B" if char == "A" else "A"
+
+    forged = [
+        " 5",
+        "1_0",
+        "x" * 5000,
+        f"{body}.{mac[:-2]}{other(mac[-2])}{mac[-1]}",
+        f"{body[:-2]}{other(body[-2])}{body[-1]}.{mac}",
+        # The same MAC bytes spelled with an unused trailing bit set: not the spelling the server issued.
+        f"{body}.{mac[:-1]}{BASE64URL[BASE64URL.index(mac[-1]) | 1]}",
+        "9" * 40,
+    ]
     for token in forged:
         call = stub.WatchPreferences(
             preferences_pb2.WatchPreferencesRequest(subject=subject(uid), start_cursor=common_pb2.Cursor(token=token)),
