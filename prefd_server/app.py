@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -40,8 +41,12 @@ from prefd_server.rpc.metrics import RpcMetrics
 from prefd_server.rpc.middleware import Authenticator
 from prefd_server.rpc.reflection import add_reflection
 from prefd_server.rpc.tls import add_port
+from prefd_server.rpc.tracing import TracingSettings, start_tracing, tracing_settings
 from prefd_server.settings import Settings
 from prefd_server.statistics import domain as statistics_domain
+
+if TYPE_CHECKING:
+    from prefd_server.rpc.tracing_otel import RpcTracing
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +91,15 @@ async def migrate_database(dsn: str) -> list[str]:
 
 
 class App:
-    """One prefd server process: `async with App(settings) as app:` serves on app.port."""
+    """One prefd server process: `async with App(settings) as app:` serves on app.port.
 
-    def __init__(self, settings: Settings) -> None:
+    OpenTelemetry tracing as the OTEL_* variables of the environment ask (prefd_server/rpc/tracing.py:
+    off unless they do), or as `tracing` says."""
+
+    def __init__(self, settings: Settings, tracing: TracingSettings | None = None) -> None:
         self.settings = settings
+        self._tracing_settings = tracing if tracing is not None else tracing_settings(os.environ)
+        self.tracing: RpcTracing | None = None
         self.port = 0
         self.metrics_port = 0
         self.dsn = ""
@@ -134,6 +144,8 @@ class App:
         settings = self.settings
         return_large_buffers()
         verifier = TokenVerifier(settings)
+        # First: the instrumentations patch asyncpg and redis before any connection is made.
+        self.tracing = start_tracing(self._tracing_settings)
         kernel = self.kernel = await self._build_kernel()
         for register in DOMAINS:
             domain = await register(kernel, settings)
@@ -150,7 +162,7 @@ class App:
         )
         registry = CollectorRegistry()
         # prefd's services need a token; grpc.health.v1 and reflection do not.
-        authenticator = Authenticator(verifier, RpcMetrics(registry), settings.call_timeout_s)
+        authenticator = Authenticator(verifier, RpcMetrics(registry), settings.call_timeout_s, tracing=self.tracing)
         for servicer in servicers:
             authenticator.add_service(server, servicer.add_to_server, servicer)
         self._health = health.aio.HealthServicer()
@@ -275,6 +287,9 @@ class App:
         self._pool = self._read_pool = None
         if self._embedded is not None:
             await self._embedded.stop()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
+            self.tracing = None
 
 
 async def serve_until_signalled(settings: Settings, on_ready: Any = None) -> None:

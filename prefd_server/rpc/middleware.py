@@ -15,14 +15,16 @@ import grpc
 from prefd_server.kernel.deadline import DEFAULT_CALL_TIMEOUT_S, end_call, start_call
 from prefd_server.kernel.errors import Code, PrefdError, ValidationFailed
 from prefd_server.rpc.limits import parse_request
-from prefd_server.rpc.metrics import MethodObserver, RpcMetrics
+from prefd_server.rpc.metrics import RpcMetrics
 from prefd_server.rpc.permissions import PERMISSIONS, Access, Admission, admission
 from prefd_server.rpc.principal import current_principal, current_request, enter_call, enter_request
 from prefd_server.rpc.status import grpc_code, to_status
+from prefd_server.rpc.tracing import CallObserver
 
 if TYPE_CHECKING:
     # Only a type here: prefd_server.rpc.auth imports this module to keep its old names.
     from prefd_server.rpc.auth import TokenVerifier
+    from prefd_server.rpc.tracing_otel import RpcTracing
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ class _HandlerCapture:
 class Authenticator:
     """Wraps every method of a service once, at registration: request id (from `x-request-id` or
     generated, returned in trailing metadata), bearer token -> Principal for the handler, domain
-    errors -> rpc Status, prebuilt bytes responses sent as they are, and per-method call metrics."""
+    errors -> rpc Status, prebuilt bytes responses sent as they are, and per-method call metrics; with
+    `tracing`, each call inside its span (prefd_server.rpc.tracing_otel)."""
 
     def __init__(
         self,
@@ -69,10 +72,12 @@ class Authenticator:
         metrics: RpcMetrics,
         call_timeout_s: float | None = None,
         permissions: Mapping[str, Access] = PERMISSIONS,
+        tracing: RpcTracing | None = None,
     ) -> None:
         self._verifier = verifier
         self._metrics = metrics
         self._permissions = permissions
+        self._tracing = tracing
         # Ceiling of a unary call without a client deadline, and of any one database visit (server.deadline).
         self._call_timeout_s = call_timeout_s or DEFAULT_CALL_TIMEOUT_S
 
@@ -96,16 +101,22 @@ class Authenticator:
     def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         """`handler` (taking the request bytes, see _prepared) inside the call's wrapper."""
         serializer = _bytes_passthrough(handler.response_serializer)
-        observer = self._metrics.method(method)
+        observer: CallObserver = self._metrics.method(method)
+        # Traced or not is decided here, once per method: an untraced server's calls pay nothing for it.
+        tracing = self._tracing
+        if tracing is not None:
+            observer = tracing.observer(observer)
         if handler.unary_unary is not None:
+            unary = self._wrap_unary(handler.unary_unary, method, observer)
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, observer),
+                unary if tracing is None else tracing.unary(unary, method),
                 request_deserializer=None,
                 response_serializer=serializer,
             )
         if handler.unary_stream is not None:
+            stream = self._wrap_stream(handler.unary_stream, method, observer)
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method, observer),
+                stream if tracing is None else tracing.stream(stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=serializer,
             )
@@ -125,7 +136,7 @@ class Authenticator:
         enter_call(self._verifier.caller(header, context), context, request_id)
 
     def _wrap_unary(
-        self, behavior: Callable[..., Awaitable[Any]], method: str, observer: MethodObserver
+        self, behavior: Callable[..., Awaitable[Any]], method: str, observer: CallObserver
     ) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
@@ -146,7 +157,7 @@ class Authenticator:
 
         return wrapped
 
-    def _wrap_stream(self, behavior: Callable[..., Any], method: str, observer: MethodObserver) -> Callable[..., Any]:
+    def _wrap_stream(self, behavior: Callable[..., Any], method: str, observer: CallObserver) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -214,7 +225,7 @@ def _prepared(
     return handler._replace(unary_stream=checked_stream, request_deserializer=None)  # type: ignore[attr-defined,no-any-return]
 
 
-def _finished(method: str, observer: MethodObserver, code: grpc.StatusCode, started: float) -> None:
+def _finished(method: str, observer: CallObserver, code: grpc.StatusCode, started: float) -> None:
     """Count and time an ended call (one DEBUG line per call when enabled)."""
     elapsed = time.perf_counter() - started
     observer.observe(code, elapsed)
