@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextvars import Token
 from importlib.metadata import entry_points
@@ -40,6 +41,9 @@ from opentelemetry.util.types import Attributes
 from prefd_server.rpc.principal import current_request
 from prefd_server.rpc.tracing import EXPORTER_GROUP, CallObserver, TracingSettings
 
+# At stop, spans still queued have this long to reach the collector (an unreachable one would hold the
+# stop for the exporter's whole timeout, with retries).
+FLUSH_AT_STOP_S = 2.0
 REQUEST_ID = "prefd.request_id"
 STATUS_CODE = "rpc.grpc.status_code"
 STREAM_SETUP = "prefd.stream.setup"
@@ -163,10 +167,27 @@ class RpcTracing:
         _LIBRARIES.hold(provider)
         return cls(provider)
 
-    async def shutdown(self) -> None:
-        """Take the instrumentations out (once no other traced server runs) and flush what is queued."""
+    async def shutdown(self, flush_s: float = FLUSH_AT_STOP_S) -> None:
+        """Take the instrumentations out (once no other traced server runs), and flush what is queued for
+        at most `flush_s` (then the process may exit without it: the flush runs in a daemon thread)."""
         _LIBRARIES.release()
-        await asyncio.to_thread(self.provider.shutdown)
+        loop = asyncio.get_running_loop()
+        flushed: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            if not flushed.done():
+                flushed.set_result(None)
+
+        def flush() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                    loop.call_soon_threadsafe(done)
+
+        threading.Thread(target=flush, name="prefd-tracing-flush", daemon=True).start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(flushed), flush_s)
 
     def observer(self, metrics: CallObserver) -> CallObserver:
         """`metrics` and the status code of each call on its span."""

@@ -17,6 +17,8 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -30,9 +32,9 @@ from prefd_server.rpc.middleware import Authenticator
 from prefd_server.rpc.tracing import TracingSettings, start_tracing, tracing_settings
 from prefd_server.settings import SettingsError
 from tests.helpers.auth import auth, unique
-from tests.helpers.processes import RedisServer, free_port
+from tests.helpers.processes import RedisServer, free_port, prefd_process
 from tests.helpers.requests import eventually, set_request, user
-from tests.helpers.settings import make_settings
+from tests.helpers.settings import make_settings, process_env
 
 ADMIN = auth("admin")
 SET = "prefd.v1.PreferencesService/SetPreferences"
@@ -258,6 +260,17 @@ async def test_a_unary_call_continues_the_callers_trace_with_database_and_redis_
     assert (delete.kind, (delete.attributes or {}).get("db.statement")) == (SpanKind.CLIENT, "DEL ?")
 
 
+async def test_work_outside_any_call_makes_no_span(traced: Traced) -> None:
+    # A subject nobody read before: its layers come from a shared load, which runs outside the call's
+    # context (kernel/scoped_cache.py); the feed reader polls PostgreSQL all the while.
+    request_id = unique("req")
+    request = preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id=unique("u")))
+    await traced.stub.GetEffectivePreferences(request, metadata=call_metadata(request_id=request_id))
+    assert server_span(traced.spans, request_id).parent is None
+    orphans = [s.name for s in traced.spans.get_finished_spans() if s.parent is None and s.kind is not SpanKind.SERVER]
+    assert orphans == []
+
+
 async def test_a_caller_that_does_not_sample_gets_no_spans(traced: Traced) -> None:
     trace_id, parent_id = new_trace()
     uid = unique("u")
@@ -359,3 +372,56 @@ async def test_a_watch_refused_in_its_setup_has_its_code_on_its_span(traced: Tra
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     span = server_span(traced.spans, request_id)
     assert (span.attributes or {}).get("rpc.grpc.status_code") == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[trace_service_pb2.ExportTraceServiceRequest] = asyncio.Queue()
+
+    async def Export(self, request: Any, context: Any) -> Any:
+        await self.received.put(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_prefd_serve_sends_spans_over_otlp_when_an_endpoint_is_set(fresh_database: Any, tmp_path: Path) -> None:
+    collector = Collector()
+    receiver = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)  # type: ignore[no-untyped-call]
+    collector_port = receiver.add_insecure_port("127.0.0.1:0")
+    await receiver.start()
+    env = process_env(
+        await fresh_database(),
+        PREFD_DATA_DIR=str(tmp_path),
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}",
+        OTEL_BSP_SCHEDULE_DELAY="20",  # milliseconds between batches
+    )
+    trace_id, parent_id = new_trace()
+    request_id = unique("req")
+    request = preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id=unique("u")))
+    try:
+        async with prefd_process(env) as (_proc, port, _lines), grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            metadata = call_metadata(f"00-{trace_id}-{parent_id}-01", request_id)
+            await preferences_pb2_grpc.PreferencesServiceStub(ch).GetEffectivePreferences(request, metadata=metadata)
+            async with asyncio.timeout(10):
+                while True:
+                    sent = await collector.received.get()
+                    found = [
+                        (resource_spans.resource, span)
+                        for resource_spans in sent.resource_spans
+                        for scope_spans in resource_spans.scope_spans
+                        for span in scope_spans.spans
+                        if any(
+                            a.key == "prefd.request_id" and a.value.string_value == request_id for a in span.attributes
+                        )
+                    ]
+                    if found:
+                        break
+    finally:
+        await receiver.stop(0)
+    ((resource, span),) = found
+    service_name = [a.value.string_value for a in resource.attributes if a.key == "service.name"]
+    assert service_name == ["prefd"]
+    assert (span.name, span.kind) == (GET, trace_pb2.Span.SPAN_KIND_SERVER)
+    assert (span.trace_id.hex(), span.parent_span_id.hex()) == (trace_id, parent_id)
