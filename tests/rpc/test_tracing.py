@@ -5,12 +5,14 @@ in-memory exporter; a malformed traceparent is ignored and the call served."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import asyncpg
@@ -32,7 +34,7 @@ from prefd_server.rpc.middleware import Authenticator
 from prefd_server.rpc.tracing import TracingSettings, start_tracing, tracing_settings
 from prefd_server.settings import SettingsError
 from tests.helpers.auth import auth, unique
-from tests.helpers.processes import RedisServer, free_port, prefd_process
+from tests.helpers.processes import ROOT, RedisServer, free_port, prefd_process
 from tests.helpers.requests import eventually, set_request, user
 from tests.helpers.settings import make_settings, process_env
 
@@ -164,6 +166,39 @@ def test_asking_for_tracing_without_the_extra_fails_at_start_naming_it(
     message = str(refused.value)
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in message and "prefd-server[tracing]" in message, message
     assert "opentelemetry.instrumentation.asyncpg" in message, message
+
+
+WITHOUT_OPENTELEMETRY = """
+import asyncio, sys
+sys.modules["opentelemetry"] = None  # as if the tracing extra were not installed: no opentelemetry.* imports
+import grpc
+from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from prefd_server.app import App
+from tests.helpers.auth import auth
+from tests.helpers.settings import make_settings
+
+async def main(url, data_dir):
+    async with App(make_settings(url, data_dir, redis_url=None)) as app:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            request = preferences_pb2.GetEffectivePreferencesRequest(subject=common_pb2.Subject(user_id="u1"))
+            reply = await preferences_pb2_grpc.PreferencesServiceStub(channel).GetEffectivePreferences(
+                request, metadata=auth("admin")
+            )
+        print("served", len(reply.values), app.tracing)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_the_server_starts_and_serves_without_the_extra(fresh_database: Any, tmp_path: Path) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("OTEL_")}
+    args = [sys.executable, "-c", WITHOUT_OPENTELEMETRY, await fresh_database(), str(tmp_path)]
+    child = await asyncio.create_subprocess_exec(*args, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE)
+    async with asyncio.timeout(120):
+        out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+    served, values, tracing = out.decode().split()
+    assert (served, tracing) == ("served", "None") and int(values) > 0
 
 
 async def test_the_instrumentations_are_in_only_while_a_traced_server_runs() -> None:
