@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import shlex
+from typing import Any
 
 from prefd_server.cli.args import settings_from
 from prefd_server.logs import configure_logging
@@ -71,12 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve_workers(settings: Settings) -> int:
-    """Fork `workers` server processes sharing one port (SO_REUSEPORT) before any gRPC object exists."""
+    """Fork `workers` server processes sharing one port (SO_REUSEPORT) before any gRPC object exists; with
+    a metrics port, this process serves every worker's series on it (prefd_server/ops/metrics_merge.py)."""
     import os
     import signal
     import socket
 
     from prefd_server.embedded import EmbeddedPostgres
+    from prefd_server.ops.metrics_merge import WORKER_METRICS_HOST, WorkerPorts, start_workers_endpoint
     from prefd_server.rpc.auth import load_or_create_secret
 
     embedded = None
@@ -93,31 +96,17 @@ def serve_workers(settings: Settings) -> int:
             probe.bind((settings.host.strip("[]"), 0))
             port = probe.getsockname()[1]
     worker_settings = settings.model_copy(update={"port": port, "print_token": False})
+    announcements: tuple[int, int] | None = None
+    if settings.metrics_port is not None:
+        # Each worker serves its own series on loopback, on a port the kernel picks, and announces it here.
+        worker_settings = worker_settings.model_copy(update={"metrics_port": 0, "metrics_host": WORKER_METRICS_HOST})
+        announcements = os.pipe()
     children = []
     for index in range(settings.workers):
-        if settings.metrics_port:
-            # Each worker exposes its own metrics on consecutive ports.
-            worker_settings = worker_settings.model_copy(update={"metrics_port": settings.metrics_port + index})
         pid = os.fork()
         if pid == 0:
-            from prefd_server.app import serve_until_signalled
-
-            code = 0
-            try:
-                asyncio.run(
-                    serve_until_signalled(
-                        worker_settings,
-                        on_ready=lambda app, i=index: print(
-                            f"prefd serving on port {app.port} (worker {i}, pid {os.getpid()})", flush=True
-                        ),
-                    )
-                )
-            except BaseException:
-                logging.getLogger(__name__).exception("worker %d failed", index)
-                code = 1
-            os._exit(code)
+            os._exit(run_worker(worker_settings, index, announcements))
         children.append(pid)
-    print_quickstart(settings.model_copy(update={"port": port}), port, embedded=embedded is not None, announce=False)
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -126,10 +115,56 @@ def serve_workers(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    status = 0
-    for child in children:
-        _, code = os.waitpid(child, 0)
-        status = status or os.waitstatus_to_exitcode(code)
-    if embedded is not None:
-        asyncio.run(embedded.stop())
+    metrics_server: Any = None
+    worker_ports: WorkerPorts | None = None
+    try:
+        if announcements is not None and settings.metrics_port is not None:
+            os.close(announcements[1])
+            metrics_server, worker_ports = start_workers_endpoint(
+                settings.metrics_port, settings.metrics_host, settings.workers, announcements[0]
+            )
+            print(f"prefd metrics on port {metrics_server.server_port} (every worker's series)", flush=True)
+        print_quickstart(
+            settings.model_copy(update={"port": port}), port, embedded=embedded is not None, announce=False
+        )
+    except BaseException:
+        forward(signal.SIGTERM, None)
+        raise
+    finally:
+        status = 0
+        for child in children:
+            _, code = os.waitpid(child, 0)
+            status = status or os.waitstatus_to_exitcode(code)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        if worker_ports is not None:
+            worker_ports.close()
+        if embedded is not None:
+            asyncio.run(embedded.stop())
     return status
+
+
+def run_worker(settings: Settings, index: int, announcements: tuple[int, int] | None) -> int:
+    """One forked worker until SIGTERM: its exit code. With metrics on, it announces its endpoint's port
+    through the pipe's write end."""
+    import os
+
+    from prefd_server.app import App, serve_until_signalled
+
+    if announcements is not None:
+        os.close(announcements[0])
+
+    def ready(app: App) -> None:
+        where = f", metrics on {settings.metrics_host}:{app.metrics_port}" if announcements is not None else ""
+        print(f"prefd serving on port {app.port} (worker {index}, pid {os.getpid()}{where})", flush=True)
+        if announcements is not None:
+            from prefd_server.ops.metrics_merge import WorkerPorts
+
+            WorkerPorts.announce(announcements[1], index, app.metrics_port)
+
+    try:
+        asyncio.run(serve_until_signalled(settings, on_ready=ready))
+    except BaseException:
+        logging.getLogger(__name__).exception("worker %d failed", index)
+        return 1
+    return 0
