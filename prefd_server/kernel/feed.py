@@ -3,7 +3,13 @@
 The reader returns rows after its position whose transaction is below the snapshot horizon
 (pg_snapshot_xmin): every transaction below it has finished, so no row can later appear behind
 the position. It wakes on a local write, on a LISTEN notification from another process, or
-after a short poll, whichever comes first.
+after a short poll, whichever comes first. The horizon is cluster-wide: a transaction open in any
+database of the same PostgreSQL holds it, and its end wakes no one; so while committed changes are
+known to wait behind the horizon the reader re-checks soon (RECHECK_FIRST_S, doubling up to the poll
+interval) rather than at the next poll.
+
+A batch reaches listeners (caches forget what it makes stale) first, then preparers (which compute
+once what many watchers' deliveries share, such as the layer a change touched), then subscribers.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import asyncpg
 
@@ -27,6 +34,13 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "prefd_changes"
 BATCH = 2000
+# First re-check while changes wait behind the horizon (seconds); it doubles up to the poll interval.
+RECHECK_FIRST_S = 0.002
+# Subscribers offered a change before the reader lets the ones offered so far run (and send) ahead of
+# the rest: the first watchers of an org-wide change hear it without waiting for the thousandth to wake.
+OFFER_CHUNK = 64
+# Longest wait for preparers before subscribers get a batch anyway (they then do the work themselves).
+PREPARE_TIMEOUT_S = 1.0
 
 
 @dataclass(eq=False)
@@ -60,6 +74,8 @@ class Subscription:
 
 
 ChangeListener = Callable[[Sequence[ChangeEvent]], None]
+# Called with the events of a batch that have subscribers, before they see them.
+ChangePreparer = Callable[[Sequence[ChangeEvent]], Awaitable[None]]
 
 
 class WakeupNotifier:
@@ -108,10 +124,15 @@ class FeedReader:
         self._by_scope: dict[Scope, set[Subscription]] = {}
         self._all_scopes: set[Subscription] = set()
         self._listeners: list[ChangeListener] = []
+        self._preparers: list[ChangePreparer] = []
         self._advanced = asyncio.Condition()
         self.position = FeedCursor(0, 0)
+        # The end of the batch being offered (the position once it is): where a new subscriber starts.
+        self._offering_through = self.position
         self.lag_ms = 0.0  # commit-to-dispatch time of the newest change dispatched
         self.last_read_monotonic = 0.0
+        # When the oldest change committed behind the horizon was made, as of the last read (None: none waits).
+        self.held_since: datetime | None = None
         self.healthy = False
 
     async def start(self) -> None:
@@ -140,6 +161,11 @@ class FeedReader:
         """Call `listener` with each batch of changes, before subscribers see them."""
         self._listeners.append(listener)
 
+    def add_preparer(self, preparer: ChangePreparer) -> None:
+        """Await `preparer` with the watched events of each batch before subscribers see them (at most
+        PREPARE_TIMEOUT_S; a preparer that fails only costs the watchers doing that work themselves)."""
+        self._preparers.append(preparer)
+
     def wake(self) -> None:
         """A local write committed: read now."""
         self._wake.set()
@@ -155,7 +181,8 @@ class FeedReader:
         else:
             for scope in scopes:
                 self._by_scope.setdefault(scope, set()).add(subscription)
-        return subscription, self.position
+        # Joining while a batch is offered: the batch may already have passed it, so it starts after it.
+        return subscription, max(self.position, self._offering_through)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
@@ -191,13 +218,21 @@ class FeedReader:
             self._listen_conn = None
 
     async def _run(self) -> None:
+        delay = self._poll_interval_s
+        recheck: float | None = None
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_interval_s):
+                async with asyncio.timeout(delay):
                     await self._wake.wait()
             self._wake.clear()
             try:
-                await self._catch_up()
+                held = await self._catch_up()
+                # While changes wait behind the horizon: re-check after 2, 4, 8 ... ms, up to the poll interval.
+                if not held:
+                    recheck = None
+                else:
+                    recheck = RECHECK_FIRST_S if recheck is None else min(recheck * 2, self._poll_interval_s)
+                delay = recheck or self._poll_interval_s
                 self.healthy = True
                 if self._listen_conn is None or self._listen_conn.is_closed():
                     await self._listen()
@@ -207,30 +242,54 @@ class FeedReader:
                 self.healthy = False
                 await asyncio.sleep(self._poll_interval_s)  # retry pace while the database is away
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self) -> bool:
+        """Read everything below the horizon; whether committed changes still wait behind it."""
         async with self._pool.acquire() as conn:
             while True:
-                horizon = await horizon_xid(conn)
+                horizon, held_since = await feed_sql.horizon(conn)
                 events = await feed_sql.read_after(conn, self.position, horizon, BATCH)
                 if events:
-                    self._dispatch(events)
+                    await self._dispatch(events)
                 if len(events) < BATCH:
                     self.position = max(self.position, FeedCursor.at_horizon(horizon))
                     break
+        self.held_since = held_since
         self.last_read_monotonic = time.monotonic()
         async with self._advanced:
             self._advanced.notify_all()
+        return held_since is not None
 
-    def _dispatch(self, events: Sequence[ChangeEvent]) -> None:
+    async def _dispatch(self, events: Sequence[ChangeEvent]) -> None:
         for listener in self._listeners:
             try:
                 listener(events)
             except Exception:  # a listener's bug must not stop the feed for everyone
                 log.exception("feed listener failed")
+        await self._prepare(events)
+        await self._offer(events)
+
+    async def _prepare(self, events: Sequence[ChangeEvent]) -> None:
+        if not self._preparers:
+            return
+        watched = events if self._all_scopes else [e for e in events if e.scope in self._by_scope]
+        if not watched:
+            return
+        try:
+            async with asyncio.timeout(PREPARE_TIMEOUT_S):
+                await asyncio.gather(*(preparer(watched) for preparer in self._preparers))
+        except Exception as exc:  # subscribers still get the batch; each does the work it needs itself
+            log.warning("feed preparer failed: %s", exc)
+
+    async def _offer(self, events: Sequence[ChangeEvent]) -> None:
+        self._offering_through = events[-1].position
+        offered = 0
         for event in events:
             for subscription in (*self._by_scope.get(event.scope, ()), *self._all_scopes):
                 if subscription.matches(event):
                     subscription.offer(event)
+                    offered += 1
+                    if offered % OFFER_CHUNK == 0:
+                        await asyncio.sleep(0)
         self.position = events[-1].position
         newest = events[-1].created_at.timestamp()
         self.lag_ms = max(0.0, (time.time() - newest) * 1000)

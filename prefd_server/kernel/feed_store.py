@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,6 +31,9 @@ class ChangeEvent:
     version: int
     actor: str
     created_at: datetime
+    # What delivering this one event to many watchers computes once (its cursor token, each distinct
+    # message), kept with the event and gone with it.
+    shared: dict[Hashable, Any] = field(default_factory=dict, compare=False, hash=False, repr=False, kw_only=True)
 
     @property
     def position(self) -> FeedCursor:
@@ -67,6 +70,19 @@ async def next_xid(conn: asyncpg.Connection) -> int:
     """The xid the next transaction will get (no cursor can be at or beyond it)."""
     value: int = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
     return value
+
+
+HORIZON = """SELECT h.xmin::text::bigint AS horizon,
+        (SELECT created_at FROM changes WHERE xid >= h.xmin ORDER BY changes.xid, changes.id LIMIT 1) AS held
+    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) h"""
+
+
+async def horizon(conn: asyncpg.Connection) -> tuple[int, datetime | None]:
+    """The feed horizon (xmin of a fresh snapshot: every transaction below it has finished) and when the
+    oldest change already committed at or above it was made (None if none is): such a change waits
+    until the transactions holding the horizon end, in any database of the cluster."""
+    row = await conn.fetchrow(HORIZON)
+    return row["horizon"], row["held"]
 
 
 READ_AFTER = f"""SELECT {_COLUMNS} FROM changes

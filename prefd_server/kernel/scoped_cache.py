@@ -253,6 +253,14 @@ class ScopedCache(Generic[T]):
 
     # --- reads -------------------------------------------------------------------------
 
+    def peek(self, scope: Scope) -> Layer[T] | None:
+        """The layer of `scope` if this process holds it (no Redis, no database, no wait)."""
+        held = self._layers.get((scope.kind.value, scope.id))
+        if held is None:
+            return None
+        value = held[0]
+        return Layer(self._empty if value is None else value, held[1])  # type: ignore[arg-type]  # None only when empty is set
+
     async def layers(self, scopes: Sequence[Scope]) -> dict[Scope, Layer[T]]:
         """The layer of each scope: L1, else L2, else PostgreSQL (one snapshot for all).
 

@@ -176,6 +176,15 @@ class EffectiveCache:
         """Feed listener: forget everything the changes make stale."""
         self._layers.on_changes(events, ChangeKind.PREFERENCE, {ChangeKind.DEFINITION: self._definitions})
 
+    async def prepare(self, events: Sequence[ChangeEvent]) -> None:
+        """Feed preparer: read again, once, what changes to watched scopes made stale (their layers, the
+        definitions), so the watchers of an ORG or GLOBAL change resolve it without a read each."""
+        scopes = {e.scope for e in events if e.kind == ChangeKind.PREFERENCE}
+        if any(e.kind == ChangeKind.DEFINITION for e in events):
+            await self.definitions()
+        if scopes:
+            await self._layers.layers(sorted(scopes, key=str))
+
     def on_local_commit(self, scope: Scope, xid: int, redis_delete: bool = True) -> None:
         """A write of this process committed: its own reads see it at once."""
         self._layers.forget(scope, xid, redis_delete)
@@ -373,14 +382,30 @@ class EffectiveCache:
         """An org base left the cache: so do the responses that share its body (kept under its org)."""
         self._layers.drop_responses(Scope(ScopeKind.ORG, memo[0]))
 
-    async def resolve_key(self, subject: Subject, key: str) -> ResolvedValue | None:
-        """The subject's effective value of one key; None if the key is not defined."""
+    async def resolve_key(
+        self, subject: Subject, key: str, shared: dict[Hashable, Any] | None = None
+    ) -> ResolvedValue | None:
+        """The subject's effective value of one key; None if the key is not defined.
+
+        `shared`: a memo for the many watchers of one change. The subjects of an org whose own layer does
+        not hold the key get the same value (unless a rollout assigned it per subject): it is resolved once.
+        """
         definition = await self.definition(key)
         if definition is None:
             return None
+        user = Scope(ScopeKind.USER, subject.user_id)
+        memo = ("resolve_key", key, subject.org_id, definition.version)
+        if shared is not None:
+            own = self._layers.peek(user)
+            if own is not None and key not in own.value:
+                known: ResolvedValue | None = shared.get(memo)
+                if known is not None:
+                    return known
         layers = await self._layers.layers([scope for _, scope in subject.layers()])
-        resolved = resolve([definition], [(layer, scope, layers[scope].value) for layer, scope in subject.layers()])
-        return resolved[0]
+        resolved = resolve([definition], [(layer, scope, layers[scope].value) for layer, scope in subject.layers()])[0]
+        if shared is not None and resolved.rollout is None and key not in layers[user].value:
+            shared.setdefault(memo, resolved)
+        return resolved
 
     async def close(self) -> None:
         """Stop background Redis writes."""

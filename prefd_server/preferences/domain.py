@@ -33,6 +33,7 @@ async def register(kernel: Kernel, settings: Settings) -> Domain:
         log.info("installed %d shipped definitions", len(added))
     cache = EffectiveCache(kernel.pool, kernel.redis, kernel.caches, kernel.read_pool)
     kernel.feed.add_listener(cache.on_changes)
+    kernel.feed.add_preparer(cache.prepare)
     kernel.commits.add_listener(ChangeKind.PREFERENCE, cache.on_local_commit)
     kernel.commits.add_listener(ChangeKind.ERASURE, cache.on_local_commit)
     kernel.commits.add_listener(ChangeKind.DEFINITION, lambda _scope, xid: cache.on_local_definition_commit(xid))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Hashable
 from typing import Any, TypeAlias
 
 import grpc
@@ -10,7 +10,7 @@ import grpc
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.kernel.errors import invalid
 from prefd_server.kernel.feed_store import ChangeEvent
-from prefd_server.kernel.model import Scope, Subject
+from prefd_server.kernel.model import ResolvedValue, Scope, Subject
 from prefd_server.kernel.paging import paginate
 from prefd_server.kernel.parts import Kernel
 from prefd_server.kernel.privacy import pseudonym_of
@@ -213,18 +213,17 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
         results = [subject_preferences(s, values) for s, values in zip(subjects, found, strict=True)]
         return batch_body(results, self._batch_cursor(cursor))
 
-    async def WatchPreferences(
+    def WatchPreferences(  # type: ignore[override]  # changes go out as shared serialized bytes
         self, request: preferences_pb2.WatchPreferencesRequest, context: Context
-    ) -> AsyncIterator[preferences_pb2.WatchPreferencesResponse]:
+    ) -> AsyncIterator[preferences_pb2.WatchPreferencesResponse | bytes]:
         target = self._watch_target(request, current_principal())
         start = start_cursor(request, self._tokens)
         items = watch(self._feed, self._reader.pool, target, start, self._progress_interval_s, self._tokens)
 
-        async def change(event: ChangeEvent, cursor: common_pb2.Cursor) -> preferences_pb2.WatchPreferencesResponse:
+        async def change(event: ChangeEvent, cursor: common_pb2.Cursor) -> bytes:
             return await self._watch_change(event, cursor, target.subject)
 
-        async for response in watch_responses(items, preferences_pb2.WatchPreferencesResponse, self._tokens, change):
-            yield response
+        return watch_responses(items, preferences_pb2.WatchPreferencesResponse, self._tokens, change)
 
     def _watch_target(self, request: preferences_pb2.WatchPreferencesRequest, principal: Principal) -> WatchTarget:
         """What a watch follows (a subject's scopes, or one scope) once the caller may read it."""
@@ -241,13 +240,30 @@ class PreferencesService(preferences_pb2_grpc.PreferencesServiceServicer):
             return WatchTarget.for_scope(scope, request.key_prefixes)
         raise invalid("target", "set subject or scope")
 
-    async def _watch_change(
-        self, event: ChangeEvent, cursor: common_pb2.Cursor, subject: Subject | None
-    ) -> preferences_pb2.WatchPreferencesResponse:
-        """A change as its ChangeEvent, with the watched subject's effective value of its key."""
-        change = preference_convert.change_event_to_pb(event, cursor)
-        if subject is not None:
-            resolved = await self._cache.resolve_key(subject, event.key)
+    async def _watch_change(self, event: ChangeEvent, cursor: common_pb2.Cursor, subject: Subject | None) -> bytes:
+        """A change as its serialized WatchPreferencesResponse, with the watched subject's effective value of
+        its key. Watchers whose value came from the same stored row (or default) and rollout bucket get the
+        same message: it is built and serialized once per event."""
+        resolved = await self._cache.resolve_key(subject, event.key, event.shared) if subject is not None else None
+        # The event's memo is shared with other domains' watchers: this domain's entries carry its name.
+        same = ("WatchPreferences", None if resolved is None else _same_value(resolved))
+        body: bytes | None = event.shared.get(same)
+        if body is None:
+            change = preference_convert.change_event_to_pb(event, cursor)
             if resolved is not None:
                 change.effective.CopyFrom(convert.effective_to_pb([resolved])[0])
-        return preferences_pb2.WatchPreferencesResponse(change=change)
+            body = event.shared[same] = preferences_pb2.WatchPreferencesResponse(change=change).SerializeToString()
+        return body
+
+
+def _same_value(resolved: ResolvedValue) -> Hashable:
+    """What makes two subjects' effective values (and their provenance) of one key the same."""
+    return (
+        resolved.layer,
+        resolved.scope,
+        resolved.version,
+        resolved.updated_at,
+        resolved.updated_by,
+        resolved.rollout,
+        resolved.shadowed,
+    )

@@ -14,6 +14,16 @@ from prefd_server.kernel.watch import Compacted, Erased, Progress, Started, Watc
 from prefd_server.rpc.convert import cursor_to_pb
 
 R = TypeVar("R")
+M = TypeVar("M")  # what a change becomes: a message like R, or its serialized bytes
+_CURSOR = "cursor"
+
+
+def shared_cursor(event: ChangeEvent, tokens: TokenKey) -> common_pb2.Cursor:
+    """The event's cursor, sealed once however many watchers it goes to (read-only: copy, never edit)."""
+    cursor: common_pb2.Cursor | None = event.shared.get(_CURSOR)
+    if cursor is None:
+        cursor = event.shared[_CURSOR] = cursor_to_pb(event.position, tokens)
+    return cursor
 
 
 def start_cursor(request: Any, tokens: TokenKey) -> FeedCursor | None:
@@ -30,13 +40,14 @@ async def watch_responses(
     items: AsyncIterator[WatchItem],
     response_type: Callable[..., R],
     tokens: TokenKey,
-    change: Callable[[ChangeEvent, common_pb2.Cursor], Awaitable[R]],
-) -> AsyncIterator[R]:
+    change: Callable[[ChangeEvent, common_pb2.Cursor], Awaitable[M]],
+) -> AsyncIterator[R | M]:
     """Each watch item as one message of `response_type` (a Watch*Response with the common oneof).
 
     Started, Progress, Compacted and Erased become its `started`, `progress`, `compacted` and
     `erased` fields (common_pb2.WatchStarted ... WatchErased) with the item's cursor; a change
-    becomes whatever `change(event, cursor of the event)` returns, the domain's own message.
+    becomes whatever `change(event, cursor of the event)` returns, the domain's own message (or its
+    serialized bytes, which the middleware sends as they are).
     """
     async for item in items:
         if isinstance(item, Started):
@@ -48,4 +59,4 @@ async def watch_responses(
         elif isinstance(item, Erased):
             yield response_type(erased=common_pb2.WatchErased(cursor=cursor_to_pb(item.position, tokens)))
         else:
-            yield await change(item.event, cursor_to_pb(item.event.position, tokens))
+            yield await change(item.event, shared_cursor(item.event, tokens))
