@@ -47,12 +47,17 @@ def print_quickstart(settings: Settings, port: int, *, embedded: bool, announce:
 
 def check_serve_settings(settings: Settings) -> None:
     """Refuse to start (SettingsError naming the setting) before anything starts: the TLS files, and a
-    signing key every replica shares when DATABASE_URL is set."""
+    signing key every replica shares when DATABASE_URL is set, and the OTEL_* settings of tracing (once,
+    not in each of `--workers` processes)."""
+    import os
+
     from prefd_server.rpc.auth import TokenVerifier
     from prefd_server.rpc.tls import server_credentials
+    from prefd_server.rpc.tracing import tracing_settings
 
     server_credentials(settings)
     TokenVerifier(settings)
+    tracing_settings(os.environ)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

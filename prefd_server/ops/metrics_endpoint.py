@@ -48,6 +48,13 @@ class PrefdCollector(Collector):
             "Time since this process's feed reader last caught up with the change table",
             value=time.monotonic() - self._feed.last_read_monotonic,
         )
+        held = self._feed.held_since
+        yield GaugeMetricFamily(
+            "prefd_feed_horizon_held_seconds",
+            "Age of the oldest committed change waiting behind the feed horizon (a transaction open anywhere in "
+            "the PostgreSQL cluster holds it back from every watcher); 0 when none waits",
+            value=max(0.0, time.time() - held.timestamp()) if held is not None else 0.0,
+        )
         yield GaugeMetricFamily(
             "prefd_watch_streams", "Open watch streams (WatchPreferences and WatchAIConfig)", value=self._feed.watchers
         )

@@ -15,7 +15,8 @@ it with prometheus_client's own parser and yields one family per name, rendered 
   open watch streams, database pool connections, callers waiting and the pool bound (the server's
   ceiling on PostgreSQL connections is the workers' sum), and each in-process cache's bytes, budget
   and entries (each worker holds its own caches within its own PREFD_CACHE_BYTES).
-- Every other gauge (prefd_feed_lag_seconds, prefd_feed_seconds_since_read, and any gauge added later
+- Every other gauge (prefd_feed_lag_seconds, prefd_feed_seconds_since_read,
+  prefd_feed_horizon_held_seconds, and any gauge added later
   until it is listed) is a fact about one process: one series per answering worker, with a `worker`
   label (0 to N-1), so `max(prefd_feed_lag_seconds)` alerts on the worst one and the label
   names it.

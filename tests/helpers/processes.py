@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,8 @@ async def prefd_process(
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        # Its own process group: `--workers` children go with it, even when the parent is killed first.
+        start_new_session=True,
     )
     lines: list[str] = []
     port = 0
@@ -65,9 +68,9 @@ async def prefd_process(
             with contextlib.suppress(asyncio.CancelledError):
                 await drainer
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
 
 
 class PgProxy:

@@ -18,6 +18,7 @@ from prefd_server.kernel.feed import OFFER_CHUNK, Subscription
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import Scope, ScopeKind
 from tests.helpers.auth import auth, unique
+from tests.helpers.metrics import scrape
 from tests.helpers.requests import org, set_request, user
 from tests.helpers.settings import make_settings
 
@@ -67,7 +68,8 @@ async def test_a_change_held_by_another_databases_transaction_is_released_soon_a
 ) -> None:
     url, elsewhere = await fresh_database(), await fresh_database()
     # A fallback poll far longer than the test: only the re-check can deliver the held change.
-    async with App(make_settings(url, tmp_path, feed_poll_interval_s=60.0)) as app:
+    settings = make_settings(url, tmp_path, feed_poll_interval_s=60.0, metrics_port=0, metrics_host="127.0.0.1")
+    async with App(settings) as app:
         assert app.feed is not None
         feed = app.feed
         uid = unique("u")
@@ -86,6 +88,8 @@ async def test_a_change_held_by_another_databases_transaction_is_released_soon_a
                 assert time.monotonic() < deadline, "the held change was never noticed"
                 await asyncio.sleep(0.01)
             assert subscription.queue.empty()
+            # Operators see it: the age of the oldest change held back.
+            assert (await asyncio.to_thread(scrape, app.metrics_port))["prefd_feed_horizon_held_seconds"] > 0
             await held.commit()  # wakes no prefd reader: no NOTIFY, another database
             async with asyncio.timeout(5):
                 event = await subscription.queue.get()

@@ -44,6 +44,7 @@ GAUGES = {
     "prefd_cache_entries": "sum",
     "prefd_feed_lag_seconds": "worker",
     "prefd_feed_seconds_since_read": "worker",
+    "prefd_feed_horizon_held_seconds": "worker",
 }
 SUMMED = ("counter", "histogram", "summary")
 
