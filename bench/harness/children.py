@@ -67,15 +67,17 @@ class ChildServer:
             )
         log(f"started {self.name} (pid {self.proc.pid}, cpus {sorted(self.cpus) if self.cpus else 'any'})")
 
-    async def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> int:
-        """Wait for the port line on stdout; raise with the child's stderr tail if it exits first."""
+    async def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S, workers: int = 1) -> int:
+        """Wait for the port line on stdout (one per worker when it runs `workers` server processes); raise
+        with the child's stderr tail if it exits first."""
         assert self.proc is not None
-        pattern = re.compile(rf"^{re.escape(self.name)} serving on port (\d+)$", re.MULTILINE)
+        pattern = re.compile(rf"^{re.escape(self.name)} serving on port (\d+)(?:$| \(worker )", re.MULTILINE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if match := pattern.search(self.stdout_path.read_text(errors="replace")):
-                self.port = int(match.group(1))
-                log(f"{self.name} serving on port {self.port}")
+            ports = pattern.findall(self.stdout_path.read_text(errors="replace"))
+            if len(ports) >= workers:
+                self.port = int(ports[0])
+                log(f"{self.name} serving on port {self.port}" + (f" ({workers} workers)" if workers > 1 else ""))
                 return self.port
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.stderr_tail()}")
@@ -143,7 +145,7 @@ async def start_prefd(
     """
     prefd = spawn_prefd(db, tokens, log_dir, cpus, extra_env)
     try:
-        await prefd.wait_ready()
+        await prefd.wait_ready(workers=int((extra_env or {}).get("PREFD_WORKERS", "1")))
     except BaseException:
         prefd.stop()
         raise

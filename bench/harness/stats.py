@@ -19,15 +19,16 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def percentiles_ms(samples_ns: Sequence[int]) -> dict[str, float | int | None]:
-    """n, p50, p90, p99 and max of nanosecond samples, in milliseconds (None without samples)."""
+    """n, p50, p90, p99, p99.9 and max of nanosecond samples, in milliseconds (None without samples)."""
     if not samples_ns:
-        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "p99.9": None, "max": None}
     ordered = sorted(samples_ns)
     return {
         "n": len(ordered),
         "p50": round(percentile(ordered, 50) / 1e6, 3),
         "p90": round(percentile(ordered, 90) / 1e6, 3),
         "p99": round(percentile(ordered, 99) / 1e6, 3),
+        "p99.9": round(percentile(ordered, 99.9) / 1e6, 3),
         "max": round(ordered[-1] / 1e6, 3),
     }
 
