@@ -1,0 +1,345 @@
+"""Hosts for tests: network namespaces joined to the root namespace by veth links, TCP relays that carry
+their PostgreSQL and Redis traffic over those links, and prefd started inside a namespace.
+
+Each host gets three links of its own (a /30 each in 10.213.N.0/24, N free on this machine): `front`
+carries the test's gRPC calls to the host's prefd, `database` and `redis` carry prefd's connections to
+relays in the root namespace, which forward to the real servers on loopback. A link is cut by a
+`blackhole` queueing discipline on both of its ends: the link stays up and routed and every packet is
+silently dropped, so open TCP connections hang and new ones wait for a SYN-ACK that never comes, as on
+a real network partition (no reset, no "unreachable"); healing removes it and TCP retransmits. Nothing
+leaves the namespaces and veths made here, loopback aside, and everything is removed on exit (a sweep
+also removes what a killed earlier run left behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlparse
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE_PREFIX = "prefd-hosts-"
+SUBNET_PREFIX = "10.213."
+LOCK_FILE = Path("/tmp/prefd-test-netns.lock")
+_PR_SET_PDEATHSIG = 1
+
+
+def run(*args: str) -> str:
+    """Run a command (ip, tc) and return its output; fails the test with its stderr."""
+    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=10)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> None:
+    """Remove the namespaces and root-side veths of earlier runs whose process is gone."""
+    for line in run("ip", "netns", "list").splitlines():
+        name = line.split()[0] if line.strip() else ""
+        match = re.fullmatch(rf"{NAMESPACE_PREFIX}(\d+)-\w+", name)
+        if match and not _pid_alive(int(match.group(1))):
+            with contextlib.suppress(RuntimeError):
+                run("ip", "netns", "del", name)
+    for line in run("ip", "-o", "link", "show").splitlines():
+        match = re.match(r"\d+: (ph(\d+)[a-z]{2}r)[@:]", line)
+        if match and not _pid_alive(int(match.group(2))):
+            with contextlib.suppress(RuntimeError):
+                run("ip", "link", "del", match.group(1))
+
+
+@dataclass
+class Link:
+    """One veth pair: `root_ip` on the root namespace's end, `ns_ip` on the namespace's end."""
+
+    netns: str
+    root_dev: str
+    ns_dev: str
+    root_ip: str
+    ns_ip: str
+    cut_now: bool = False
+
+    def create(self) -> None:
+        run("ip", "link", "add", self.root_dev, "type", "veth", "peer", "name", self.ns_dev)
+        run("ip", "link", "set", self.ns_dev, "netns", self.netns)
+        run("ip", "addr", "add", f"{self.root_ip}/30", "dev", self.root_dev)
+        run("ip", "link", "set", self.root_dev, "up")
+        run("ip", "-n", self.netns, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_dev)
+        run("ip", "-n", self.netns, "link", "set", self.ns_dev, "up")
+
+    def cut(self) -> None:
+        """Drop every packet both ways from now on (the link stays up)."""
+        run("tc", "qdisc", "add", "dev", self.root_dev, "root", "blackhole")
+        run("tc", "-n", self.netns, "qdisc", "add", "dev", self.ns_dev, "root", "blackhole")
+        self.cut_now = True
+
+    def heal(self) -> None:
+        """Undo cut()."""
+        run("tc", "qdisc", "del", "dev", self.root_dev, "root")
+        run("tc", "-n", self.netns, "qdisc", "del", "dev", self.ns_dev, "root")
+        self.cut_now = False
+
+
+class TcpRelay:
+    """Listens on (host, any port) in the root namespace and forwards each connection to `target`:
+    ("tcp", host, port) or ("unix", path, 0)."""
+
+    def __init__(self, listen_host: str, target: tuple[str, str, int]) -> None:
+        self._listen_host = listen_host
+        self._target = target
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accepted, self._listen_host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._tasks:
+            # Aborted transports end every pipe (cancelling a stream handler makes asyncio log an error).
+            await asyncio.wait(self._tasks, timeout=5)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            kind, where, port = self._target
+            if kind == "unix":
+                up_reader, up_writer = await asyncio.open_unix_connection(where)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(where, port)
+            self._writers.add(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            self._writers.discard(up_writer)
+        except OSError:
+            writer.transport.abort()
+        finally:
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    try:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        dst.transport.abort()
+
+
+def postgres_target(server_url: str) -> tuple[tuple[str, str, int], str]:
+    """Where a relay reaches the PostgreSQL server of `server_url`, and the URL's user[:password]@."""
+    parsed = urlparse(server_url)
+    socket_dir = parse_qs(parsed.query).get("host", [None])[0]
+    port = parsed.port or 5432
+    target = ("unix", f"{socket_dir}/.s.PGSQL.{port}", 0) if socket_dir else ("tcp", parsed.hostname or "", port)
+    user = quote(unquote(parsed.username or "postgres"), safe="")
+    password = f":{quote(unquote(parsed.password), safe='')}" if parsed.password else ""
+    return target, f"{user}{password}@"
+
+
+def redis_target(redis_url: str) -> tuple[tuple[str, str, int], str, str]:
+    """Where a relay reaches the Redis of `redis_url`, its credentials@ (or ""), and its /db path."""
+    parsed = urlparse(redis_url)
+    auth = redis_url.split("//", 1)[1].split("@", 1)[0] + "@" if "@" in parsed.netloc else ""
+    return ("tcp", parsed.hostname or "127.0.0.1", parsed.port or 6379), auth, parsed.path or "/0"
+
+
+@dataclass
+class Host:
+    """One namespace with its links and the relays that carry its PostgreSQL and Redis connections."""
+
+    name: str
+    netns: str
+    front: Link
+    database: Link
+    redis: Link
+    relays: dict[str, TcpRelay] = field(default_factory=dict)
+
+    def database_url(self, server_url: str, database: str) -> str:
+        """`database` on the server of `server_url`, reached through this host's database link."""
+        _target, credentials = postgres_target(server_url)
+        return f"postgresql://{credentials}{self.database.root_ip}:{self.relays['database'].port}/{database}"
+
+    def redis_url(self, redis_url: str) -> str:
+        """The Redis of `redis_url`, reached through this host's redis link."""
+        _target, credentials, path = redis_target(redis_url)
+        return f"redis://{credentials}{self.redis.root_ip}:{self.relays['redis'].port}{path}"
+
+    @contextlib.contextmanager
+    def healed_on_exit(self) -> Iterator[None]:
+        """Heal, on the way out of the block, every link of this host the block left cut."""
+        try:
+            yield
+        finally:
+            for link in (self.front, self.database, self.redis):
+                if link.cut_now:
+                    link.heal()
+
+
+def _free_subnet() -> int:
+    """A third octet N with no 10.213.N.x address in the root namespace (callers hold the lock)."""
+    used = set(re.findall(r"inet 10\.213\.(\d+)\.", run("ip", "-4", "-o", "addr", "show")))
+    start = os.getpid() % 250
+    for offset in range(250):
+        candidate = (start + offset) % 250
+        if str(candidate) not in used:
+            return candidate
+    raise RuntimeError("no free 10.213.N.0/24 for test links")
+
+
+def _device(pid: int, host: str, kind: str, end: str) -> str:
+    """A veth end's name (at most 15 characters): ph<pid><host letter><f|d|r><r|n>."""
+    return f"ph{pid}{host}{kind}{end}"
+
+
+def create_hosts(names: Sequence[str]) -> dict[str, Host]:
+    """A namespace per one-letter name, with its front, database and redis links to the root namespace."""
+    assert all(re.fullmatch("[a-z]", name) for name in names), names
+    pid = os.getpid()
+    hosts: dict[str, Host] = {}
+    with LOCK_FILE.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runs must not pick the same subnet
+        octet = _free_subnet()
+        base = 0
+        for name in names:
+            netns = f"{NAMESPACE_PREFIX}{pid}-{name}"
+            run("ip", "netns", "add", netns)
+            links = []
+            for kind in "fdr":  # front, database, redis
+                link = Link(
+                    netns,
+                    _device(pid, name, kind, "r"),
+                    _device(pid, name, kind, "n"),
+                    f"{SUBNET_PREFIX}{octet}.{base + 1}",
+                    f"{SUBNET_PREFIX}{octet}.{base + 2}",
+                )
+                link.create()
+                links.append(link)
+                base += 4
+            run("ip", "-n", netns, "link", "set", "lo", "up")
+            hosts[name] = Host(name, netns, *links)
+    return hosts
+
+
+def remove_hosts(names: Sequence[str]) -> None:
+    """Delete what create_hosts(names) made (or the part of it that exists)."""
+    pid = os.getpid()
+    for name in names:
+        with contextlib.suppress(RuntimeError):
+            run("ip", "netns", "del", f"{NAMESPACE_PREFIX}{pid}-{name}")
+        for kind in "fdr":
+            # Usually gone with the namespace already (deleting one end of a veth deletes both).
+            with contextlib.suppress(RuntimeError):
+                run("ip", "link", "del", _device(pid, name, kind, "r"))
+
+
+@contextlib.asynccontextmanager
+async def host_network(
+    names: Sequence[str], postgres: tuple[str, str, int], redis: tuple[str, str, int]
+) -> AsyncIterator[dict[str, Host]]:
+    """One namespace per one-letter name with front, database and redis links, and relays to `postgres` and
+    `redis` (targets as TcpRelay takes them) on the root end of each host's links. Everything goes on exit."""
+    relays: list[TcpRelay] = []
+    sweep_stale()
+    try:
+        hosts = create_hosts(names)
+        for host in hosts.values():
+            for key, link, target in (("database", host.database, postgres), ("redis", host.redis, redis)):
+                relay = TcpRelay(link.root_ip, target)
+                relays.append(relay)
+                await relay.start()
+                host.relays[key] = relay
+        yield hosts
+    finally:
+        for relay in relays:
+            await relay.stop()
+        remove_hosts(names)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies, so no server outlives a killed run."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def prefd_in_namespace(
+    netns: str, env: dict[str, str], startup_s: float = 60
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
+    """`prefd serve` inside `netns` (ip netns exec); yields (process, port, every output line so far)."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        sys.executable,
+        "-m",
+        "prefd_server",
+        "serve",
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=_die_with_parent,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        port = 0
+        async with asyncio.timeout(startup_s):
+            while not port:
+                raw = await proc.stdout.readline()
+                if not raw:
+                    raise AssertionError(f"prefd in {netns} exited early:\n" + "".join(lines))
+                lines.append(raw.decode(errors="replace"))
+                if match := re.search(r"prefd serving on port (\d+)", lines[-1]):
+                    port = int(match.group(1))
+
+        async def drain() -> None:
+            # Keep reading so a chatty server never blocks on a full pipe.
+            assert proc.stdout is not None
+            while raw := await proc.stdout.readline():
+                lines.append(raw.decode(errors="replace"))
+
+        drainer = asyncio.create_task(drain())
+        try:
+            yield proc, port, lines
+        finally:
+            drainer.cancel()
+            await asyncio.gather(drainer, return_exceptions=True)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
