@@ -43,23 +43,36 @@ OFFER_CHUNK = 64
 PREPARE_TIMEOUT_S = 1.0
 
 
+class Bookmark:
+    """Queued to an idle subscription: nothing was offered to it for its progress interval."""
+
+
+BOOKMARK = Bookmark()
+# Bookmark checks run this often, as a share of the shortest progress interval subscribed.
+BOOKMARK_TICKS_PER_INTERVAL = 4
+
+
 @dataclass(eq=False)
 class Subscription:
-    """One watcher's share of the feed: matching events queue up until the watcher takes them."""
+    """One watcher's share of the feed: matching events queue up until the watcher takes them; a
+    BOOKMARK is queued when nothing was offered for `progress_interval_s` (no timer per watcher)."""
 
     scopes: frozenset[Scope] | None  # None: every scope
     key_prefixes: tuple[str, ...]
     capacity: int
-    queue: asyncio.Queue[ChangeEvent | None] = field(default_factory=asyncio.Queue)
+    progress_interval_s: float | None = None
+    queue: asyncio.Queue[ChangeEvent | Bookmark | None] = field(default_factory=asyncio.Queue)
     overflowed: bool = False
     closed_reason: str = ""
+    offered_at: float = field(default_factory=time.monotonic)
 
     def matches(self, event: ChangeEvent) -> bool:
         if self.scopes is not None and event.scope not in self.scopes:
             return False
         return not self.key_prefixes or event.kind == ChangeKind.ERASURE or event.key.startswith(self.key_prefixes)
 
-    def offer(self, event: ChangeEvent) -> None:
+    def offer(self, event: ChangeEvent, now: float) -> None:
+        self.offered_at = now
         if self.overflowed:
             return
         if self.queue.qsize() >= self.capacity:
@@ -67,6 +80,15 @@ class Subscription:
             self.queue.put_nowait(None)
             return
         self.queue.put_nowait(event)
+
+    def bookmark_due(self, now: float) -> bool:
+        """Queue a BOOKMARK if the subscription has been idle for its progress interval; whether it did."""
+        interval = self.progress_interval_s
+        if interval is None or now - self.offered_at < interval or not self.queue.empty():
+            return False
+        self.offered_at = now
+        self.queue.put_nowait(BOOKMARK)
+        return True
 
     def close(self, reason: str) -> None:
         self.closed_reason = reason
@@ -120,6 +142,7 @@ class FeedReader:
         self._wake = asyncio.Event()
         self._listen_conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._bookmarks: asyncio.Task[None] | None = None
         self._subscriptions: set[Subscription] = set()
         self._by_scope: dict[Scope, set[Subscription]] = {}
         self._all_scopes: set[Subscription] = set()
@@ -143,15 +166,17 @@ class FeedReader:
         self.healthy = True
         await self._listen()
         self._task = asyncio.create_task(self._run(), name="prefd-feed-reader")
+        self._bookmarks = asyncio.create_task(self._bookmark_idle(), name="prefd-feed-bookmarks")
 
     async def stop(self, reason: str) -> None:
         """End every subscription with `reason` and stop reading."""
         for subscription in list(self._subscriptions):
             subscription.close(reason)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._bookmarks):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._bookmarks = None
         if self._listen_conn is not None:
             with contextlib.suppress(Exception):
                 await self._listen_conn.close()
@@ -171,10 +196,11 @@ class FeedReader:
         self._wake.set()
 
     def subscribe(
-        self, scopes: frozenset[Scope] | None, key_prefixes: Sequence[str]
+        self, scopes: frozenset[Scope] | None, key_prefixes: Sequence[str], progress_interval_s: float | None = None
     ) -> tuple[Subscription, FeedCursor]:
-        """Register a watcher; it receives every matching change after the returned position."""
-        subscription = Subscription(scopes, tuple(key_prefixes), self._capacity)
+        """Register a watcher; it receives every matching change after the returned position, and a
+        BOOKMARK whenever nothing was offered to it for `progress_interval_s` (None: never)."""
+        subscription = Subscription(scopes, tuple(key_prefixes), self._capacity, progress_interval_s)
         self._subscriptions.add(subscription)
         if scopes is None:
             self._all_scopes.add(subscription)
@@ -242,6 +268,15 @@ class FeedReader:
                 self.healthy = False
                 await asyncio.sleep(self._poll_interval_s)  # retry pace while the database is away
 
+    async def _bookmark_idle(self) -> None:
+        """Queue bookmarks to idle subscriptions, checking a few times per shortest progress interval."""
+        while True:
+            intervals = [s.progress_interval_s for s in self._subscriptions if s.progress_interval_s is not None]
+            await asyncio.sleep(min(intervals, default=1.0) / BOOKMARK_TICKS_PER_INTERVAL)
+            now = time.monotonic()
+            for subscription in list(self._subscriptions):
+                subscription.bookmark_due(now)
+
     async def _catch_up(self) -> bool:
         """Read everything below the horizon; whether committed changes still wait behind it."""
         async with self._pool.acquire() as conn:
@@ -283,10 +318,11 @@ class FeedReader:
     async def _offer(self, events: Sequence[ChangeEvent]) -> None:
         self._offering_through = events[-1].position
         offered = 0
+        now = time.monotonic()
         for event in events:
             for subscription in (*self._by_scope.get(event.scope, ()), *self._all_scopes):
                 if subscription.matches(event):
-                    subscription.offer(event)
+                    subscription.offer(event, now)
                     offered += 1
                     if offered % OFFER_CHUNK == 0:
                         await asyncio.sleep(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.db import translated_errors
 from prefd_server.kernel.errors import ServerStopping, WatchOverflow, invalid
-from prefd_server.kernel.feed import FeedReader
+from prefd_server.kernel.feed import Bookmark, FeedReader
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, ScopeKind, Subject
 from prefd_server.kernel.tokens import TokenKey
@@ -84,7 +83,7 @@ async def watch(
     kinds: frozenset[str] = WATCHED_KINDS,
 ) -> AsyncIterator[WatchItem]:
     """Every matching change of `kinds` after `start` (or after now), once each, in feed order."""
-    subscription, live_from = feed.subscribe(target.scopes, target.key_prefixes)
+    subscription, live_from = feed.subscribe(target.scopes, target.key_prefixes, progress_interval_s)
     try:
         last = live_from
         if start is not None:
@@ -109,11 +108,9 @@ async def watch(
                 yield Change(event)
             last = live_from
         while True:
-            try:
-                async with asyncio.timeout(progress_interval_s):
-                    queued = await subscription.queue.get()
-            except TimeoutError:
-                # An event may have been queued as the timeout fired: the bookmark must not pass it.
+            queued = await subscription.queue.get()
+            if isinstance(queued, Bookmark):
+                # An event may have been queued behind the bookmark: the bookmark must not pass it.
                 if subscription.queue.empty():
                     yield Progress(max(last, feed.position))
                 continue
