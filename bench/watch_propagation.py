@@ -35,6 +35,21 @@ Baseline
     Before the rounds, an unreported warm-up phase opens N watches and makes 40 writes (some at
     ORG scope), so every watched user's layers have been cached once.
 
+    The floor (--floor, default on): the N-watch phase, same client and writer code, against
+    bench/fanout_floor_server.py instead of prefd: a bare grpc.aio server (no auth, no database, no
+    feed) that, for each SetPreferences, builds one serialized ChangeEvent and puts it on every
+    covered stream's queue in one synchronous loop, then answers. It is the cheapest fan-out
+    grpc.aio allows, so its latencies are what grpc.aio and this load generator cost on this machine;
+    what prefd adds is prefd minus floor. It runs as its own child process on prefd's CPUs (started
+    once, kept for the whole run like prefd, each idle while the other is measured), with its own
+    unreported warm-up phase and its own random write plans (prefd's plans are the same with or
+    without it). Each round runs baseline, N-watch, floor (odd rounds) or floor, N-watch, baseline
+    (even rounds). Reported as the configuration ``floor`` (every round, medians, pooled) and in
+    ``floor_comparison``: prefd's and the floor's first- and last-watcher (and user write) p50 and
+    p99 medians, prefd/floor and prefd - floor. The floor fans out before answering the writer, so
+    its first-watcher latency can be near zero or negative (ratios are then null; see the
+    differences). It has no cache counters (reported as not applicable).
+
 Caveats
     The load generator (this Python process: N stream readers, the writer, the bookkeeping) runs
     on the same machine, by default pinned to the CPUs prefd does not use; PostgreSQL is unpinned.
@@ -63,7 +78,7 @@ from typing import Any
 
 import grpc
 from harness.auth import Tokens, auth_metadata
-from harness.children import HOST, start_prefd
+from harness.children import HOST, ChildServer, start_fanout_floor, start_prefd
 from harness.cli import positive_float, positive_int, rounds_arg
 from harness.database import BenchDatabase, fresh_database
 from harness.entry import run_main
@@ -93,6 +108,7 @@ TARGETS: dict[str, dict[str, float]] = {
 }
 TARGET_WATCHERS = 1000
 GLOBAL_KIND = common_pb2.SCOPE_KIND_GLOBAL
+FLOOR_COUNTERS = "not applicable: the floor server has no cache and no metrics endpoint"
 
 MatchKey = tuple[int, str, str, int]  # scope kind, scope id, key, per-key version
 
@@ -311,8 +327,11 @@ def analyse(fleet: WatchFleet, records: list[WriteRecord]) -> tuple[dict[str, An
     return summary, samples
 
 
-async def cache_counters(metrics_port: int) -> dict[str, float] | str:
-    """prefd's cache hit/miss counters by layer ({"misses_l1": ...}), or why they could not be read."""
+async def cache_counters(metrics_port: int | None) -> dict[str, float] | str:
+    """prefd's cache hit/miss counters by layer ({"misses_l1": ...}), or why they could not be read (the
+    floor server, metrics_port None, has none)."""
+    if metrics_port is None:
+        return FLOOR_COUNTERS
     try:
         raw = await scrape_counters(metrics_port, "prefd_cache_")
     except OSError as exc:
@@ -343,7 +362,7 @@ async def run_phase(
     writes: int,
     args: argparse.Namespace,
     rng: random.Random,
-    metrics_port: int,
+    metrics_port: int | None,
 ) -> tuple[dict[str, Any], PhaseSamples]:
     """Open `watchers` streams, make `writes` paced writes, wait for delivery, close; the phase's results."""
     fleet = WatchFleet(channels, tokens.service, [f"u{i}" for i in range(watchers)])
@@ -411,13 +430,50 @@ def target_check(summary: dict[str, Any], watchers: int) -> dict[str, Any]:
     return checks
 
 
+@dataclass
+class Target:
+    """A server the phases run against: its client channels, its writer and where its cache counters are."""
+
+    watch_channels: list[grpc.aio.Channel]
+    writer: Writer
+    metrics_port: int | None  # None: the floor server (no counters)
+    rng: random.Random
+
+
+def connect(port: int, token: str, count: int) -> tuple[list[grpc.aio.Channel], Writer]:
+    """`count` watch channels plus the writer's own channel to 127.0.0.1:`port` (the writer's channel last)."""
+    target = f"{HOST}:{port}"
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(count + 1)]
+    return channels, Writer(preferences_pb2_grpc.PreferencesServiceStub(channels[-1]), token)
+
+
+def floor_comparison(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """prefd's N-watch medians next to the floor's: prefd/floor and prefd - floor, per metric and percentile."""
+    prefd, floor = summaries["watchers"]["median_of_rounds"], summaries["floor"]["median_of_rounds"]
+    comparison: dict[str, Any] = {"evaluated_on": "median over rounds of each round's percentile"}
+    for metric in METRICS:
+        comparison[metric] = {}
+        for q in ("p50", "p99"):
+            ours, theirs = prefd[metric][q], floor[metric][q]
+            comparison[metric][q] = {
+                "prefd_ms": ours,
+                "floor_ms": theirs,
+                "prefd_over_floor": ratio(ours, theirs),
+                "prefd_minus_floor_ms": None if ours is None or theirs is None else round(ours - theirs, 3),
+            }
+    return comparison
+
+
 async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     """Set up, warm up, measure the alternating rounds, tear down; the JSON report."""
     machine = machine_info()
     pinning = Pinning.choose(args.pin)
     tokens = Tokens.new()
     rng = random.Random(args.seed)
-    configs = {"baseline": 1, "watchers": args.watchers}
+    # name -> (server, watchers); the floor has its own write plans so prefd's stay as without it.
+    configs = {"baseline": ("prefd", 1), "watchers": ("prefd", args.watchers)}
+    if args.floor:
+        configs["floor"] = ("floor", args.watchers)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     pooled = {name: PhaseSamples() for name in configs}
     db: BenchDatabase
@@ -430,42 +486,67 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             "PREFD_WORKERS": str(args.workers),
         }
         prefd = await start_prefd(db, tokens, work_dir, pinning.server, metrics_env)
+        floor: ChildServer | None = None
         channels: list[grpc.aio.Channel] = []
+        floor_exit_code: int | None = None
         try:
-            target = f"{HOST}:{prefd.port}"
-            channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(args.channels)]
-            writer_channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-            channels.append(writer_channel)  # closed with the others; not used for watches
-            watch_channels = channels[:-1]
-            writer = Writer(preferences_pb2_grpc.PreferencesServiceStub(writer_channel), tokens.admin)
+            prefd_channels, writer = connect(prefd.port, tokens.admin, args.channels)
+            channels += prefd_channels  # the writer's channel is closed with the others; not used for watches
+            targets = {"prefd": Target(prefd_channels[:-1], writer, metrics_port, rng)}
+            if args.floor:
+                floor = await start_fanout_floor(work_dir, pinning.server)
+                floor_channels, floor_writer = connect(floor.port, tokens.admin, args.channels)
+                channels += floor_channels
+                floor_rng = random.Random(f"{args.seed}/floor")
+                targets["floor"] = Target(floor_channels[:-1], floor_writer, None, floor_rng)
 
-            log(f"warm-up: {args.watchers} watches, {WARMUP_WRITES} writes")
-            warm, _ = await run_phase(
-                watch_channels, writer, tokens, args.watchers, WARMUP_WRITES, args, rng, metrics_port
-            )
-            if warm["lost_events"] or warm["stream_errors"]:
-                log(f"warm-up lost {warm['lost_events']} events, {warm['stream_errors']} stream errors")
+            for server, target in targets.items():
+                log(f"warm-up {server}: {args.watchers} watches, {WARMUP_WRITES} writes")
+                warm, _ = await run_phase(
+                    target.watch_channels,
+                    target.writer,
+                    tokens,
+                    args.watchers,
+                    WARMUP_WRITES,
+                    args,
+                    target.rng,
+                    target.metrics_port,
+                )
+                if warm["lost_events"] or warm["stream_errors"]:
+                    log(f"warm-up {server} lost {warm['lost_events']} events, {warm['stream_errors']} stream errors")
             for round_no in range(1, args.rounds + 1):
-                # Alternate which configuration goes first, so slow drift hits both alike.
+                # Alternate which configuration goes first, so slow drift hits all alike.
                 order = list(configs.items()) if round_no % 2 else list(reversed(configs.items()))
-                for name, watchers in order:
+                for name, (server, watchers) in order:
+                    target = targets[server]
                     log(f"round {round_no}/{args.rounds} {name}: {watchers} watches, {args.writes} writes")
                     load_before = loadavg_1m()
                     result, samples = await run_phase(
-                        watch_channels, writer, tokens, watchers, args.writes, args, rng, metrics_port
+                        target.watch_channels,
+                        target.writer,
+                        tokens,
+                        watchers,
+                        args.writes,
+                        args,
+                        target.rng,
+                        target.metrics_port,
                     )
                     rounds[name].append({"round": round_no, "loadavg_1m_before": load_before, **result})
                     pooled[name].user += samples.user
                     pooled[name].org_first += samples.org_first
                     pooled[name].org_last += samples.org_last
-                    user, last = result["user_write_to_watcher_ms"], result["org_write_to_last_watcher_ms"]
+                    user, first = result["user_write_to_watcher_ms"], result["org_write_to_first_watcher_ms"]
+                    last = result["org_write_to_last_watcher_ms"]
                     log(
                         f"round {round_no}/{args.rounds} {name}: user p50 {user['p50']} ms p99 {user['p99']} ms; "
-                        f"org last p50 {last['p50']} ms p99 {last['p99']} ms; lost {result['lost_events']}"
+                        f"org first p50 {first['p50']} ms; org last p50 {last['p50']} ms p99 {last['p99']} ms; "
+                        f"lost {result['lost_events']}"
                     )
         finally:
             for channel in channels:
                 await channel.close()
+            if floor is not None:
+                floor_exit_code = floor.stop()
             exit_code = prefd.stop()
 
     summaries = {name: summarize(rounds[name], pooled[name]) for name in configs}
@@ -475,6 +556,19 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         for metric in METRICS
         for q in ("p50", "p99")
     }
+    if args.floor:
+        floor_median = summaries["floor"]["median_of_rounds"]
+        ratios |= {
+            f"{metric}_{q}_watchers_over_floor": ratio(main[metric][q], floor_median[metric][q])
+            for metric in ("org_write_to_first_watcher_ms", "org_write_to_last_watcher_ms")
+            for q in ("p50", "p99")
+        }
+    pinning_report = pinning.describe()
+    if args.floor:
+        pinning_report["fanout_floor_server"] = sorted(pinning.server) if pinning.server else "not pinned"
+    order = "baseline first in odd rounds, the N-watch phase first in even rounds"
+    if args.floor:
+        order = "baseline, N-watch, floor in odd rounds; floor, N-watch, baseline in even rounds"
     return {
         "benchmark": "WatchPreferences commit-to-watcher latency with many open streams vs one stream",
         "latency_definition": "from the SetPreferences call returning to the writer (commit done) until the "
@@ -484,6 +578,13 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         "same machine as prefd and PostgreSQL; by default it is pinned to the CPUs prefd is not on, so with "
         f"{machine['usable_cpus']} CPUs it shares cores with PostgreSQL. Client-side parsing of every event is "
         "inside the measured latency (most visible in org_write_to_last_watcher).",
+        "floor_definition": "bench/fanout_floor_server.py: a bare grpc.aio server (default options, no "
+        "interceptors, no auth, no database) measured with the same client, watchers and writer code as prefd's "
+        "N-watch phase; per write it builds one serialized ChangeEvent and puts it on every covered stream's "
+        "queue in one synchronous loop, then answers the writer (so its events may beat the response). Its "
+        "latencies are grpc.aio's and this load generator's own cost; prefd minus floor is prefd's."
+        if args.floor
+        else None,
         "machine": machine,
         "parameters": {
             "watchers": args.watchers,
@@ -494,7 +595,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             "prefd_workers": args.workers,
             "interval_ms": args.interval_ms,
             "rounds": args.rounds,
-            "order": "baseline first in odd rounds, the N-watch phase first in even rounds",
+            "order": order,
             "watch_channels": args.channels,
             "key": KEY,
             "subjects": f"u0..u{args.watchers - 1} in org {ORG}",
@@ -505,15 +606,31 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             "seed": args.seed,
             "prefd_settings": "defaults (PREFD_FEED_NOTIFY=true, poll 0.1 s, bookmarks every 5 s, no Redis); "
             "PREFD_METRICS_PORT set to read the cache counters",
+            "floor": args.floor,
+            "floor_phase": f"{args.watchers} watches, {args.writes} writes per round, its own channels and "
+            f"writer, write plans from seed '{args.seed}/floor'; warm-up {args.watchers} watches, "
+            f"{WARMUP_WRITES} writes, not reported"
+            if args.floor
+            else "not run (--no-floor)",
         },
-        "pinning": pinning.describe(),
+        "pinning": pinning_report,
         "database": db.describe(),
         "baseline": {"watchers": 1, "rounds": rounds["baseline"], **summaries["baseline"]},
         "watchers": {"watchers": args.watchers, "rounds": rounds["watchers"], **summaries["watchers"]},
+        "floor": {
+            "watchers": args.watchers,
+            "server": "bench/fanout_floor_server.py",
+            "rounds": rounds["floor"],
+            **summaries["floor"],
+        }
+        if args.floor
+        else None,
         "ratios": ratios,
+        "floor_comparison": floor_comparison(summaries) if args.floor else None,
         "targets": target_check(summaries["watchers"], args.watchers),
         "lost_events_total": sum(s["lost_events_total"] for s in summaries.values()),
         "prefd_exit_code": exit_code,
+        "floor_exit_code": floor_exit_code,
     }
 
 
@@ -538,6 +655,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the fan-out writes go: ORG o1 or GLOBAL (default org; reported under org_write_*)",
     )
     parser.add_argument("--workers", type=positive_int, default=1, help="prefd --workers (default 1)")
+    parser.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the N-watch phase against bench/fanout_floor_server.py, a bare grpc.aio floor (default on)",
+    )
     parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,

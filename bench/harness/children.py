@@ -1,4 +1,5 @@
-"""Server child processes: prefd, and the baselines bench/echo_server.py and bench/idle_watch_server.py."""
+"""Server child processes: prefd, and the baselines bench/echo_server.py, bench/idle_watch_server.py and
+bench/fanout_floor_server.py."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ BENCH = Path(__file__).resolve().parent.parent
 ROOT = BENCH.parent
 ECHO_SERVER = BENCH / "echo_server.py"
 IDLE_WATCH_SERVER = BENCH / "idle_watch_server.py"
+FANOUT_FLOOR_SERVER = BENCH / "fanout_floor_server.py"
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
@@ -176,4 +178,23 @@ def spawn_idle_watch(log_dir: Path, cpus: set[int] | None) -> ChildServer:
     argv = [sys.executable, str(IDLE_WATCH_SERVER), "--host", HOST, "--port", "0"]
     server = ChildServer("idle", argv, child_env({}), log_dir, cpus)
     server.start()
+    return server
+
+
+def spawn_fanout_floor(log_dir: Path, cpus: set[int] | None) -> ChildServer:
+    """Spawn bench/fanout_floor_server.py (it prints `floor serving on port N`); not yet ready."""
+    argv = [sys.executable, str(FANOUT_FLOOR_SERVER), "--host", HOST, "--port", "0"]
+    server = ChildServer("floor", argv, child_env({}), log_dir, cpus)
+    server.start()
+    return server
+
+
+async def start_fanout_floor(log_dir: Path, cpus: set[int] | None) -> ChildServer:
+    """spawn_fanout_floor, then wait until it serves; stopped here if it never became ready."""
+    server = spawn_fanout_floor(log_dir, cpus)
+    try:
+        await server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
     return server
