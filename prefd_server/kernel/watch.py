@@ -118,14 +118,15 @@ async def watch(
                 if subscription.overflowed:
                     raise WatchOverflow("watcher fell behind; resume from its cursor", cursor=last.encode(tokens))
                 raise ServerStopping(subscription.closed_reason or "server stopping", cursor=last.encode(tokens))
-            if queued.position <= last:
+            position = queued.position
+            if position <= last:
                 continue
             if queued.kind == ChangeKind.ERASURE and queued.scope == target.erased_scope:
-                yield Erased(queued.position)
+                yield Erased(position)
                 return
             if queued.kind not in kinds or queued.scope == target.erased_scope:
                 continue
-            last = queued.position
+            last = position
             yield Change(queued)
     finally:
         feed.unsubscribe(subscription)

@@ -10,7 +10,7 @@ from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.errors import invalid
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.tokens import TokenKey
-from prefd_server.kernel.watch import Compacted, Erased, Progress, Started, WatchItem
+from prefd_server.kernel.watch import Change, Compacted, Erased, Progress, Started, WatchItem
 from prefd_server.rpc.convert import cursor_to_pb
 
 R = TypeVar("R")
@@ -50,7 +50,9 @@ async def watch_responses(
     serialized bytes, which the middleware sends as they are).
     """
     async for item in items:
-        if isinstance(item, Started):
+        if type(item) is Change:  # the common case first
+            yield await change(item.event, shared_cursor(item.event, tokens))
+        elif isinstance(item, Started):
             yield response_type(started=common_pb2.WatchStarted(cursor=cursor_to_pb(item.cursor, tokens)))
         elif isinstance(item, Progress):
             yield response_type(progress=common_pb2.WatchProgress(cursor=cursor_to_pb(item.cursor, tokens)))
@@ -58,5 +60,3 @@ async def watch_responses(
             yield response_type(compacted=common_pb2.WatchCompacted(oldest_cursor=cursor_to_pb(item.oldest, tokens)))
         elif isinstance(item, Erased):
             yield response_type(erased=common_pb2.WatchErased(cursor=cursor_to_pb(item.position, tokens)))
-        else:
-            yield await change(item.event, shared_cursor(item.event, tokens))

@@ -11,10 +11,11 @@ from typing import Any
 
 import asyncpg
 import grpc
+import pytest
 
 from prefd.v1 import preferences_pb2_grpc
 from prefd_server.app import App
-from prefd_server.kernel.feed import OFFER_CHUNK, Subscription
+from prefd_server.kernel.feed import OFFER_CHUNK, Mailbox, Subscription
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import Scope, ScopeKind
 from tests.helpers.auth import auth, unique
@@ -97,3 +98,24 @@ async def test_a_change_held_by_another_databases_transaction_is_released_soon_a
         finally:
             await other.close()
             feed.unsubscribe(subscription)
+
+
+async def test_a_mailbox_hands_items_over_in_order_and_keeps_nothing_while_empty() -> None:
+    box: Mailbox[int] = Mailbox()
+    waiting = asyncio.create_task(box.get())
+    await asyncio.sleep(0)  # the consumer now waits on an empty mailbox
+    assert not waiting.done() and box.empty() and box.qsize() == 0
+    for item in (1, 2, 3):
+        box.put_nowait(item)
+    assert await waiting == 1
+    assert [await box.get(), box.get_nowait()] == [2, 3]
+    assert box.empty() and box._items is None  # drained: no buffer kept
+    with pytest.raises(asyncio.QueueEmpty):
+        box.get_nowait()
+    cancelled = asyncio.create_task(box.get())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    box.put_nowait(4)  # a cancelled wait leaves no waiter behind to swallow the next item
+    assert await box.get() == 4
