@@ -119,3 +119,24 @@ async def test_a_mailbox_hands_items_over_in_order_and_keeps_nothing_while_empty
         await cancelled
     box.put_nowait(4)  # a cancelled wait leaves no waiter behind to swallow the next item
     assert await box.get() == 4
+
+
+async def test_a_watcher_that_falls_behind_its_capacity_is_ended_not_buffered_without_bound(
+    fresh_database: Any, tmp_path: Path
+) -> None:
+    url = await fresh_database()
+    async with App(make_settings(url, tmp_path, watch_queue_capacity=2)) as app:
+        assert app.feed is not None
+        uid = unique("u")
+        subscription, _ = app.feed.subscribe(frozenset({Scope(ScopeKind.USER, uid)}), ())
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
+                for n in range(1, 5):
+                    await stub.SetPreferences(set_request(user(uid), {"display.items_per_page": n}), metadata=ADMIN)
+            async with asyncio.timeout(10):
+                first, second, end = [await subscription.queue.get() for _ in range(3)]
+            assert [first.new_value, second.new_value] == [1, 2]  # type: ignore[union-attr]
+            assert end is None and subscription.overflowed and subscription.queue.empty()
+        finally:
+            app.feed.unsubscribe(subscription)
