@@ -8,7 +8,7 @@
 * procstats: process trees, CPU seconds and resident memory from /proc
 * database: a fresh PostgreSQL database per run (DATABASE_URL's server, else an embedded one)
 * auth: the JWT secret prefd is started with, tokens minted from it, and call metadata
-* children: server child processes (prefd, the echo and idle-watch baselines)
+* children: server child processes (prefd, the echo, idle-watch and fan-out floor baselines)
 * seed: rows written straight into a run's database
 * prometheus: a free port for prefd's metrics endpoint and reading its counters
 * streams: streaming calls a benchmark holds open, and their readers
