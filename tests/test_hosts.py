@@ -31,12 +31,12 @@ from prefd_server.kernel.db import init_connection
 from prefd_server.settings import Settings
 from tests.helpers.auth import auth, unique
 from tests.helpers.health import NOT_SERVING, SERVING
+from tests.helpers.history import check_history, dump_values, scope_of
 from tests.helpers.netns import Host, host_network, postgres_target, prefd_in_namespace, redis_target
 from tests.helpers.observers import ADMIN, HealthTimeline, PacedWriter, ResumingWatcher
 from tests.helpers.processes import RedisServer, free_port
 from tests.helpers.requests import GLOBAL, eventually, org, py, set_request, token_key, user
 from tests.helpers.settings import process_env
-from tests.kernel.test_feed_history import check_history, dump_values, scope_of
 
 N = notifications_pb2
 H = prefd_health_pb2

@@ -18,8 +18,8 @@ from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.tokens import TokenKey
 from tests.helpers.auth import auth
+from tests.helpers.history import Applied, scope_of
 from tests.helpers.requests import py, set_request
-from tests.kernel.test_feed_history import Applied, scope_of
 
 ADMIN = auth("admin")
 # How soon a refused watch asks again (a client's retry pace, not a wait for an event).

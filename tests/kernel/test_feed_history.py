@@ -10,7 +10,7 @@ import itertools
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,12 @@ from prefd_server.kernel.parts import CACHE_FIGURES
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.preferences import store as preference_sql
 from tests.helpers.auth import auth, unique
+from tests.helpers.history import Applied, check_history, dump_values, same, scope_of
 from tests.helpers.processes import prefd_process
 from tests.helpers.requests import GLOBAL, org, py, set_request, token_key, user
 from tests.helpers.settings import make_settings, process_env
 
 ADMIN = auth("admin")
-KIND_NAMES = {
-    common_pb2.SCOPE_KIND_GLOBAL: "GLOBAL",
-    common_pb2.SCOPE_KIND_ORG: "ORG",
-    common_pb2.SCOPE_KIND_USER: "USER",
-}
 # Shipped keys of simple types that take part in no cross-field rule, with values they accept.
 VALUE_POOL: dict[str, list[Any]] = {
     "display.items_per_page": list(range(1, 201)),
@@ -92,77 +88,6 @@ async def connect(url: str) -> AsyncIterator[asyncpg.Connection]:
 
 def stub_for(channel: grpc.aio.Channel) -> preferences_pb2_grpc.PreferencesServiceStub:
     return preferences_pb2_grpc.PreferencesServiceStub(channel)
-
-
-def scope_of(pb: common_pb2.Scope) -> tuple[str, str]:
-    return KIND_NAMES[pb.kind], pb.id
-
-
-def same(a: Any, b: Any) -> bool:
-    """Equal values of equal types (True is not 1)."""
-    return type(a) is type(b) and a == b
-
-
-# --- the independent history checker --------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """One preference change event as a watcher received it."""
-
-    scope: tuple[str, str]  # (kind, id)
-    key: str
-    version: int
-    value: Any  # None: the override was removed
-    position: tuple[int, int]  # (xid, change id) decoded from the event's cursor
-
-
-def check_history(
-    events: Sequence[Applied],
-    final: Mapping[tuple[str, str, str], tuple[Any, int]],
-    watched: set[tuple[str, str]],
-) -> list[str]:
-    """Everything wrong with one watcher's event history against the database's final state.
-
-    `final` maps (scope kind, scope id, key) to (value or None if removed, version), as in
-    preference_values. Every (scope, key) of a watched scope must arrive as versions 1..N exactly
-    once each, in increasing order, in feed order overall, and end on the stored value.
-    """
-    problems: list[str] = []
-    by_key: dict[tuple[str, str, str], list[Applied]] = {}
-    previous: Applied | None = None
-    for index, event in enumerate(events):
-        if previous is not None and event.position <= previous.position:
-            problems.append(f"event #{index} at {event.position} arrived after {previous.position} (feed order)")
-        previous = event
-        if event.scope not in watched:
-            problems.append(f"event #{index} is at unwatched scope {event.scope}: {event.key} v{event.version}")
-            continue
-        by_key.setdefault((*event.scope, event.key), []).append(event)
-    for name, seen in sorted(by_key.items()):
-        versions = [e.version for e in seen]
-        value, version = final.get(name, (None, 0))
-        if versions != list(range(1, version + 1)):
-            counts = Counter(versions)
-            missing = sorted(set(range(1, version + 1)) - counts.keys())
-            duplicated = sorted(v for v, n in counts.items() if n > 1)
-            backwards = [(a, b) for a, b in itertools.pairwise(versions) if b <= a]
-            beyond = sorted(v for v in counts if not 1 <= v <= version)
-            problems.append(
-                f"{name}: {len(versions)} versions for stored v{version}; missing {missing[:10]}, duplicated "
-                f"{duplicated[:10]}, out of order {backwards[:5]}, unknown {beyond[:10]}"
-            )
-        elif not same(seen[-1].value, value):
-            problems.append(f"{name}: last applied value {seen[-1].value!r}, stored {value!r}")
-    for name, (_value, version) in sorted(final.items()):
-        if (name[0], name[1]) in watched and name not in by_key:
-            problems.append(f"{name}: stored at v{version} but never seen")
-    return problems
-
-
-async def dump_values(conn: asyncpg.Connection) -> dict[tuple[str, str, str], tuple[Any, int]]:
-    rows = await conn.fetch("SELECT scope_kind, scope_id, key, value, version FROM preference_values")
-    return {(r["scope_kind"], r["scope_id"], r["key"]): (r["value"], r["version"]) for r in rows}
 
 
 # --- watchers -----------------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""The independent history checker of the change feed: what one watcher received, checked against the
+database's final state (every version of every watched key exactly once, in order, ending on the stored
+value), and the pieces the feed and hosts tests share to record what their watchers receive."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from prefd.v1 import common_pb2
+
+KIND_NAMES = {
+    common_pb2.SCOPE_KIND_GLOBAL: "GLOBAL",
+    common_pb2.SCOPE_KIND_ORG: "ORG",
+    common_pb2.SCOPE_KIND_USER: "USER",
+}
+
+
+def scope_of(pb: common_pb2.Scope) -> tuple[str, str]:
+    """(kind name, id) of a Scope message, as the checker and preference_values name scopes."""
+    return KIND_NAMES[pb.kind], pb.id
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal values of equal types (True is not 1)."""
+    return type(a) is type(b) and a == b
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One preference change event as a watcher received it."""
+
+    scope: tuple[str, str]  # (kind, id)
+    key: str
+    version: int
+    value: Any  # None: the override was removed
+    position: tuple[int, int]  # (xid, change id) decoded from the event's cursor
+
+
+def check_history(
+    events: Sequence[Applied],
+    final: Mapping[tuple[str, str, str], tuple[Any, int]],
+    watched: set[tuple[str, str]],
+) -> list[str]:
+    """Everything wrong with one watcher's event history against the database's final state.
+
+    `final` maps (scope kind, scope id, key) to (value or None if removed, version), as in
+    preference_values. Every (scope, key) of a watched scope must arrive as versions 1..N exactly
+    once each, in increasing order, in feed order overall, and end on the stored value.
+    """
+    problems: list[str] = []
+    by_key: dict[tuple[str, str, str], list[Applied]] = {}
+    previous: Applied | None = None
+    for index, event in enumerate(events):
+        if previous is not None and event.position <= previous.position:
+            problems.append(f"event #{index} at {event.position} arrived after {previous.position} (feed order)")
+        previous = event
+        if event.scope not in watched:
+            problems.append(f"event #{index} is at unwatched scope {event.scope}: {event.key} v{event.version}")
+            continue
+        by_key.setdefault((*event.scope, event.key), []).append(event)
+    for name, seen in sorted(by_key.items()):
+        versions = [e.version for e in seen]
+        value, version = final.get(name, (None, 0))
+        if versions != list(range(1, version + 1)):
+            counts = Counter(versions)
+            missing = sorted(set(range(1, version + 1)) - counts.keys())
+            duplicated = sorted(v for v, n in counts.items() if n > 1)
+            backwards = [(a, b) for a, b in itertools.pairwise(versions) if b <= a]
+            beyond = sorted(v for v in counts if not 1 <= v <= version)
+            problems.append(
+                f"{name}: {len(versions)} versions for stored v{version}; missing {missing[:10]}, duplicated "
+                f"{duplicated[:10]}, out of order {backwards[:5]}, unknown {beyond[:10]}"
+            )
+        elif not same(seen[-1].value, value):
+            problems.append(f"{name}: last applied value {seen[-1].value!r}, stored {value!r}")
+    for name, (_value, version) in sorted(final.items()):
+        if (name[0], name[1]) in watched and name not in by_key:
+            problems.append(f"{name}: stored at v{version} but never seen")
+    return problems
+
+
+async def dump_values(conn: asyncpg.Connection) -> dict[tuple[str, str, str], tuple[Any, int]]:
+    """The database's final state for check_history: (scope kind, scope id, key) -> (value, version)."""
+    rows = await conn.fetch("SELECT scope_kind, scope_id, key, value, version FROM preference_values")
+    return {(r["scope_kind"], r["scope_id"], r["key"]): (r["value"], r["version"]) for r in rows}
