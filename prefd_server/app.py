@@ -192,6 +192,7 @@ class App:
             settings.health_timeout_s,
         )
         await monitor.check_once()
+        kernel.feed.on_answered_while_down(monitor.recheck)
         self._monitor_task = asyncio.create_task(monitor.run(), name="prefd-health")
         # What start-up built lives as long as the process: out of the garbage collector's full passes;
         # later survivors of each full pass too (prefd_server/collector.py).

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -157,6 +158,42 @@ def breaker_of(pool: asyncpg.Pool) -> DatabaseBreaker | None:
     return pool.breaker if isinstance(pool, GuardedPool) else None
 
 
+# How often terminated_if() asks whether to give up on its connection.
+GIVE_UP_TICK_S = 0.05
+
+
+@contextmanager
+def terminated_if(
+    conn: asyncpg.Connection, give_up: Callable[[], bool] | None, after_s: float | None = None
+) -> Iterator[None]:
+    """Terminate `conn` if the block is still running `after_s` seconds on, or once `give_up()` holds
+    (asked every GIVE_UP_TICK_S): whatever waits on it fails at once (ConnectionDoesNotExistError) and
+    its pool opens a fresh one for the next user. For work outside any call, which no deadline bounds:
+    a connection a network partition left hanging answers again only at TCP's next retransmission,
+    and those back off with the length of the outage, so it would outlast the outage by seconds."""
+    if give_up is None and after_s is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    until = math.inf if after_s is None else loop.time() + after_s
+    timer: asyncio.TimerHandle | None = None
+
+    def check() -> None:
+        nonlocal timer
+        if loop.time() >= until or (give_up is not None and give_up()):
+            log.debug("terminating a database connection given up on")
+            conn.terminate()
+        else:
+            timer = loop.call_later(min(GIVE_UP_TICK_S, until - loop.time()), check)
+
+    check()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """No reset on release: for a pool whose connections only ever run single read-only statements."""
 
@@ -288,14 +325,16 @@ class Snapshot:
 
 
 @asynccontextmanager
-async def snapshot(pool: asyncpg.Pool) -> AsyncIterator[Snapshot]:
+async def snapshot(pool: asyncpg.Pool, give_up: Callable[[], bool] | None = None) -> AsyncIterator[Snapshot]:
     """Read everything inside at one moment: one REPEATABLE READ transaction and its horizon (xmin).
 
     Every change below xmin is visible to the reads; watching the feed from xmin misses none after.
+    `give_up`: its connection is terminated once this holds (terminated_if), failing the reads at once.
     """
     async with translated_errors(), pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            yield Snapshot(conn, await horizon_xid(conn))
+        with terminated_if(conn, give_up):
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                yield Snapshot(conn, await horizon_xid(conn))
 
 
 async def installation_identity(pool: asyncpg.Pool) -> tuple[str, str]:

@@ -8,6 +8,13 @@ database of the same PostgreSQL holds it, and its end wakes no one; so while com
 known to wait behind the horizon the reader re-checks soon (RECHECK_FIRST_S, doubling up to the poll
 interval) rather than at the next poll.
 
+No wait of the reader outlasts a partition by much: a statement, or a wait for a connection, is given
+up after READ_TIMEOUT_S, after READ_TIMEOUT_DOWN_S while the health monitor finds PostgreSQL down,
+and as soon as the monitor changes its mind; a connection given up on is terminated, so the next
+read runs on a fresh one (one the outage hung would answer only at TCP's next retransmission). A read
+that succeeds while the monitor still finds PostgreSQL down asks it to check again at once, before the
+changes go on to watchers (who would read the database, refused while it is held down).
+
 A batch reaches listeners (caches forget what it makes stale) first, then preparers (which compute
 once what many watchers' deliveries share, such as the layer a change touched), then subscribers.
 """
@@ -28,7 +35,7 @@ import asyncpg
 
 from prefd_server.kernel import feed_store as feed_sql
 from prefd_server.kernel.cursor import FeedCursor
-from prefd_server.kernel.db import horizon_xid
+from prefd_server.kernel.db import breaker_of, horizon_xid, terminated_if
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope
 
@@ -43,6 +50,10 @@ RECHECK_FIRST_S = 0.002
 OFFER_CHUNK = 64
 # Longest wait for preparers before subscribers get a batch anyway (they then do the work themselves).
 PREPARE_TIMEOUT_S = 1.0
+# Longest wait of the reader on one statement or for a connection (seconds), and while the health monitor
+# finds PostgreSQL down (the reader then tries fresh connections rather than wait on one the outage hung).
+READ_TIMEOUT_S = 5.0
+READ_TIMEOUT_DOWN_S = 0.5
 
 
 class Bookmark:
@@ -183,6 +194,8 @@ class FeedReader:
 
     def __init__(self, pool: asyncpg.Pool, dsn: str, poll_interval_s: float, subscriber_capacity: int) -> None:
         self._pool = pool
+        self._breaker = breaker_of(pool)
+        self._answered_while_down: Callable[[], Awaitable[object]] | None = None
         self._dsn = dsn
         self._poll_interval_s = poll_interval_s
         self._capacity = subscriber_capacity
@@ -238,6 +251,11 @@ class FeedReader:
         PREPARE_TIMEOUT_S; a preparer that fails only costs the watchers doing that work themselves)."""
         self._preparers.append(preparer)
 
+    def on_answered_while_down(self, hook: Callable[[], Awaitable[object]]) -> None:
+        """Await `hook` (the health monitor's re-check) when the reader reaches PostgreSQL while the pool's
+        breaker is open, before the changes it read go on: watchers woken by them read the database."""
+        self._answered_while_down = hook
+
     def wake(self) -> None:
         """A local write committed: read now."""
         self._wake.set()
@@ -281,13 +299,17 @@ class FeedReader:
             return False
 
     async def _listen(self) -> None:
+        conn: asyncpg.Connection | None = None
         try:
-            conn = await asyncpg.connect(self._dsn)
-            await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+            conn = await asyncpg.connect(self._dsn, timeout=READ_TIMEOUT_S)
+            with terminated_if(conn, None, READ_TIMEOUT_S):
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
             conn.add_termination_listener(lambda _c: self._wake.set())
             self._listen_conn = conn
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("feed LISTEN unavailable (%s); polling only", exc)
+            if conn is not None:
+                conn.terminate()
             self._listen_conn = None
 
     async def _run(self) -> None:
@@ -324,12 +346,28 @@ class FeedReader:
             for subscription in list(self._subscriptions):
                 subscription.bookmark_due(now)
 
+    def _database_down(self) -> bool:
+        """Whether the health monitor finds PostgreSQL down (the pool's breaker is open)."""
+        return self._breaker is not None and self._breaker.is_open
+
+    def _read_timeout_s(self) -> float:
+        return READ_TIMEOUT_DOWN_S if self._database_down() else READ_TIMEOUT_S
+
+    def _monitor_changed_mind(self) -> Callable[[], bool]:
+        """A test that holds once the health monitor's finding is no longer what it is now: PostgreSQL went
+        down under a read, or is back while a read begun during the outage hangs on a connection from it."""
+        down = self._database_down()
+        return lambda: self._database_down() != down
+
     async def _catch_up(self) -> bool:
         """Read everything below the horizon; whether committed changes still wait behind it."""
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(timeout=self._read_timeout_s()) as conn:
             while True:
-                horizon, held_since = await feed_sql.horizon(conn)
-                events = await feed_sql.read_after(conn, self.position, horizon, BATCH)
+                with terminated_if(conn, self._monitor_changed_mind(), self._read_timeout_s()):
+                    horizon, held_since = await feed_sql.horizon(conn)
+                    events = await feed_sql.read_after(conn, self.position, horizon, BATCH)
+                if self._database_down() and self._answered_while_down is not None:
+                    await self._answered_while_down()
                 if events:
                     await self._dispatch(events)
                 if len(events) < BATCH:

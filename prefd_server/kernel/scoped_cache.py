@@ -22,7 +22,7 @@ import asyncpg
 
 from prefd_server.kernel.bounded_cache import CacheBudget, SegmentedLru, bounded_cache
 from prefd_server.kernel.change_marks import ChangeMarks
-from prefd_server.kernel.db import breaker_of, snapshot, translated_errors
+from prefd_server.kernel.db import breaker_of, snapshot, terminated_if, translated_errors
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import ChangeKind, Scope, ScopeKey, ScopeKind, scope_key
 from prefd_server.kernel.redis import RedisLayers
@@ -352,11 +352,15 @@ class ScopedCache(Generic[T]):
         breaker = breaker_of(self._read_pool)
         if breaker is not None:
             breaker.check()  # outside any call the pool would not: with the database known down, fail fast
+        # And a read gives up on its connection once it is known down: one a partition hung would hold the
+        # load, every reader joined to it and its place among the loads in flight until TCP retransmits.
+        known_down = (lambda: breaker.is_open) if breaker is not None else None
         if self._read_now is not None:
             async with translated_errors(), self._read_pool.acquire() as conn:
-                xmin, stored = await self._read_now(conn, missing)
+                with terminated_if(conn, known_down):
+                    xmin, stored = await self._read_now(conn, missing)
         else:
-            async with snapshot(self._pool) as snap:
+            async with snapshot(self._pool, known_down) as snap:
                 xmin = snap.xmin
                 stored = await self._read(snap.conn, missing)
         loaded = {scope: Layer(stored[scope], xmin) for scope in missing}

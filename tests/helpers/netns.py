@@ -9,6 +9,9 @@ silently dropped, so open TCP connections hang and new ones wait for a SYN-ACK t
 a real network partition (no reset, no "unreachable"); healing removes it and TCP retransmits. Nothing
 leaves the namespaces and veths made here, loopback aside, and everything is removed on exit (a sweep
 also removes what a killed earlier run left behind).
+
+StallingRelay plays such a partition in-process for tests without namespaces (or root): the connections
+it cut never forward again, as TCP connections whose retransmissions backed off far past the heal.
 """
 
 from __future__ import annotations
@@ -127,25 +130,119 @@ class TcpRelay:
             await self._server.wait_closed()
             self._server = None
 
+    async def _admit(self) -> None:
+        """Called before a new connection is forwarded (a StallingRelay holds it while cut)."""
+
+    async def _relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        """Forward both ways until either side ends."""
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         self._writers.add(writer)
         try:
+            await self._admit()
             kind, where, port = self._target
             if kind == "unix":
                 up_reader, up_writer = await asyncio.open_unix_connection(where)
             else:
                 up_reader, up_writer = await asyncio.open_connection(where, port)
             self._writers.add(up_writer)
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await self._relay(reader, writer, up_reader, up_writer)
             self._writers.discard(up_writer)
         except OSError:
             writer.transport.abort()
         finally:
             self._writers.discard(writer)
             self._tasks.discard(task)
+
+
+class StallingRelay(TcpRelay):
+    """A TcpRelay on 127.0.0.1 that plays a network partition in-process: while cut, a connection that
+    carries anything (either way) drops it and stalls for good, as a connection whose TCP retransmissions
+    backed off far past the heal; connections idle through the cut flow again after heal(), and new
+    ones wait for it. url() is the PostgreSQL URL of `database` through it."""
+
+    def __init__(self, target: tuple[str, str, int], credentials: str = "postgres@") -> None:
+        super().__init__("127.0.0.1", target)
+        self._credentials = credentials
+        self._open = asyncio.Event()
+        self._open.set()
+        self._stopping = asyncio.Event()
+        self.stalled = 0  # connections stalled so far
+        self._stalls = asyncio.Condition()
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self._credentials}127.0.0.1:{self.port}/{database}"
+
+    def cut(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._open.set()
+
+    async def stop(self) -> None:
+        self._stopping.set()  # ends the stalled pipes
+        await super().stop()
+
+    async def until_stalled(self, count: int, deadline_s: float) -> None:
+        """Wait until `count` connections have stalled (something was sent on them while cut)."""
+        async with asyncio.timeout(deadline_s), self._stalls:
+            await self._stalls.wait_for(lambda: self.stalled >= count)
+
+    async def _admit(self) -> None:
+        await self._open.wait()
+
+    async def _relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
+        stalled = False
+
+        async def forward(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            nonlocal stalled
+            try:
+                while data := await src.read(65536):
+                    if not stalled and not self._open.is_set():
+                        stalled = True
+                        async with self._stalls:
+                            self.stalled += 1
+                            self._stalls.notify_all()
+                    if stalled:
+                        await self._stopping.wait()  # for good
+                        return
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(forward(reader, up_writer), forward(up_reader, writer))
+
+
+@contextlib.asynccontextmanager
+async def stalling_relay(server_url: str) -> AsyncIterator[StallingRelay]:
+    """A StallingRelay to the PostgreSQL server of `server_url`, stopped on exit."""
+    target, credentials = postgres_target(server_url)
+    relay = StallingRelay(target, credentials)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        relay.heal()
+        await relay.stop()
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
