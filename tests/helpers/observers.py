@@ -43,6 +43,9 @@ class ResumingWatcher:
     streams: int = 0  # streams that started (the first and every resumed one)
     refused: int = 0  # attempts answered UNAVAILABLE
     ends: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time, why) of each stream's end
+    # (monotonic time, details) of each stream the server ended with UNAVAILABLE after it had started
+    # (a broken stream, where `refused` also counts attempts refused before they started).
+    broken: list[tuple[float, str]] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     stopped: BaseException | None = None
     _call: Any = None
@@ -74,6 +77,7 @@ class ResumingWatcher:
         if resume_from:
             request.start_cursor.token = resume_from
         call = self._call = self.stub.WatchPreferences(request, metadata=ADMIN)
+        opened = self.streams
         try:
             async for message in call:
                 self._receive(message, resume_from)
@@ -89,6 +93,8 @@ class ResumingWatcher:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             self.ends.append((time.monotonic(), f"{exc.code().name}: {exc.details()}"))
+            if self.streams > opened:
+                self.broken.append((time.monotonic(), exc.details() or ""))
             self.refused += 1
             async with self.changed:
                 self.changed.notify_all()
