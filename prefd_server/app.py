@@ -71,6 +71,13 @@ KEEPALIVE_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+# Calls the transport has accepted but the server has not yet picked up: gRPC's default (1,000, hard
+# limit 3,000) cancels the rest, so 10,000 watchers reconnecting at once after a restart would mostly
+# be refused with CANCELLED. Each waits as a small C-core call until its handler starts.
+PENDING_CALL_OPTIONS = [
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
+]
 
 
 async def prepare_database(settings: Settings, embedded: EmbeddedPostgres | None) -> str:
@@ -158,7 +165,11 @@ class App:
         service_names = tuple(servicer.SERVICE_NAME for servicer in servicers)
 
         server = grpc.aio.server(
-            options=[*KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)],
+            options=[
+                *KEEPALIVE_OPTIONS,
+                *PENDING_CALL_OPTIONS,
+                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            ],
         )
         registry = CollectorRegistry()
         # prefd's services need a token; grpc.health.v1 and reflection do not.
