@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from pathlib import Path
 
 import grpc
+from harness.plain_server import serve_plain
 
 DEFAULT_METHOD = "/prefd.v1.PreferencesService/GetEffectivePreferences"
 
@@ -48,22 +48,7 @@ def build_handler(payload: bytes | None, path: str = DEFAULT_METHOD) -> grpc.Gen
 
 async def serve(host: str, port: int, payload: bytes | None, grace_s: float, path: str = DEFAULT_METHOD) -> None:
     """Serve until SIGTERM or SIGINT, then stop within `grace_s` seconds."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((build_handler(payload, path),))
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
-    await server.start()
-    print(f"echo serving on port {bound}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop(grace_s)
+    await serve_plain(build_handler(payload, path), "echo", host, port, grace_s)
 
 
 def main(argv: list[str] | None = None) -> int:

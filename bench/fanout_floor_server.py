@@ -39,11 +39,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import signal
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import grpc
+from harness.plain_server import serve_plain
 
 from prefd.v1 import common_pb2, preferences_pb2
 
@@ -139,20 +139,7 @@ def build_handler(floor: FanoutFloor) -> grpc.GenericRpcHandler:
 
 async def serve(host: str, port: int, grace_s: float) -> None:
     """Serve until SIGTERM or SIGINT, then stop within `grace_s` seconds."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((build_handler(FanoutFloor()),))
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
-    await server.start()
-    print(f"floor serving on port {bound}", flush=True)
-    await stop.wait()
-    await server.stop(grace_s)
+    await serve_plain(build_handler(FanoutFloor()), "floor", host, port, grace_s)
 
 
 def main() -> None:

@@ -29,14 +29,11 @@ async def test_two_workers_share_a_port_and_see_each_others_writes(fresh_databas
     url = await fresh_database()
     env = {"DATABASE_URL": url, "PREFD_JWT_SECRET": SECRET, "PREFD_PORT": "0", "PREFD_HOST": "127.0.0.1"}
     async with prefd_process(env, "--workers", "2") as (proc, port, lines):
-        assert proc.stdout is not None
-        ready = [line for line in lines if line.startswith("prefd serving on port")]
+        # prefd_process keeps reading the output into `lines`: wait there for both workers' lines.
         async with asyncio.timeout(60):
-            while len(ready) < 2:
-                line = (await proc.stdout.readline()).decode()
-                assert line, "server exited"
-                if line.startswith("prefd serving on port"):
-                    ready.append(line)
+            while len(ready := [line for line in lines if line.startswith("prefd serving on port")]) < 2:
+                assert proc.returncode is None, "server exited"
+                await asyncio.sleep(0.05)
         assert {re.match(r"prefd serving on port (\d+)", line).group(1) for line in ready} == {str(port)}  # type: ignore[union-attr]
 
         # Each new connection is hashed to one worker; keep opening until both have answered.

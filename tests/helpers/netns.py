@@ -24,13 +24,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.processes import prefd_process
+
 NAMESPACE_PREFIX = "prefd-hosts-"
 SUBNET_PREFIX = "10.213."
 LOCK_FILE = Path("/tmp/prefd-test-netns.lock")
@@ -396,47 +396,7 @@ async def prefd_in_namespace(
     netns: str, env: dict[str, str], startup_s: float = 60
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
     """`prefd serve` inside `netns` (ip netns exec); yields (process, port, every output line so far)."""
-    proc = await asyncio.create_subprocess_exec(
-        "ip",
-        "netns",
-        "exec",
-        netns,
-        sys.executable,
-        "-m",
-        "prefd_server",
-        "serve",
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=_die_with_parent,
-    )
-    lines: list[str] = []
-    try:
-        assert proc.stdout is not None
-        port = 0
-        async with asyncio.timeout(startup_s):
-            while not port:
-                raw = await proc.stdout.readline()
-                if not raw:
-                    raise AssertionError(f"prefd in {netns} exited early:\n" + "".join(lines))
-                lines.append(raw.decode(errors="replace"))
-                if match := re.search(r"prefd serving on port (\d+)", lines[-1]):
-                    port = int(match.group(1))
-
-        async def drain() -> None:
-            # Keep reading so a chatty server never blocks on a full pipe.
-            assert proc.stdout is not None
-            while raw := await proc.stdout.readline():
-                lines.append(raw.decode(errors="replace"))
-
-        drainer = asyncio.create_task(drain())
-        try:
-            yield proc, port, lines
-        finally:
-            drainer.cancel()
-            await asyncio.gather(drainer, return_exceptions=True)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    async with prefd_process(
+        env, startup_s=startup_s, command_prefix=("ip", "netns", "exec", netns), preexec_fn=_die_with_parent
+    ) as started:
+        yield started

@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -17,10 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextlib.asynccontextmanager
 async def prefd_process(
-    env: dict[str, str], *args: str, startup_s: float = 60
+    env: dict[str, str],
+    *args: str,
+    startup_s: float = 60,
+    command_prefix: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
-    """`prefd serve` in a child process; yields (process, port, stdout lines so far)."""
+    """`prefd serve` in a child process (run through `command_prefix`, e.g. `ip netns exec NS`); yields
+    (process, port, stdout lines so far, kept up to date)."""
     proc = await asyncio.create_subprocess_exec(
+        *command_prefix,
         sys.executable,
         "-m",
         "prefd_server",
@@ -32,6 +38,7 @@ async def prefd_process(
         stderr=asyncio.subprocess.STDOUT,
         # Its own process group: `--workers` children go with it, even when the parent is killed first.
         start_new_session=True,
+        preexec_fn=preexec_fn,
     )
     lines: list[str] = []
     port = 0
@@ -42,7 +49,7 @@ async def prefd_process(
                 raw = await proc.stdout.readline()
                 if not raw:
                     raise AssertionError("prefd exited early:\n" + "".join(lines))
-                line = raw.decode()
+                line = raw.decode(errors="replace")
                 lines.append(line)
                 if match := re.match(r"prefd serving on port (\d+)", line):
                     port = int(match.group(1))
@@ -50,7 +57,7 @@ async def prefd_process(
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5):
                     while raw := await proc.stdout.readline():
-                        lines.append(raw.decode())
+                        lines.append(raw.decode(errors="replace"))
                         if lines[-1].startswith("grpcurl "):
                             break
 
@@ -58,7 +65,7 @@ async def prefd_process(
             # Keep reading so a chatty server never blocks on a full pipe.
             assert proc.stdout is not None
             while raw := await proc.stdout.readline():
-                lines.append(raw.decode())
+                lines.append(raw.decode(errors="replace"))
 
         drainer = asyncio.create_task(drain())
         try:

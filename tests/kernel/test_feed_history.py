@@ -60,20 +60,9 @@ def server_env(url: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def child_server(url: str) -> AsyncIterator[tuple[int, list[str]]]:
-    """A `prefd serve` child process on `url`; its output is drained (a full pipe would stall it)."""
-    async with prefd_process(server_env(url)) as (proc, port, lines):
-
-        async def drain() -> None:
-            assert proc.stdout is not None
-            while raw := await proc.stdout.readline():
-                lines.append(raw.decode(errors="replace"))
-
-        drainer = asyncio.create_task(drain())
-        try:
-            yield port, lines
-        finally:
-            drainer.cancel()
-            await asyncio.gather(drainer, return_exceptions=True)
+    """A `prefd serve` child process on `url` and its output lines."""
+    async with prefd_process(server_env(url)) as (_proc, port, lines):
+        yield port, lines  # prefd_process keeps reading its output into `lines`
 
 
 @contextlib.asynccontextmanager
