@@ -15,6 +15,7 @@ import pytest
 
 from prefd.v1 import preferences_pb2_grpc
 from prefd_server.app import App
+from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.feed import OFFER_CHUNK, Mailbox, Subscription
 from prefd_server.kernel.feed_store import ChangeEvent
 from prefd_server.kernel.model import Scope, ScopeKind
@@ -134,8 +135,16 @@ async def test_a_watcher_that_falls_behind_its_capacity_is_ended_not_buffered_wi
                 stub = preferences_pb2_grpc.PreferencesServiceStub(channel)
                 for n in range(1, 5):
                     await stub.SetPreferences(set_request(user(uid), {"display.items_per_page": n}), metadata=ADMIN)
-            async with asyncio.timeout(10):
-                first, second, end = [await subscription.queue.get() for _ in range(3)]
+            # Nothing is taken until the feed has offered every write (it delivers after the writes return).
+            db = await asyncpg.connect(url)
+            try:
+                row = await db.fetchrow(
+                    "SELECT xid::text::bigint AS xid, id FROM changes WHERE scope_id = $1 ORDER BY id DESC LIMIT 1", uid
+                )
+            finally:
+                await db.close()
+            assert await app.feed.wait_past(FeedCursor(row["xid"], row["id"]), timeout_s=10)
+            first, second, end = [subscription.queue.get_nowait() for _ in range(3)]
             assert [first.new_value, second.new_value] == [1, 2]  # type: ignore[union-attr]
             assert end is None and subscription.overflowed and subscription.queue.empty()
         finally:
