@@ -38,7 +38,7 @@ from prefd_server.ops.monitor import HealthMonitor
 from prefd_server.preferences import domain as preferences_domain
 from prefd_server.rpc.auth import TokenVerifier
 from prefd_server.rpc.metrics import RpcMetrics
-from prefd_server.rpc.middleware import Authenticator
+from prefd_server.rpc.middleware import Authenticator, add_servicer_generic
 from prefd_server.rpc.reflection import add_reflection
 from prefd_server.rpc.tls import add_port
 from prefd_server.rpc.tracing import TracingSettings, start_tracing, tracing_settings
@@ -177,7 +177,7 @@ class App:
         for servicer in servicers:
             authenticator.add_service(server, servicer.add_to_server, servicer)
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_servicer_generic(server, health_pb2_grpc.add_HealthServicer_to_server, self._health)
         add_reflection(server, (*service_names, GRPC_HEALTH_SERVICE))
         # TLS only when a certificate is configured (mTLS with a client CA), else plaintext.
         self.port = add_port(server, settings)

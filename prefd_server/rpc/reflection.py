@@ -19,6 +19,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc_reflection.v1alpha import reflection_pb2
 
+from prefd_server.rpc.middleware import add_generic
+
 V1ALPHA_SERVICE_NAME: str = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name
 V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 METHOD_NAME = "ServerReflectionInfo"
@@ -192,5 +194,4 @@ def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> Non
         )
     }
     for service_name in (V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME):
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
-        server.add_registered_method_handlers(service_name, handlers)
+        add_generic(server, service_name, handlers)

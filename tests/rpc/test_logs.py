@@ -24,6 +24,7 @@ from prefd_server.rpc.metrics import RpcMetrics
 from prefd_server.rpc.middleware import Authenticator
 from tests.helpers.aiconfig import create_config
 from tests.helpers.auth import auth, token, unique
+from tests.helpers.handlers import HandlerRegistry
 from tests.helpers.metrics import scrape
 from tests.helpers.requests import error_reason, eventually, set_request, user
 from tests.helpers.settings import make_settings
@@ -169,19 +170,6 @@ class _Flood(preferences_pb2_grpc.PreferencesServiceServicer):
             yield preferences_pb2.WatchPreferencesResponse(progress=common_pb2.WatchProgress())
 
 
-class _Registry:
-    """Stands in for a gRPC server and keeps the handlers the authenticator registers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, Any] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.handlers.update(handlers)
-
-
 class _Context:
     """The parts of a grpc.aio servicer context the wrapper uses, for a call without a deadline."""
 
@@ -203,7 +191,7 @@ async def test_a_stream_closed_while_it_sends_is_cancelled_not_an_error(tmp_path
     gRPC then closes it (GeneratorExit there): the end of the call, not an error."""
     registry = CollectorRegistry()
     authenticator = Authenticator(TokenVerifier(make_settings("", tmp_path)), RpcMetrics(registry))
-    server = _Registry()
+    server = HandlerRegistry()
     authenticator.add_service(
         server,  # type: ignore[arg-type]
         preferences_pb2_grpc.add_PreferencesServiceServicer_to_server,

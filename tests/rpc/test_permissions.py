@@ -19,6 +19,7 @@ from prefd_server.rpc.metrics import RpcMetrics
 from prefd_server.rpc.middleware import Authenticator
 from prefd_server.rpc.permissions import PERMISSIONS, Access, UnlistedMethod
 from tests.helpers.auth import auth
+from tests.helpers.handlers import HandlerRegistry
 from tests.helpers.requests import error_reason
 from tests.helpers.settings import make_settings
 
@@ -42,25 +43,12 @@ def test_every_rpc_has_exactly_one_decision() -> None:
     assert sorted(PERMISSIONS.keys() - methods) == []  # no entry for an RPC that no longer exists
 
 
-class _Registry:
-    """Stands in for a gRPC server and keeps what the authenticator registers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, Any] = {}
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.handlers.update(handlers)
-
-
 def test_an_rpc_missing_from_the_table_is_refused_at_start_up(tmp_path: Path) -> None:
     table = {method: access for method, access in PERMISSIONS.items() if not method.endswith("/GetChange")}
     authenticator = Authenticator(
         TokenVerifier(make_settings("", tmp_path)), RpcMetrics(CollectorRegistry()), permissions=table
     )
-    server = _Registry()
+    server = HandlerRegistry()
     with pytest.raises(UnlistedMethod, match=r"/prefd\.v1\.AuditService/GetChange"):
         authenticator.add_service(
             server,  # type: ignore[arg-type]

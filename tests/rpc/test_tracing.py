@@ -34,6 +34,7 @@ from prefd_server.rpc.middleware import Authenticator
 from prefd_server.rpc.tracing import TracingSettings, start_tracing, tracing_settings
 from prefd_server.settings import SettingsError
 from tests.helpers.auth import auth, unique
+from tests.helpers.handlers import HandlerRegistry
 from tests.helpers.processes import ROOT, RedisServer, free_port, prefd_process
 from tests.helpers.requests import eventually, set_request, user
 from tests.helpers.settings import make_settings, process_env
@@ -213,17 +214,7 @@ async def test_the_instrumentations_are_in_only_while_a_traced_server_runs() -> 
 def registered_handlers(tracing: Any, tmp_path: Path) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The handlers the middleware registers for PreferencesService, with `tracing` (or None)."""
 
-    class Server:
-        def __init__(self) -> None:
-            self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-
-        def add_generic_rpc_handlers(self, handlers: Any) -> None:
-            pass
-
-        def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
-            self.handlers = handlers
-
-    server = Server()
+    server = HandlerRegistry()
     verifier = TokenVerifier(make_settings("postgresql://127.0.0.1:1/unused", tmp_path))
     authenticator = Authenticator(verifier, RpcMetrics(CollectorRegistry()), tracing=tracing)
     # The generated base servicer (every method UNIMPLEMENTED): only its method names matter here.
