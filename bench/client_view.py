@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,23 +35,12 @@ from harness.database import fresh_database
 from harness.entry import run_main
 from harness.pinning import Pinning
 from harness.progress import log
-from harness.stats import percentile
+from harness.stats import summary_us
 
 from prefd.client import AsyncPrefdClient, KeyChange
 from prefd.v1 import common_pb2, preferences_pb2
 
 KEY = "display.items_per_page"
-
-
-def _summary_us(samples_ns: list[int]) -> dict[str, float]:
-    ordered = sorted(samples_ns)
-    return {
-        "n": len(ordered),
-        "median_us": round(percentile(ordered, 50) / 1000, 3),
-        "p90_us": round(percentile(ordered, 90) / 1000, 3),
-        "p99_us": round(percentile(ordered, 99) / 1000, 3),
-        "mean_us": round(statistics.fmean(ordered) / 1000, 3),
-    }
 
 
 def _write(scope: common_pb2.Scope, key: str, value: int) -> preferences_pb2.SetPreferencesRequest:
@@ -126,7 +114,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                 stale, snapshots = view.stale, view.snapshots
         finally:
             prefd.stop()
-    local_summary, network_summary = _summary_us(local), _summary_us(network)
+    local_summary, network_summary = summary_us(local), summary_us(network)
     return {
         "benchmark": "prefd.client live view: local read vs GetEffectivePreferences, and commit-to-callback",
         "baseline": "GetEffectivePreferences of the same key, same client and run, serial",
@@ -134,11 +122,11 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         "pinning": pinning.describe(),
         "database": {"mode": db.mode, "name": db.name},
         "local_read": local_summary,
-        "timer_overhead": _summary_us(empty),
+        "timer_overhead": summary_us(empty),
         "network_read": network_summary,
         "network_over_local_median": round(network_summary["median_us"] / local_summary["median_us"], 1),
-        "commit_to_callback": _summary_us(after_commit),
-        "send_to_callback": _summary_us(after_send),
+        "commit_to_callback": summary_us(after_commit),
+        "send_to_callback": summary_us(after_send),
         "view_after_run": {"stale": stale, "snapshots": snapshots},
         "target": "local read median <= 5 us",
     }

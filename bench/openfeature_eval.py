@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -39,7 +38,7 @@ from harness.database import fresh_database
 from harness.entry import run_main
 from harness.pinning import Pinning
 from harness.progress import log
-from harness.stats import percentile
+from harness.stats import summary_us
 from openfeature import api
 from openfeature.evaluation_context import EvaluationContext
 from openfeature.flag_evaluation import Reason
@@ -51,17 +50,6 @@ from prefd.v1 import common_pb2, preferences_pb2
 BOOL_KEY = "notifications.email.enabled"
 STRING_KEY = "locale.timezone"
 USER_ID, ORG_ID = "bench-user", "bench-org"
-
-
-def _summary_us(samples_ns: list[int]) -> dict[str, float]:
-    ordered = sorted(samples_ns)
-    return {
-        "n": len(ordered),
-        "median_us": round(percentile(ordered, 50) / 1000, 3),
-        "p90_us": round(percentile(ordered, 90) / 1000, 3),
-        "p99_us": round(percentile(ordered, 99) / 1000, 3),
-        "mean_us": round(statistics.fmean(ordered) / 1000, 3),
-    }
 
 
 def _timed(call: Callable[[], Any], n: int) -> list[int]:
@@ -143,7 +131,7 @@ async def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
                     await asyncio.to_thread(api.clear_providers)
         finally:
             prefd.stop()
-    summaries = {name: _summary_us(values) for name, values in samples.items()}
+    summaries = {name: summary_us(values) for name, values in samples.items()}
 
     def ratio(name: str, baseline: str) -> float:
         return round(summaries[name]["median_us"] / summaries[baseline]["median_us"], 1)

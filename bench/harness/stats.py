@@ -59,3 +59,15 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
     ss_tot = sum((y - mean_y) ** 2 for y in ys)
     ss_res = sum((y - (slope * x + intercept)) ** 2 for x, y in zip(xs, ys, strict=True))
     return {"slope": slope, "intercept": intercept, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0}
+
+
+def summary_us(samples_ns: Sequence[int]) -> dict[str, float]:
+    """n, median, p90, p99 and mean of nanosecond samples, in microseconds (for sub-millisecond timings)."""
+    ordered = sorted(samples_ns)
+    return {
+        "n": len(ordered),
+        "median_us": round(percentile(ordered, 50) / 1000, 3),
+        "p90_us": round(percentile(ordered, 90) / 1000, 3),
+        "p99_us": round(percentile(ordered, 99) / 1000, 3),
+        "mean_us": round(statistics.fmean(ordered) / 1000, 3),
+    }

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 
 from prefd.v1 import common_pb2
+from tests.helpers.requests import py
 
 KIND_NAMES = {
     common_pb2.SCOPE_KIND_GLOBAL: "GLOBAL",
@@ -40,6 +41,17 @@ class Applied:
     version: int
     value: Any  # None: the override was removed
     position: tuple[int, int]  # (xid, change id) decoded from the event's cursor
+
+    @classmethod
+    def received(cls, change: Any, position: tuple[int, int]) -> Applied:
+        """A preferences ChangeEvent message as received, at `position` (its decoded cursor)."""
+        value = py(change.new_value) if change.HasField("new_value") else None
+        return cls(scope_of(change.scope), change.key, change.version, value, position)
+
+    def raise_latest(self, latest: dict[tuple[str, str, str], int]) -> None:
+        """Record this version in `latest` (the newest version seen per scope and key)."""
+        name = (*self.scope, self.key)
+        latest[name] = max(latest.get(name, 0), self.version)
 
 
 def check_history(

@@ -19,7 +19,7 @@ from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.tokens import TokenKey
 from tests.helpers.auth import auth
 from tests.helpers.history import Applied, scope_of
-from tests.helpers.requests import py, set_request
+from tests.helpers.requests import set_request
 
 ADMIN = auth("admin")
 # How soon a refused watch asks again (a client's retry pace, not a wait for an event).
@@ -115,16 +115,9 @@ class ResumingWatcher:
         elif which == "change":
             change = message.change
             assert change.kind == common_pb2.CHANGE_KIND_PREFERENCE, (self.name, change)
-            applied = Applied(
-                scope_of(change.scope),
-                change.key,
-                change.version,
-                py(change.new_value) if change.HasField("new_value") else None,
-                self._position(change.cursor.token),
-            )
+            applied = Applied.received(change, self._position(change.cursor.token))
             self.events.append(applied)
-            name = (*applied.scope, applied.key)
-            self.latest[name] = max(self.latest.get(name, 0), applied.version)
+            applied.raise_latest(self.latest)
             self.cursor = change.cursor.token
         elif which == "progress":
             self.cursor = message.progress.cursor.token

@@ -144,16 +144,9 @@ class Watcher:
                     if change.kind != common_pb2.CHANGE_KIND_PREFERENCE:
                         self.other_kinds += 1
                     else:
-                        applied = Applied(
-                            scope_of(change.scope),
-                            change.key,
-                            change.version,
-                            py(change.new_value) if change.HasField("new_value") else None,
-                            self.position(change.cursor.token),
-                        )
+                        applied = Applied.received(change, self.position(change.cursor.token))
                         self.events.append(applied)
-                        name = (*applied.scope, applied.key)
-                        self.latest[name] = max(self.latest.get(name, 0), applied.version)
+                        applied.raise_latest(self.latest)
                     self.last_cursor = change.cursor.token
                     if budget is not None:
                         budget -= 1
