@@ -30,6 +30,7 @@ from prefd_server.notifications.model import (
 )
 from prefd_server.notifications.rules import Evaluation, throttle_step
 from prefd_server.notifications.schedule import digest_key
+from prefd_server.rpc import wire
 from prefd_server.rpc.convert import provenance_to_pb, subject_to_pb, timestamp
 
 # How far from now an event's `at` may be.
@@ -174,24 +175,10 @@ def decision_to_pb(decision: Decision) -> notifications_pb2.Decision:
     )
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """One length-delimited field (a message or string) on the wire."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 # ChannelDecision's action and reason (fields 2 and 3, varints) as a throttle refusal: appended to a
 # channel's bytes they replace its SEND_NOW (the last value of a scalar field wins when parsed).
 _THROTTLED = b"".join(
-    _varint(v) for v in (2 << 3, notifications_pb2.ACTION_SUPPRESS, 3 << 3, notifications_pb2.REASON_THROTTLED)
+    wire.varint(v) for v in (2 << 3, notifications_pb2.ACTION_SUPPRESS, 3 << 3, notifications_pb2.REASON_THROTTLED)
 )
 
 
@@ -219,7 +206,7 @@ class WireDecision:
             trace=_trace_to_pb(evaluation.trace, provenances), priority=PRIORITIES_PB[evaluation.priority]
         ).SerializeToString()
         source = evaluation.rules_source
-        self._source = _field(3, provenance_to_pb(source).SerializeToString()) if source is not None else b""
+        self._source = wire.field(3, provenance_to_pb(source).SerializeToString()) if source is not None else b""
         self._last_subject: tuple[Subject, bytes] | None = None  # a remembered answer is asked for one subject
         self.cost = len(self._tail) + sum(len(c[0]) for c in self._channels) + len(self._source)
 
@@ -235,24 +222,24 @@ class WireDecision:
         step = throttle_step(self._evaluation, throttle_allowed, state)
         last = self._last_subject
         if last is None or last[0] != subject:
-            last = self._last_subject = (subject, _field(1, _subject_bytes(subject)))
+            last = self._last_subject = (subject, wire.field(1, _subject_bytes(subject)))
         parts = [last[1]]
         step_bytes = b""
         if step is not None:
             head = notifications_pb2.TraceStep(rule=step.rule, key=step.key, outcome=step.outcome)
             step_bytes = head.SerializeToString() + self._source
         # A channel that would send now ends its trace with the throttle step (and is refused with it).
-        sends_now_suffix = (b"" if throttle_allowed else _THROTTLED) + _field(6, step_bytes) if step else b""
+        sends_now_suffix = (b"" if throttle_allowed else _THROTTLED) + wire.field(6, step_bytes) if step else b""
         for body, sends_now, slot in self._channels:
             if slot is not None:
-                body += _field(5, digest_key(subject.user_id, self._category, slot).encode())
+                body += wire.field(5, digest_key(subject.user_id, self._category, slot).encode())
             if sends_now:
                 body += sends_now_suffix
-            parts.append(_field(2, body))
-        parts.append(_field(3, _throttle_state_bytes(state)))
+            parts.append(wire.field(2, body))
+        parts.append(wire.field(3, _throttle_state_bytes(state)))
         parts.append(self._tail)
         if step is not None:
-            parts.append(_field(4, step_bytes))  # and so does the decision's own trace
+            parts.append(wire.field(4, step_bytes))  # and so does the decision's own trace
         return b"".join(parts)
 
 
@@ -274,12 +261,12 @@ def _subject_bytes(subject: Subject) -> bytes:
 
 def decide_response(decision: bytes) -> bytes:
     """A DecideResponse body without its cursor (the caller appends the cursor field)."""
-    return _field(1, decision)
+    return wire.field(1, decision)
 
 
 def decide_batch_response(decisions: Sequence[bytes]) -> bytes:
     """A DecideBatchResponse body without its cursor."""
-    return b"".join(_field(1, d) for d in decisions)
+    return b"".join(wire.field(1, d) for d in decisions)
 
 
 def legal_basis_from_pb(number: int, field: str = "legal_basis") -> LegalBasis:

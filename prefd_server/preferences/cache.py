@@ -32,9 +32,10 @@ Overrides = dict[str, StoredValue]
 NO_OVERRIDES: Overrides = {}
 
 
-# What an org base holds per value, with its serialized pieces and body (measured with tracemalloc: about
-# 50 KB for the 100 shipped definitions).
-BASE_BYTES_PER_VALUE = 520
+# What an org base holds per value once read both ways (single and batch reads), with its wire form
+# (measured with tracemalloc: about 49 KB for the 100 shipped definitions; tests/preferences/test_base_size.py).
+BASE_BYTES_PER_VALUE = 490
+BASE_BYTES_FIXED = 1024
 # Filters whose definition selection is remembered; more clears the memo (requests choose the filters).
 MAX_SELECTIONS = 256
 
@@ -120,6 +121,11 @@ def subject_on_base(
         chosen = [by_key[k] for k in sorted(wanted)]
         own = {v.key: v for v in resolve(chosen, [(layer, scope, held.value) for layer, scope, held in chain])}
     return SubjectValues(base, own, {scope: held.xmin for _, scope, held in chain})
+
+
+def base_bytes(base: OrgBase) -> int:
+    """What an org base is accounted to hold in its cache."""
+    return BASE_BYTES_PER_VALUE * len(base.values) + BASE_BYTES_FIXED
 
 
 def overrides_size(overrides: Overrides) -> int:
@@ -344,24 +350,25 @@ class EffectiveCache:
         definitions = await self.selected(key_prefixes, categories)
         layers = await self._layers.layers(preference_sql.subject_scopes(subjects))
         by_key = self._selected_by_key(definitions)
+        selection = (tuple(key_prefixes), tuple(categories))
         found = []
         for subject in subjects:
             chain = [(layer, scope, layers[scope]) for layer, scope in subject.layers()]
-            base = self._base(subject.org_id, key_prefixes, categories, definitions, chain)
+            base = self._base(subject.org_id, selection, definitions, chain)
             found.append(subject_on_base(base, chain, by_key))
         return found
 
     def _base(
         self,
         org_id: str,
-        key_prefixes: Sequence[str],
-        categories: Sequence[str],
+        selection: tuple[tuple[str, ...], tuple[str, ...]],
         definitions: list[Definition],
         chain: list[tuple[ResolutionLayer, Scope, Layer[Overrides]]],
     ) -> OrgBase:
-        """The org's base for a selection: the kept one if built from these very layers and definitions,
-        else resolved now (no await between the lookup and the store: concurrent misses build it once)."""
-        memo = (org_id, tuple(key_prefixes), tuple(categories))
+        """The org's base for a selection (key prefixes, categories): the kept one if built from these very
+        layers and definitions, else resolved now (no await between the lookup and the store: concurrent
+        misses build it once)."""
+        memo = (org_id, *selection)
         global_layer = chain[0][2]
         org_layer = chain[1][2] if org_id else None
         base = self._bases.get(memo)
@@ -375,7 +382,7 @@ class EffectiveCache:
         if base is not None:  # replaced: responses sharing its body go with it
             self._layers.drop_responses(Scope(ScopeKind.ORG, org_id))
         base = org_base(definitions, chain)
-        self._bases.put(memo, base, BASE_BYTES_PER_VALUE * len(base.values) + 1024)
+        self._bases.put(memo, base, base_bytes(base))
         return base
 
     def _base_evicted(self, memo: tuple[str, tuple[str, ...], tuple[str, ...]], base: OrgBase) -> None:

@@ -83,10 +83,13 @@ async def overrides_now(
 
 def subject_scopes(subjects: Sequence[Subject]) -> list[Scope]:
     """Every distinct scope the subjects resolve through."""
-    scopes = {GLOBAL_SCOPE}
-    for subject in subjects:
-        scopes.update(scope for _, scope in subject.layers())
-    return sorted(scopes, key=lambda s: (s.kind.value, s.id))
+    orgs = {subject.org_id for subject in subjects if subject.org_id}
+    users = {subject.user_id for subject in subjects}
+    return [
+        GLOBAL_SCOPE,
+        *(Scope(ScopeKind.ORG, org) for org in sorted(orgs)),
+        *(Scope(ScopeKind.USER, user) for user in sorted(users)),
+    ]
 
 
 async def page(conn: asyncpg.Connection, scope: Scope, after: str | None, limit: int) -> list[StoredValue]:

@@ -16,7 +16,7 @@ from prefd_server.kernel.model import Layer, Scope, ScopeKind, Subject
 from prefd_server.kernel.scoped_cache import Layer as CachedLayer
 from prefd_server.preferences.cache import org_base, subject_on_base
 from prefd_server.preferences.convert import nested_to_pb
-from prefd_server.preferences.effective_convert import effective_body, effective_kept, subject_preferences
+from prefd_server.preferences.effective_convert import batch_body, effective_body, effective_kept, subject_preferences
 from prefd_server.preferences.model import Definition, StoredValue, ValueType
 from prefd_server.preferences.policy import Policy
 from prefd_server.preferences.resolve import resolve
@@ -104,7 +104,11 @@ def test_a_subject_over_its_org_base_reads_what_full_resolution_reads(
     )
 
     subject = Subject(user, org)
-    batch_entry = preferences_pb2.SubjectPreferences.FromString(subject_preferences(subject, shared))
+    batch = preferences_pb2.BatchGetEffectivePreferencesResponse.FromString(
+        batch_body([subject_preferences(subject, shared), subject_preferences(subject, shared)], b"")
+    )
+    assert len(batch.results) == 2 and batch.results[0] == batch.results[1]
+    batch_entry = batch.results[0]
     assert batch_entry == preferences_pb2.SubjectPreferences(
         subject=common_pb2.Subject(user_id=user, org_id=org), values=expected.values, nested=expected.nested
     )
