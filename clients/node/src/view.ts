@@ -88,7 +88,8 @@ export class PreferencesView {
   private readonly logger: ViewLogger;
   private values = new Map<string, PreferenceValue>();
   private sources = new Map<string, Provenance>();
-  /** Highest version applied per (kind, scope, key): the view never goes back. */
+  /** Highest version applied per (kind, scope, key): the view never goes back (until the user is
+   * erased: their versions start again). */
   private readonly versions = new Map<string, bigint>();
   private readonly listeners = new Set<(changes: KeyChange[]) => void>();
   private readonly closeListeners: Array<() => void> = [];
@@ -305,6 +306,10 @@ export class PreferencesView {
             this.healthy();
             attempt = 0;
           } else if (message.case === "compacted" || message.case === "erased") {
+            if (message.case === "erased") {
+              // The user's overrides are gone and their versions start again at 1: forget the ones seen.
+              this.versions.clear();
+            }
             resnapshot = true;
             break;
           } else {

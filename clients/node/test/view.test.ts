@@ -168,6 +168,25 @@ describe("preferences view", () => {
     assert.equal(view.get("behavior.auto_save"), undefined);
   });
 
+  test("an erased user's view re-snapshots, and follows the versions that start again after it", async () => {
+    const uid = unique("u");
+    await admin.preferences.setPreferences(setRequest(userScope(uid), { "display.theme": "dark" }));
+    const view = await admin.preferencesView(uid);
+    const recorder = new ChangeRecorder(view);
+    assert.equal(view.provenance("display.theme")?.version, 1n);
+
+    await admin.audit.eraseUserData({ userId: uid, reason: "the user asked" });
+    await recorder.waitFor(() => view.get("display.theme") === "light", 10_000, "the erasure");
+    assert.equal(view.provenance("display.theme")?.layer, Layer.DEFAULT);
+    // The user's next override is version 1 again: the view applies it, not skips it as already seen.
+    const written = await admin.preferences.setPreferences(setRequest(userScope(uid), { "display.theme": "system" }));
+    assert.equal(written.changes[0]?.newVersion, 1n);
+    await recorder.waitFor(() => view.get("display.theme") === "system", 10_000, "the override after the erasure");
+    assert.deepEqual(recorder.valuesOf("display.theme"), ["light", "system"]);
+    assert.equal(view.snapshots, 2, "the erasure is answered by a re-snapshot");
+    assert.deepEqual(view.asFlatObject(), await truth(uid));
+  });
+
   test("start rejects at once with the typed error: bad token, forbidden subject, unreachable server", async () => {
     const started = performance.now();
     const cases: Array<[PrefdClient, Code]> = [
