@@ -29,8 +29,11 @@ import {
 import { ChangeRecorder, until, userScope } from "./support/prefd.js";
 
 type WatchMessage = MessageInitShape<typeof WatchPreferencesResponseSchema>;
+/** In a script's messages: wait until the test has its listener on the view (`ScriptedPrefd.release`). */
+const HOLD = Symbol("hold");
+type Step = WatchMessage | typeof HOLD;
 /** One watch call's script: the messages it sends, then it ends (or throws, for an error status). */
-type Script = (signal: AbortSignal) => AsyncIterable<WatchMessage>;
+type Script = (signal: AbortSignal, released: Promise<void>) => AsyncIterable<WatchMessage>;
 
 const UID = "alice";
 const THEME = "display.theme";
@@ -48,6 +51,10 @@ class ScriptedPrefd {
   readonly watches: Watch[] = [];
   private readonly server: Http2Server;
   private readonly waiters = new Set<() => void>();
+  /** Resolves once `release()` is called: held scripts go on. */
+  private readonly released: Promise<void>;
+  /** Let held scripts go on. */
+  readonly release: () => void;
   port = 0;
 
   constructor(
@@ -67,6 +74,9 @@ class ScriptedPrefd {
         }),
     });
     this.server = createServer(handler);
+    let release!: () => void;
+    this.released = new Promise((resolve) => (release = resolve));
+    this.release = release;
   }
 
   get target(): string {
@@ -113,7 +123,7 @@ class ScriptedPrefd {
       wake();
     }
     try {
-      yield* script(signal);
+      yield* script(signal, this.released);
     } finally {
       record.endedAt = performance.now();
     }
@@ -143,18 +153,29 @@ function change(key: string, value: PreferenceValue, version: bigint, cursor: st
   };
 }
 
-/** Sends `messages`, then ends the call with status `code`. */
-function endsWith(code: Code, ...messages: WatchMessage[]): Script {
-  return async function* () {
-    yield* messages;
+/** `steps`' messages, waiting at each HOLD until `released`. */
+async function* send(steps: Step[], released: Promise<void>): AsyncIterable<WatchMessage> {
+  for (const step of steps) {
+    if (step === HOLD) {
+      await released;
+    } else {
+      yield step;
+    }
+  }
+}
+
+/** Sends `steps`, then ends the call with status `code`. */
+function endsWith(code: Code, ...steps: Step[]): Script {
+  return async function* (_signal, released) {
+    yield* send(steps, released);
     throw new ConnectError(`the server ended the watch with ${Code[code]}`, code);
   };
 }
 
-/** Sends `messages`, then stays open until the client goes away. */
-function live(...messages: WatchMessage[]): Script {
-  return async function* (signal) {
-    yield* messages;
+/** Sends `steps`, then stays open until the client goes away. */
+function live(...steps: Step[]): Script {
+  return async function* (signal, released) {
+    yield* send(steps, released);
     await new Promise((resolve) => signal.addEventListener("abort", resolve, { once: true }));
   };
 }
@@ -169,7 +190,9 @@ async function withView(
   const client = createPrefdClient({ target: server.target, token: "t", deadlineMs: 2_000 });
   try {
     const view = await client.preferencesView(UID, "", options);
-    await use(view, new ChangeRecorder(view));
+    const recorder = new ChangeRecorder(view);
+    server.release();
+    await use(view, recorder);
   } finally {
     await client.close();
     await server.close();
@@ -190,7 +213,7 @@ async function withRandom(value: number, use: () => Promise<void>): Promise<void
 describe("a view's feed", () => {
   test("a watch the server ends with CANCELLED is resumed from the view's cursor", async () => {
     const server = new ScriptedPrefd({ [THEME]: ["light", 1n] }, [
-      endsWith(Code.Canceled, started(), change(THEME, "dark", 2n, "c1")),
+      endsWith(Code.Canceled, started(), HOLD, change(THEME, "dark", 2n, "c1")),
       endsWith(Code.Canceled), // refused with CANCELLED before it started, as a busy server does
       live(started(), change(THEME, "system", 3n, "c2")),
     ]);
@@ -213,6 +236,7 @@ describe("a view's feed", () => {
     const server = new ScriptedPrefd({ [THEME]: ["dark", 5n], [SIZE]: [10, 1n] }, [
       live(
         started(),
+        HOLD,
         change(THEME, "light", 4n, "c1"), // older than the snapshot's version 5
         change(SIZE, 20, 2n, "c2"),
         change(THEME, "system", 6n, "c3"),
