@@ -1,6 +1,7 @@
 """prefd.client's live views against the real server: equal to GetEffectivePreferences under
 concurrent writes, no update lost across a server kill and restart, compaction answered by a
-re-snapshot, the blocking client from several threads, and typed errors at once for bad input."""
+re-snapshot, the blocking client from several threads, and typed errors at once for bad input.
+Against a scripted server: a watch the server ends with CANCELLED is resumed from the cursor."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from prefd_server.app import App
 from tests.helpers.aiconfig import SMALL_BUDGET, create_config, usage
 from tests.helpers.auth import auth, token, unique
 from tests.helpers.processes import free_port, prefd_process, purge
-from tests.helpers.requests import eventually, py, set_request, user
+from tests.helpers.requests import eventually, py, set_request, tv, user
 from tests.helpers.settings import make_settings, process_env
 
 ADMIN = auth("admin")
@@ -175,6 +176,72 @@ async def test_compaction_during_an_outage_forces_a_resnapshot_that_converges(fr
         assert view.snapshots == 2  # the resumed cursor was compacted away
         assert view.as_flat_dict() == expected
         assert recorder.values_of("display.items_per_page")[-1] == 16
+
+
+async def test_a_watch_the_server_ends_with_cancelled_is_resumed_from_the_cursor() -> None:
+    theme = "display.theme"
+    scope = user("alice")
+
+    def effective(value: str, version: int) -> preferences_pb2.EffectiveValue:
+        source = common_pb2.Provenance(layer=common_pb2.LAYER_USER, scope=scope, version=version)
+        return preferences_pb2.EffectiveValue(key=theme, value=tv(value), provenance=source)
+
+    def change(value: str, version: int, cursor: str) -> preferences_pb2.WatchPreferencesResponse:
+        event = preferences_pb2.ChangeEvent(
+            kind=common_pb2.CHANGE_KIND_PREFERENCE,
+            scope=scope,
+            key=theme,
+            version=version,
+            new_value=tv(value),
+            cursor=common_pb2.Cursor(token=cursor),
+            effective=effective(value, version),
+        )
+        return preferences_pb2.WatchPreferencesResponse(change=event)
+
+    started = preferences_pb2.WatchPreferencesResponse(started=common_pb2.WatchStarted())
+    cursors: list[str] = []
+    listening = asyncio.Event()  # the first change waits for the test's callback on the view
+
+    class Scripted(preferences_pb2_grpc.PreferencesServiceServicer):
+        """A snapshot, then: a watch ended with CANCELLED after a change, one refused with CANCELLED
+        before it started (as a busy server does), and one that stays open after another change."""
+
+        async def GetEffectivePreferences(self, request: Any, context: Any) -> Any:
+            return preferences_pb2.GetEffectivePreferencesResponse(
+                values=[effective("light", 1)], cursor=common_pb2.Cursor(token="snapshot")
+            )
+
+        async def WatchPreferences(self, request: Any, context: Any) -> AsyncIterator[Any]:
+            cursors.append(request.start_cursor.token)
+            if len(cursors) == 1:
+                yield started
+                await listening.wait()
+                yield change("dark", 2, "c1")
+                await context.abort(grpc.StatusCode.CANCELLED, "the server ended the watch")
+            elif len(cursors) == 2:
+                await context.abort(grpc.StatusCode.CANCELLED, "the server refused the watch")
+            else:
+                yield started
+                yield change("system", 3, "c2")
+                await asyncio.Future()  # open until the client goes away
+
+    server = grpc.aio.server()
+    preferences_pb2_grpc.add_PreferencesServiceServicer_to_server(Scripted(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncPrefdClient(f"127.0.0.1:{port}", token="t", timeout_s=2) as client:
+            view = await client.preferences("alice", backoff=Backoff(initial_s=0.01, max_s=0.05))
+            recorder = Recorder()
+            view.on_change(recorder)
+            listening.set()
+            await _until(lambda: view.get(theme) == "system", 10)
+            assert recorder.values_of(theme) == ["dark", "system"]
+            assert cursors == ["snapshot", "c1", "c1"]
+            assert view.reconnects == 2 and view.snapshots == 1 and view.cursor == "c2" and not view.stale
+            assert view.last_error is not None and view.last_error.code == grpc.StatusCode.CANCELLED
+    finally:
+        await server.stop(None)
 
 
 async def test_a_stale_view_can_be_told_to_raise(fresh_database, tmp_path) -> None:
