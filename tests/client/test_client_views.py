@@ -1,6 +1,6 @@
 """prefd.client's live views against the real server: equal to GetEffectivePreferences under
-concurrent writes, no update lost across a server kill and restart, compaction answered by a
-re-snapshot, the blocking client from several threads, and typed errors at once for bad input.
+concurrent writes, no update lost across a server kill and restart, compaction and erasure answered
+by a re-snapshot, the blocking client from several threads, and typed errors at once for bad input.
 Against a scripted server: a watch the server ends with CANCELLED is resumed from the cursor."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from google.protobuf import field_mask_pb2
 
 from prefd.client import AsyncPrefdClient, Backoff, KeyChange, PrefdClient, PrefdError, StaleViewError
 from prefd.v1 import ai_config_pb2 as ai
-from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
+from prefd.v1 import audit_pb2, common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.app import App
 from tests.helpers.aiconfig import SMALL_BUDGET, create_config, usage
 from tests.helpers.auth import auth, token, unique
@@ -176,6 +176,27 @@ async def test_compaction_during_an_outage_forces_a_resnapshot_that_converges(fr
         assert view.snapshots == 2  # the resumed cursor was compacted away
         assert view.as_flat_dict() == expected
         assert recorder.values_of("display.items_per_page")[-1] == 16
+
+
+async def test_an_erased_users_view_resnapshots_and_follows_the_versions_that_start_again(app: App, stub) -> None:
+    uid = unique("u")
+    await stub.SetPreferences(set_request(user(uid), {"display.theme": "dark"}), metadata=ADMIN)
+    async with AsyncPrefdClient(f"127.0.0.1:{app.port}", token=token("admin")) as client:
+        view = await client.preferences(uid)
+        recorder = Recorder()
+        view.on_change(recorder)
+        assert view.provenance("display.theme").version == 1  # type: ignore[union-attr]
+
+        await client.erase_user_data(audit_pb2.EraseUserDataRequest(user_id=uid, reason="the user asked"))
+        await _until(lambda: view.get("display.theme") == "light", 10)
+        assert view.provenance("display.theme").layer == common_pb2.LAYER_DEFAULT  # type: ignore[union-attr]
+        # The user's next override is version 1 again: the view applies it, not skips it as already seen.
+        written = await stub.SetPreferences(set_request(user(uid), {"display.theme": "system"}), metadata=ADMIN)
+        assert written.changes[0].new_version == 1
+        await _until(lambda: view.get("display.theme") == "system", 10)
+        assert recorder.values_of("display.theme") == ["light", "system"]
+        assert view.snapshots == 2  # the erasure is answered by a re-snapshot
+        assert view.as_flat_dict() == await truth(stub, uid)
 
 
 async def test_a_watch_the_server_ends_with_cancelled_is_resumed_from_the_cursor() -> None:

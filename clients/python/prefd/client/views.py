@@ -173,6 +173,8 @@ class _LiveView(abc.ABC):
                         self._healthy()
                         attempt = 0
                     elif which in ("compacted", "erased"):
+                        if which == "erased":
+                            self._erased()
                         resnapshot = True
                         break
                     else:
@@ -222,6 +224,10 @@ class _LiveView(abc.ABC):
     def _apply(self, which: str, message: Any) -> None:
         """Apply one watch message (not `started`, `compacted` or `erased`)."""
 
+    @abc.abstractmethod
+    def _erased(self) -> None:
+        """The watched user's data was erased (a re-snapshot follows): forget what assumed its history."""
+
 
 class PreferencesView(_LiveView):
     """A subject's effective preferences, live. Create with `await client.preferences(user_id)`."""
@@ -241,7 +247,8 @@ class PreferencesView(_LiveView):
         self._prefixes = list(key_prefixes)
         self._values: dict[str, Any] = {}
         self._provenance: dict[str, common_pb2.Provenance] = {}
-        # Highest version applied per (kind, scope, key): the view never goes back.
+        # Highest version applied per (kind, scope, key): the view never goes back (until the user is
+        # erased: their versions start again).
         self._versions: dict[tuple[int, str, str], int] = {}
         self._callbacks: list[Callable[[list[KeyChange]], None]] = []
         self.changes_applied = 0
@@ -318,6 +325,10 @@ class PreferencesView(_LiveView):
         self._cursor = reply.cursor.token
         self.snapshots += 1
         self._notify(changes)
+
+    def _erased(self) -> None:
+        # The user's overrides are gone and their next ones start again at version 1.
+        self._versions.clear()
 
     def _apply(self, which: str, message: preferences_pb2.WatchPreferencesResponse) -> None:
         if which == "progress":
@@ -406,6 +417,9 @@ class AIConfigView(_LiveView):
         self.snapshots += 1
         if changed:
             self._notify_change()
+
+    def _erased(self) -> None:
+        """Nothing here assumes the history: the re-snapshot replaces the configuration."""
 
     def _apply(self, which: str, message: ai_config_pb2.WatchAIConfigResponse) -> None:
         if which == "progress":
