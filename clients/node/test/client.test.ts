@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { createServer, type Server, type Socket } from "node:net";
+import { connect, createServer, type Server, type Socket } from "node:net";
 import { after, before, describe, test } from "node:test";
 
 import type { Interceptor } from "@connectrpc/connect";
@@ -27,12 +27,130 @@ import {
   NotificationService,
   PrefdError,
   PreferencesService,
+  SERVER_MIN_PING_INTERVAL_MS,
   StatisticsService,
   TemplateService,
   typedValue,
   type PrefdClient,
 } from "../src/index.js";
 import { closeSuite, freePort, FreshDatabase, openSuite, PrefdServer, setRequest, token, unique, userScope } from "./support/prefd.js";
+
+const HTTP2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+const PING = 0x6;
+const GOAWAY = 0x7;
+const ACK = 0x1;
+
+/** HTTP/2 frames (type, flags) in one direction of a plaintext connection, as they go by. */
+class FrameReader {
+  private pending = Buffer.alloc(0);
+  private prefaceLeft: number;
+
+  constructor(
+    fromClient: boolean,
+    private readonly onFrame: (type: number, flags: number) => void,
+  ) {
+    this.prefaceLeft = fromClient ? HTTP2_PREFACE.length : 0;
+  }
+
+  push(chunk: Buffer): void {
+    this.pending = Buffer.concat([this.pending, chunk]);
+    if (this.prefaceLeft > 0) {
+      const skipped = Math.min(this.prefaceLeft, this.pending.length);
+      this.pending = this.pending.subarray(skipped);
+      this.prefaceLeft -= skipped;
+    }
+    while (this.pending.length >= 9) {
+      const length = this.pending.readUIntBE(0, 3);
+      if (this.pending.length < 9 + length) {
+        return;
+      }
+      this.onFrame(this.pending[3] as number, this.pending[4] as number);
+      this.pending = this.pending.subarray(9 + length);
+    }
+  }
+}
+
+/** A TCP relay to `target` that counts connections, the client's PINGs, their ACKs and GOAWAYs. */
+class FrameCountingRelay {
+  connections = 0;
+  clientPings = 0;
+  serverPingAcks = 0;
+  serverGoaways = 0;
+  private readonly sockets = new Set<Socket>();
+  private readonly server: Server;
+  private readonly waiters = new Set<() => void>();
+
+  constructor(targetPort: number) {
+    this.server = createServer((client) => {
+      this.connections += 1;
+      const upstream = connect(targetPort, "127.0.0.1");
+      this.sockets.add(client).add(upstream);
+      const up = new FrameReader(true, (type, flags) => {
+        if (type === PING && (flags & ACK) === 0) {
+          this.clientPings += 1;
+        }
+      });
+      const down = new FrameReader(false, (type, flags) => {
+        if (type === PING && (flags & ACK) !== 0) {
+          this.serverPingAcks += 1;
+          this.wake();
+        } else if (type === GOAWAY) {
+          this.serverGoaways += 1;
+        }
+      });
+      client.on("data", (chunk: Buffer) => {
+        up.push(chunk);
+        upstream.write(chunk);
+      });
+      upstream.on("data", (chunk: Buffer) => {
+        down.push(chunk);
+        client.write(chunk);
+      });
+      client.on("close", () => upstream.destroy());
+      upstream.on("close", () => client.destroy());
+      client.on("error", () => upstream.destroy());
+      upstream.on("error", () => client.destroy());
+    });
+  }
+
+  async listen(): Promise<number> {
+    await new Promise<void>((resolve) => this.server.listen(0, "127.0.0.1", resolve));
+    const address = this.server.address();
+    return typeof address === "object" && address !== null ? address.port : 0;
+  }
+
+  /** Resolves once the server has acknowledged `count` PINGs. */
+  pingAcks(count: number, deadlineMs: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const wake = (): void => {
+        if (this.serverPingAcks >= count) {
+          clearTimeout(timer);
+          this.waiters.delete(wake);
+          resolve();
+        }
+      };
+      const timer = setTimeout(() => {
+        this.waiters.delete(wake);
+        reject(new Error(`timed out after ${deadlineMs} ms waiting for ${count} PING ACKs; saw ${this.serverPingAcks}`));
+      }, deadlineMs);
+      this.waiters.add(wake);
+      wake();
+    });
+  }
+
+  async close(): Promise<void> {
+    for (const socket of this.sockets) {
+      socket.destroy();
+    }
+    await new Promise((resolve) => this.server.close(resolve));
+  }
+
+  private wake(): void {
+    for (const waiter of [...this.waiters]) {
+      waiter();
+    }
+  }
+}
 
 /** The error a promise rejects with (fails when it resolves). */
 async function rejection(promise: Promise<unknown>): Promise<PrefdError> {
@@ -231,6 +349,28 @@ describe("prefd client", () => {
         socket.destroy();
       }
       await new Promise((resolve) => silent.close(resolve));
+    }
+  });
+
+  test("keepalive pings at the interval the server accepts: answered, and the connection stays", async () => {
+    const relay = new FrameCountingRelay(server.port);
+    const port = await relay.listen();
+    const client = createPrefdClient({
+      target: `127.0.0.1:${port}`,
+      token: token("admin"),
+      keepalive: { intervalMs: SERVER_MIN_PING_INTERVAL_MS, timeoutMs: 5_000 },
+    });
+    try {
+      await client.preferences.getEffectivePreferences({ subject: { userId: "alice" } });
+      assert.equal(relay.clientPings, 0);
+      // The connection is idle now: the client pings it after the interval, and the server answers.
+      await relay.pingAcks(1, SERVER_MIN_PING_INTERVAL_MS + 5_000);
+      assert.equal(relay.clientPings, 1);
+      await client.preferences.getEffectivePreferences({ subject: { userId: "alice" } });
+      assert.deepEqual([relay.connections, relay.serverGoaways], [1, 0], "the same connection, never sent away");
+    } finally {
+      await client.close();
+      await relay.close();
     }
   });
 
