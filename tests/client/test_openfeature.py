@@ -332,12 +332,12 @@ async def test_an_unreachable_server_is_an_error_at_once_and_each_evaluation_say
     try:
         with pytest.raises(GeneralError) as err:
             await asyncio.to_thread(api.set_provider_and_wait, provider, domain)
-        assert "UNAVAILABLE" in str(err.value.error_message) or "DEADLINE_EXCEEDED" in str(err.value.error_message)
+        assert "UNAVAILABLE" in str(err.value.error_message)  # refused at once, not left to the deadline
         flags = api.get_client(domain)
         assert flags.get_provider_status() == ProviderStatus.ERROR
         failed = await flags.get_boolean_details_async(keys.enabled, True, subject(unique("u")))
         assert (failed.value, failed.reason, failed.error_code) == (True, Reason.ERROR, ErrorCode.GENERAL)
-        assert "UNAVAILABLE" in str(failed.error_message) or "DEADLINE_EXCEEDED" in str(failed.error_message)
+        assert "UNAVAILABLE" in str(failed.error_message)
     finally:
         await asyncio.to_thread(api.clear_providers)
     assert time.monotonic() - started < 15

@@ -366,14 +366,14 @@ describe("OpenFeature provider", () => {
     await assert.rejects(OpenFeature.setProviderAndWait(domain, provider), (error: Rejection) => {
       assert.equal(error.code, ErrorCode.GENERAL);
       assert.ok(error.cause instanceof PrefdError);
-      assert.ok([Code.Unavailable, Code.DeadlineExceeded].includes(error.cause.code), error.message);
+      assert.equal(error.cause.code, Code.Unavailable, error.message); // refused at once, not left to the deadline
       return true;
     });
     const flags = OpenFeature.getClient(domain);
     assert.equal(flags.providerStatus, ProviderStatus.ERROR);
     const failed = await flags.getBooleanDetails(keys.enabled, true, subject(unique("u")));
     fails(failed, ErrorCode.GENERAL, true);
-    assert.match(String(failed.errorMessage), /UNAVAILABLE|DEADLINE_EXCEEDED/);
+    assert.match(String(failed.errorMessage), /UNAVAILABLE/);
     assert.ok(performance.now() - started < 15_000);
   });
 
