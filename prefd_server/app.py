@@ -115,6 +115,7 @@ class App:
         self._embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
         self._pool: asyncpg.Pool | None = None
         self._read_pool: asyncpg.Pool | None = None
+        self._probe_pool: asyncpg.Pool | None = None
         self._collections = FullCollections()
         self._redis: RedisLayers | None = None
         self._notifier: WakeupNotifier | None = None
@@ -196,8 +197,18 @@ class App:
                 kernel.caches,
             )
             self.metrics_port = self._metrics_server.server_port
+        # The monitor probes on a connection of its own: calls holding every pooled connection under load
+        # are not PostgreSQL being down, and must not make a probe wait for one.
+        self._probe_pool = await create_pool(
+            self.dsn,
+            1,
+            1,
+            self.settings.db_statement_timeout_ms,
+            single_statements=True,
+            breaker=breaker_of(kernel.pool),
+        )
         monitor = HealthMonitor(
-            kernel.pool,
+            self._probe_pool,
             serving_status(self._health, service_names),
             settings.health_interval_s,
             settings.health_timeout_s,
@@ -287,7 +298,7 @@ class App:
             self._monitor_task.cancel()
             await asyncio.gather(self._monitor_task, return_exceptions=True)
             self._monitor_task = None
-        for pool in (self._read_pool, self._pool):
+        for pool in (self._probe_pool, self._read_pool, self._pool):
             if pool is None:
                 continue
             try:
@@ -296,7 +307,7 @@ class App:
                     await pool.close()
             except TimeoutError:
                 pool.terminate()
-        self._pool = self._read_pool = None
+        self._pool = self._read_pool = self._probe_pool = None
         if self._embedded is not None:
             await self._embedded.stop()
         if self.tracing is not None:

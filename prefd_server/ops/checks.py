@@ -20,6 +20,10 @@ from prefd_server.ops.model import ComponentReport, Status, SystemReport
 
 T = TypeVar("T")
 
+# Event-loop turns a timed-out check is given to read an answer that arrived while the loop stalled
+# (socket readable, then the driver's callback, then the check's own step).
+STALL_TURNS = 4
+
 # The connections the running check of a Probe holds through a ProbedPool (set in the check's context).
 _held: contextvars.ContextVar[set[Any] | None] = contextvars.ContextVar("prefd_probe_held", default=None)
 
@@ -79,7 +83,14 @@ class Probe(Generic[T]):
         task = self._task
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
         if not done:
-            raise TimeoutError
+            # An event loop that stalled past the timeout (a long pause of the process) may hold the answer
+            # unread: a few more turns read it before the check counts as unanswered.
+            for _ in range(STALL_TURNS):
+                await asyncio.sleep(0)
+                if task.done():
+                    break
+            else:
+                raise TimeoutError
         if self._task is task:
             self._task = None
         if task.cancelled():
