@@ -36,14 +36,13 @@ It prints ``floor serving on port N`` once it accepts calls and stops on SIGTERM
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
 import grpc
-from harness.plain_server import serve_plain
+from harness.plain_server import run_plain
 
 from prefd.v1 import common_pb2, preferences_pb2
 
@@ -137,18 +136,12 @@ def build_handler(floor: FanoutFloor) -> grpc.GenericRpcHandler:
     )
 
 
-async def serve(host: str, port: int, grace_s: float) -> None:
-    """Serve until SIGTERM or SIGINT, then stop within `grace_s` seconds."""
-    await serve_plain(build_handler(FanoutFloor()), "floor", host, port, grace_s)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Bare grpc.aio server fanning SetPreferences out to watch streams.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--grace", type=float, default=1.0, help="seconds to drain on shutdown (default 1)")
-    args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, args.grace))
+    run_plain(
+        lambda: build_handler(FanoutFloor()),
+        "floor",
+        "Bare grpc.aio server fanning SetPreferences out to watch streams.",
+    )
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ The server is a plain ``grpc.aio.server()`` (default options, no interceptors). 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-from harness.plain_server import serve_plain
+from harness.plain_server import run_plain
 
 from prefd.v1 import common_pb2, preferences_pb2
 
@@ -41,18 +40,8 @@ def build_handler() -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.unary_stream_rpc_method_handler(watch)})
 
 
-async def serve(host: str, port: int, grace_s: float) -> None:
-    """Serve until SIGTERM or SIGINT, then stop within `grace_s` seconds."""
-    await serve_plain(build_handler(), "idle", host, port, grace_s)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Bare grpc.aio server with idle WatchPreferences streams.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--grace", type=float, default=1.0, help="seconds to drain on shutdown (default 1)")
-    args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, args.grace))
+    run_plain(build_handler, "idle", "Bare grpc.aio server with idle WatchPreferences streams.")
 
 
 if __name__ == "__main__":

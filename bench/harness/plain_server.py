@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
+from collections.abc import Callable
 
 import grpc
 
@@ -28,3 +30,18 @@ async def serve_plain(handler: grpc.GenericRpcHandler, name: str, host: str, por
         await stop.wait()
     finally:
         await server.stop(grace_s)
+
+
+def run_plain(build_handler: Callable[[], grpc.GenericRpcHandler], name: str, description: str) -> None:
+    """The command line of a baseline server taking only --host, --port and --grace: serve_plain with
+    the handler `build_handler` returns (called inside the event loop) until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--grace", type=float, default=1.0, help="seconds to drain on shutdown (default 1)")
+    args = parser.parse_args()
+
+    async def serve() -> None:
+        await serve_plain(build_handler(), name, args.host, args.port, args.grace)
+
+    asyncio.run(serve())
