@@ -24,12 +24,12 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
-from tests.helpers.processes import prefd_process
+from tests.helpers.processes import pipe, prefd_process
 
 NAMESPACE_PREFIX = "prefd-hosts-"
 SUBNET_PREFIX = "10.213."
@@ -133,15 +133,9 @@ class TcpRelay:
     async def _admit(self) -> None:
         """Called before a new connection is forwarded (a StallingRelay holds it while cut)."""
 
-    async def _relay(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        up_reader: asyncio.StreamReader,
-        up_writer: asyncio.StreamWriter,
-    ) -> None:
-        """Forward both ways until either side ends."""
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+    def _hold(self) -> Callable[[], Awaitable[bool]] | None:
+        """A new connection's `hold` for pipe(), shared by both directions (None: forward everything)."""
+        return None
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -156,7 +150,8 @@ class TcpRelay:
             else:
                 up_reader, up_writer = await asyncio.open_connection(where, port)
             self._writers.add(up_writer)
-            await self._relay(reader, writer, up_reader, up_writer)
+            hold = self._hold()
+            await asyncio.gather(pipe(reader, up_writer, hold), pipe(up_reader, writer, hold))
             self._writers.discard(up_writer)
         except OSError:
             writer.transport.abort()
@@ -201,35 +196,22 @@ class StallingRelay(TcpRelay):
     async def _admit(self) -> None:
         await self._open.wait()
 
-    async def _relay(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        up_reader: asyncio.StreamReader,
-        up_writer: asyncio.StreamWriter,
-    ) -> None:
+    def _hold(self) -> Callable[[], Awaitable[bool]]:
         stalled = False
 
-        async def forward(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def hold() -> bool:
             nonlocal stalled
-            try:
-                while data := await src.read(65536):
-                    if not stalled and not self._open.is_set():
-                        stalled = True
-                        async with self._stalls:
-                            self.stalled += 1
-                            self._stalls.notify_all()
-                    if stalled:
-                        await self._stopping.wait()  # for good
-                        return
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.transport.abort()
+            if not stalled and not self._open.is_set():
+                stalled = True
+                async with self._stalls:
+                    self.stalled += 1
+                    self._stalls.notify_all()
+            if stalled:
+                await self._stopping.wait()  # for good
+                return False
+            return True
 
-        await asyncio.gather(forward(reader, up_writer), forward(up_reader, writer))
+        return hold
 
 
 @contextlib.asynccontextmanager
@@ -243,17 +225,6 @@ async def stalling_relay(server_url: str) -> AsyncIterator[StallingRelay]:
     finally:
         relay.heal()
         await relay.stop()
-
-
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while data := await src.read(65536):
-            dst.write(data)
-            await dst.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        dst.transport.abort()
 
 
 def postgres_target(server_url: str) -> tuple[tuple[str, str, int], str]:

@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -80,6 +80,23 @@ async def prefd_process(
         await proc.wait()
 
 
+async def pipe(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, hold: Callable[[], Awaitable[bool]] | None = None
+) -> None:
+    """Copy `src` to `dst` until either side ends, then abort `dst`. `hold`, when given, is awaited
+    before each chunk is written; when it returns False the chunk is dropped and the copying stops."""
+    try:
+        while data := await src.read(65536):
+            if hold is not None and not await hold():
+                return
+            dst.write(data)
+            await dst.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        dst.transport.abort()
+
+
 class PgProxy:
     """Forwards TCP connections to PostgreSQL; stop() cuts every connection and refuses new ones;
     freeze() keeps every connection open but forwards nothing (a hung server) until thaw()."""
@@ -125,18 +142,11 @@ class PgProxy:
             up_reader, up_writer = await asyncio.open_connection(*self._target)
         self._writers.update((writer, up_writer))
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    await self._flowing.wait()
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.transport.abort()
+        async def flowing() -> bool:
+            await self._flowing.wait()
+            return True
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, flowing), pipe(up_reader, writer, flowing))
         self._writers.difference_update((writer, up_writer))
 
 
