@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
-from tests.helpers.processes import pipe, prefd_process
+from tests.helpers.processes import TcpRelay, prefd_process
 
 NAMESPACE_PREFIX = "prefd-hosts-"
 SUBNET_PREFIX = "10.213."
@@ -100,64 +100,6 @@ class Link:
         run("tc", "qdisc", "del", "dev", self.root_dev, "root")
         run("tc", "-n", self.netns, "qdisc", "del", "dev", self.ns_dev, "root")
         self.cut_now = False
-
-
-class TcpRelay:
-    """Listens on (host, any port) in the root namespace and forwards each connection to `target`:
-    ("tcp", host, port) or ("unix", path, 0)."""
-
-    def __init__(self, listen_host: str, target: tuple[str, str, int]) -> None:
-        self._listen_host = listen_host
-        self._target = target
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accepted, self._listen_host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        if self._tasks:
-            # Aborted transports end every pipe (cancelling a stream handler makes asyncio log an error).
-            await asyncio.wait(self._tasks, timeout=5)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _admit(self) -> None:
-        """Called before a new connection is forwarded (a StallingRelay holds it while cut)."""
-
-    def _hold(self) -> Callable[[], Awaitable[bool]] | None:
-        """A new connection's `hold` for pipe(), shared by both directions (None: forward everything)."""
-        return None
-
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            await self._admit()
-            kind, where, port = self._target
-            if kind == "unix":
-                up_reader, up_writer = await asyncio.open_unix_connection(where)
-            else:
-                up_reader, up_writer = await asyncio.open_connection(where, port)
-            self._writers.add(up_writer)
-            hold = self._hold()
-            await asyncio.gather(pipe(reader, up_writer, hold), pipe(up_reader, writer, hold))
-            self._writers.discard(up_writer)
-        except OSError:
-            writer.transport.abort()
-        finally:
-            self._writers.discard(writer)
-            self._tasks.discard(task)
 
 
 class StallingRelay(TcpRelay):

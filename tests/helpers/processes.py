@@ -1,4 +1,4 @@
-"""Helpers that run prefd as a real process, and a TCP proxy that can cut a server off its database."""
+"""Helpers that run prefd as a real process, and TCP relays, one of which can cut a server off its database."""
 
 from __future__ import annotations
 
@@ -97,19 +97,79 @@ async def pipe(
         dst.transport.abort()
 
 
-class PgProxy:
+class TcpRelay:
+    """Listens on (host, any port; the same one again after a restart) and forwards each connection to
+    `target`: ("tcp", host, port) or ("unix", path, 0)."""
+
+    def __init__(self, listen_host: str, target: tuple[str, str, int]) -> None:
+        self._listen_host = listen_host
+        self._target = target
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accepted, self._listen_host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if self._tasks:
+            # Aborted transports end every pipe (cancelling a stream handler makes asyncio log an error).
+            await asyncio.wait(self._tasks, timeout=5)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _admit(self) -> None:
+        """Called before a new connection is forwarded (a StallingRelay holds it while cut)."""
+
+    def _hold(self) -> Callable[[], Awaitable[bool]] | None:
+        """A new connection's `hold` for pipe(), shared by both directions (None: forward everything)."""
+        return None
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        try:
+            await self._admit()
+            kind, where, port = self._target
+            if kind == "unix":
+                up_reader, up_writer = await asyncio.open_unix_connection(where)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(where, port)
+            self._writers.add(up_writer)
+            hold = self._hold()
+            await asyncio.gather(pipe(reader, up_writer, hold), pipe(up_reader, writer, hold))
+            self._writers.discard(up_writer)
+        except OSError:
+            writer.transport.abort()
+        finally:
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+
+
+class PgProxy(TcpRelay):
     """Forwards TCP connections to PostgreSQL; stop() cuts every connection and refuses new ones;
     freeze() keeps every connection open but forwards nothing (a hung server) until thaw()."""
 
     def __init__(self, server_url: str) -> None:
         parsed = urlparse(server_url)
         socket_dir = parse_qs(parsed.query).get("host", [None])[0]
-        self._target_unix = f"{socket_dir}/.s.PGSQL.{parsed.port or 5432}" if socket_dir else None
-        self._target = (parsed.hostname or "127.0.0.1", parsed.port or 5432)
+        port = parsed.port or 5432
+        target = (
+            ("unix", f"{socket_dir}/.s.PGSQL.{port}", 0)
+            if socket_dir
+            else ("tcp", parsed.hostname or "127.0.0.1", port)
+        )
+        super().__init__("127.0.0.1", target)
         self._user = parsed.username or "postgres"
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
 
@@ -122,32 +182,15 @@ class PgProxy:
     def url(self, database: str) -> str:
         return f"postgresql://{self._user}@127.0.0.1:{self.port}/{database}"
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._writers):
-                writer.transport.abort()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _admit(self) -> None:
         await self._flowing.wait()
-        if self._target_unix:
-            up_reader, up_writer = await asyncio.open_unix_connection(self._target_unix)
-        else:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        self._writers.update((writer, up_writer))
 
-        async def flowing() -> bool:
-            await self._flowing.wait()
-            return True
+    def _hold(self) -> Callable[[], Awaitable[bool]]:
+        return self._flows
 
-        await asyncio.gather(pipe(reader, up_writer, flowing), pipe(up_reader, writer, flowing))
-        self._writers.difference_update((writer, up_writer))
+    async def _flows(self) -> bool:
+        await self._flowing.wait()
+        return True
 
 
 async def purge(database_url: str, older_than: str = "0s") -> str:
