@@ -18,6 +18,12 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low))
 
 
+def scaled_percentiles(sorted_ns: Sequence[int], unit_ns: float, qs: dict[str, float]) -> dict[str, float]:
+    """{name: the q-th percentile} for each name: q in `qs`, of sorted nanosecond samples, in units of
+    `unit_ns` nanoseconds rounded to 3 places."""
+    return {name: round(percentile(sorted_ns, q) / unit_ns, 3) for name, q in qs.items()}
+
+
 def percentiles_ms(samples_ns: Sequence[int]) -> dict[str, float | int | None]:
     """n, p50, p90, p99, p99.9 and max of nanosecond samples, in milliseconds (None without samples)."""
     if not samples_ns:
@@ -25,10 +31,7 @@ def percentiles_ms(samples_ns: Sequence[int]) -> dict[str, float | int | None]:
     ordered = sorted(samples_ns)
     return {
         "n": len(ordered),
-        "p50": round(percentile(ordered, 50) / 1e6, 3),
-        "p90": round(percentile(ordered, 90) / 1e6, 3),
-        "p99": round(percentile(ordered, 99) / 1e6, 3),
-        "p99.9": round(percentile(ordered, 99.9) / 1e6, 3),
+        **scaled_percentiles(ordered, 1e6, {"p50": 50, "p90": 90, "p99": 99, "p99.9": 99.9}),
         "max": round(ordered[-1] / 1e6, 3),
     }
 
@@ -66,8 +69,6 @@ def summary_us(samples_ns: Sequence[int]) -> dict[str, float]:
     ordered = sorted(samples_ns)
     return {
         "n": len(ordered),
-        "median_us": round(percentile(ordered, 50) / 1000, 3),
-        "p90_us": round(percentile(ordered, 90) / 1000, 3),
-        "p99_us": round(percentile(ordered, 99) / 1000, 3),
+        **scaled_percentiles(ordered, 1000, {"median_us": 50, "p90_us": 90, "p99_us": 99}),
         "mean_us": round(statistics.fmean(ordered) / 1000, 3),
     }
