@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
+from prefd_server.kernel.db import init_connection, migrate
 from prefd_server.settings import Settings
 
 SECRET = "test-signing-secret-" + "x" * 32
@@ -18,6 +21,18 @@ def with_database(url: str, name: str) -> str:
     base, _, query = url.partition("?")
     head, _, _old = base.rpartition("/")
     return f"{head}/{name}" + (f"?{query}" if query else "")
+
+
+async def migrated_database(fresh_database: Any) -> str:
+    """The URL of a new database (from the `fresh_database` fixture) with every migration applied."""
+    url: str = await fresh_database()
+    conn = await asyncpg.connect(url)
+    try:
+        await init_connection(conn)
+        await migrate(conn)
+    finally:
+        await conn.close()
+    return url
 
 
 def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settings:

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import asyncpg
 import pytest
 
-from prefd_server.kernel.db import breaker_of, create_pool, init_connection, lock_scope, migrate
+from prefd_server.kernel.db import breaker_of, create_pool, init_connection, lock_scope
 from prefd_server.kernel.deadline import CallDeadlineExceeded, DatabaseBreaker, start_call
 from prefd_server.kernel.errors import DatabaseUnavailable
 from prefd_server.kernel.feed import FeedReader, Mailbox
@@ -28,6 +28,7 @@ from prefd_server.kernel.snapshot_value import SnapshotValue
 from prefd_server.preferences import store as preference_sql
 from tests.helpers.netns import StallingRelay, stalling_relay
 from tests.helpers.requests import eventually
+from tests.helpers.settings import migrated_database
 
 T = TypeVar("T")
 # After the monitor finds PostgreSQL back, how soon the reader must have read on a fresh connection.
@@ -61,14 +62,7 @@ async def behind_relay(
     server_url: str, fresh_database: Any, migrated: bool = False
 ) -> AsyncIterator[tuple[StallingRelay, asyncpg.Pool, DatabaseBreaker, str]]:
     """(relay, a pool through it, the pool's breaker, the database's direct URL)."""
-    url = await fresh_database()
-    if migrated:
-        conn = await asyncpg.connect(url)
-        try:
-            await init_connection(conn)
-            await migrate(conn)
-        finally:
-            await conn.close()
+    url = await (migrated_database(fresh_database) if migrated else fresh_database())
     async with stalling_relay(server_url) as relay:
         pool = await create_pool(relay.url(urlparse(url).path.lstrip("/")), 2, 4, 10_000)
         breaker = breaker_of(pool)
@@ -130,13 +124,7 @@ async def test_the_feed_reader_reads_on_a_fresh_connection_as_soon_as_the_databa
 
 
 async def test_a_read_while_the_database_is_held_down_asks_the_monitor_first(fresh_database: Any) -> None:
-    url = await fresh_database()
-    conn = await asyncpg.connect(url)
-    try:
-        await init_connection(conn)
-        await migrate(conn)
-    finally:
-        await conn.close()
+    url = await migrated_database(fresh_database)
     pool = await create_pool(url, 1, 4, 10_000)
     breaker = breaker_of(pool)
     assert breaker is not None
