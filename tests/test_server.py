@@ -25,7 +25,7 @@ from tests.helpers.auth import auth, unique
 from tests.helpers.health import NOT_SERVING, SERVING, next_status
 from tests.helpers.processes import PgProxy, prefd_process
 from tests.helpers.requests import set_request, user
-from tests.helpers.settings import SECRET, make_settings
+from tests.helpers.settings import make_settings, serve_env
 
 # Someone waits on the advisory lock hashtextextended($1, 0) in this connection's database.
 # pg_locks shows the cluster; an 8-byte advisory key is split into classid (high) and objid (low).
@@ -147,13 +147,7 @@ async def test_a_hung_postgresql_never_hangs_health(server_url, fresh_database, 
 
 async def test_sigterm_lets_in_flight_calls_finish(fresh_database) -> None:
     url = await fresh_database()
-    env = {
-        "DATABASE_URL": url,
-        "PREFD_JWT_SECRET": SECRET,
-        "PREFD_PORT": "0",
-        "PREFD_HOST": "127.0.0.1",
-        "PREFD_GRACE_PERIOD_S": "20",
-    }
+    env = serve_env(url, PREFD_GRACE_PERIOD_S="20")
     uid = unique("u")
     async with prefd_process(env) as (proc, port, _lines):
         blocker = await asyncpg.connect(url)

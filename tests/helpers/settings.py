@@ -54,15 +54,18 @@ def make_settings(database_url: str, data_dir: Path, **overrides: Any) -> Settin
     return Settings(**{**defaults, **overrides})
 
 
-def process_env(database_url: str, port: int = 0, **extra: str) -> dict[str, str]:
-    """The environment of a `prefd serve` child process on `database_url`: the tests' signing secret,
-    loopback, no printed token, warnings only; `extra` adds or overrides variables."""
+def serve_env(database_url: str, port: int = 0, **extra: str) -> dict[str, str]:
+    """The environment of a `prefd serve` child process on `database_url`: the tests' signing secret and
+    loopback, everything else as prefd's defaults have it; `extra` adds or overrides variables."""
     return {
         "DATABASE_URL": database_url,
         "PREFD_JWT_SECRET": SECRET,
         "PREFD_PORT": str(port),
         "PREFD_HOST": "127.0.0.1",
-        "PREFD_PRINT_TOKEN": "false",
-        "PREFD_LOG_LEVEL": "WARNING",
         **extra,
     }
+
+
+def process_env(database_url: str, port: int = 0, **extra: str) -> dict[str, str]:
+    """serve_env with no printed token and warnings only; `extra` adds or overrides variables."""
+    return serve_env(database_url, port, **{"PREFD_PRINT_TOKEN": "false", "PREFD_LOG_LEVEL": "WARNING", **extra})

@@ -26,7 +26,7 @@ from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
 from prefd_server.ops.metrics_merge import SUMMED_GAUGES, WORKER_SCRAPE_TIMEOUT_S, WorkersCollector
 from tests.helpers.auth import auth, unique
 from tests.helpers.processes import prefd_process
-from tests.helpers.settings import SECRET
+from tests.helpers.settings import serve_env
 from tests.test_workers import worker_pid
 
 ADMIN = auth("admin")
@@ -140,14 +140,7 @@ async def test_one_endpoint_sums_counters_keeps_gauges_as_documented_and_survive
     fresh_database,
 ) -> None:
     url = await fresh_database()
-    env = {
-        "DATABASE_URL": url,
-        "PREFD_JWT_SECRET": SECRET,
-        "PREFD_PORT": "0",
-        "PREFD_HOST": "127.0.0.1",
-        "PREFD_METRICS_PORT": "0",
-        "PREFD_METRICS_HOST": "127.0.0.1",
-    }
+    env = serve_env(url, PREFD_METRICS_PORT="0", PREFD_METRICS_HOST="127.0.0.1")
     async with serving_two_workers(env) as (proc, port, lines):
         ready = await printed(lines, r"prefd serving on port \d+ \(worker (\d), pid (\d+), metrics on (\S+):(\d+)\)", 2)
         (merged_line,) = await printed(lines, r"prefd metrics on port (\d+)", 1)
