@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlparse
 
+import asyncpg
 import pytest
 
 from prefd_server.kernel.db import breaker_of, create_pool
@@ -24,6 +25,17 @@ SLACK_S = 0.5
 async def relay(server_url: str) -> AsyncIterator[StallingRelay]:
     async with stalling_relay(server_url) as relay:
         yield relay
+
+
+@pytest.fixture
+async def pool(relay: StallingRelay, fresh_database: Any) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a fresh database through the relay, terminated after the test."""
+    database = urlparse(await fresh_database()).path.lstrip("/")
+    pool = await create_pool(relay.url(database), 2, 4, 10_000)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
 
 
 class Published:
@@ -47,10 +59,8 @@ class Published:
 
 
 async def test_the_monitor_finds_the_database_back_on_a_fresh_connection(
-    relay: StallingRelay, fresh_database: Any
+    relay: StallingRelay, pool: asyncpg.Pool
 ) -> None:
-    database = urlparse(await fresh_database()).path.lstrip("/")
-    pool = await create_pool(relay.url(database), 2, 4, 10_000)
     published = Published()
     monitor = HealthMonitor(pool, published.publish, INTERVAL_S, TIMEOUT_S)
     running = asyncio.create_task(monitor.run())
@@ -68,28 +78,22 @@ async def test_the_monitor_finds_the_database_back_on_a_fresh_connection(
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
-        pool.terminate()
 
 
 async def test_a_recheck_gives_up_on_the_hung_probe_and_publishes_at_once(
-    relay: StallingRelay, fresh_database: Any
+    relay: StallingRelay, pool: asyncpg.Pool
 ) -> None:
-    # Probes every hour: only check_once() and recheck() probe here.
-    database = urlparse(await fresh_database()).path.lstrip("/")
-    pool = await create_pool(relay.url(database), 2, 4, 10_000)
     published = Published()
+    # Probes every hour: only check_once() and recheck() probe here.
     monitor = HealthMonitor(pool, published.publish, interval_s=3600, timeout_s=TIMEOUT_S)
-    try:
-        assert await monitor.check_once() is True
-        relay.cut()
-        assert await monitor.check_once() is False  # its check hangs on a connection the cut left hanging
-        relay.heal()
-        # Something else reached PostgreSQL: the re-check does not wait on the hung check, it probes afresh.
-        started = time.monotonic()
-        assert await monitor.recheck() is True
-        assert time.monotonic() - started < TIMEOUT_S
-        assert published.values == [True, False, True]
-        assert await monitor.recheck() is True  # reachable already: nothing more is published
-        assert published.values == [True, False, True]
-    finally:
-        pool.terminate()
+    assert await monitor.check_once() is True
+    relay.cut()
+    assert await monitor.check_once() is False  # its check hangs on a connection the cut left hanging
+    relay.heal()
+    # Something else reached PostgreSQL: the re-check does not wait on the hung check, it probes afresh.
+    started = time.monotonic()
+    assert await monitor.recheck() is True
+    assert time.monotonic() - started < TIMEOUT_S
+    assert published.values == [True, False, True]
+    assert await monitor.recheck() is True  # reachable already: nothing more is published
+    assert published.values == [True, False, True]
