@@ -68,7 +68,7 @@ from typing import Any
 import grpc
 from harness.auth import Tokens, auth_metadata
 from harness.children import HOST, ChildServer, spawn_echo, start_prefd
-from harness.cli import positive_float, positive_int, rounds_arg
+from harness.cli import add_pin_option, positive_float, positive_int, rounds_arg
 from harness.database import BenchDatabase, fresh_database
 from harness.entry import run_main
 from harness.h2load import H2loadParams, check_h2load_exact, grpc_frame, run_h2load
@@ -565,12 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL"), help="Redis for prefd (default: REDIS_URL; required)"
     )
-    parser.add_argument(
-        "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pin servers to the first CPU and load generators to the rest (default on; needs >= 2 CPUs)",
-    )
+    add_pin_option(parser, "pin servers to the first CPU and load generators to the rest (default on; needs >= 2 CPUs)")
     args = parser.parse_args(argv)
     if not args.redis_url:
         parser.error("set REDIS_URL (or --redis-url): the throttles are charged in Redis")

@@ -104,7 +104,7 @@ import asyncpg
 import grpc
 from harness.auth import Tokens, auth_metadata
 from harness.children import HOST, ChildServer, spawn_echo, start_prefd
-from harness.cli import positive_float, positive_int, rounds_arg
+from harness.cli import add_pin_option, positive_float, positive_int, rounds_arg
 from harness.database import fresh_database
 from harness.entry import run_main
 from harness.machine import loadavg_1m, machine_info
@@ -1071,11 +1071,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wave-length", type=positive_int, default=4, help="seconds the wave lasts (default 4)")
     parser.add_argument("--wave-in-flight", type=positive_int, default=64, help="the wave's concurrent calls (64)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the subject draws and permutation (default 1)")
-    parser.add_argument(
-        "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pin the servers to the first CPU and this process to the rest (default on; needs >= 2 CPUs)",
+    add_pin_option(
+        parser, "pin the servers to the first CPU and this process to the rest (default on; needs >= 2 CPUs)"
     )
     args = parser.parse_args(argv)
     try:

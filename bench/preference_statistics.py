@@ -52,7 +52,7 @@ import asyncpg
 import grpc
 from harness.auth import Tokens, auth_metadata
 from harness.children import HOST, ChildServer, child_env, start_prefd
-from harness.cli import positive_float, positive_int, rounds_arg
+from harness.cli import add_pin_option, positive_float, positive_int, rounds_arg
 from harness.database import BenchDatabase, fresh_database
 from harness.entry import run_main
 from harness.machine import loadavg_1m, machine_info
@@ -385,9 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=positive_float, default=8.0, help="measured seconds per write run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unreported seconds of writes first (default 1)")
     parser.add_argument("--rounds", type=rounds_arg, default=5, help="rounds of on+off, at least 3 (default 5)")
-    parser.add_argument(
-        "--pin", action=argparse.BooleanOptionalAction, default=True, help="pin prefd to the first CPU (default on)"
-    )
+    add_pin_option(parser, "pin prefd to the first CPU (default on)")
     return parser.parse_args(argv)
 
 

@@ -77,7 +77,7 @@ import asyncpg
 import grpc
 from harness.auth import Tokens, auth_metadata
 from harness.children import HOST, start_prefd
-from harness.cli import positive_float, positive_int, rounds_arg
+from harness.cli import add_pin_option, positive_float, positive_int, rounds_arg
 from harness.database import fresh_database
 from harness.entry import run_main
 from harness.machine import loadavg_1m, machine_info
@@ -743,12 +743,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-url", help="give prefd this REDIS_URL (default: no Redis)")
     parser.add_argument("--seed", type=int, default=1, help="random seed for token counts (default 1)")
-    parser.add_argument(
-        "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pin prefd to the first CPU and the clients to the rest (default on; needs >= 2 CPUs)",
-    )
+    add_pin_option(parser, "pin prefd to the first CPU and the clients to the rest (default on; needs >= 2 CPUs)")
     args = parser.parse_args(argv)
     if args.procs > args.concurrency:
         parser.error("--procs cannot exceed --concurrency")

@@ -46,7 +46,7 @@ from typing import Any
 import grpc
 from harness.auth import Tokens, auth_metadata
 from harness.children import HOST, ChildServer, spawn_idle_watch, spawn_prefd
-from harness.cli import positive_float, positive_int, rounds_arg
+from harness.cli import add_pin_option, positive_float, positive_int, rounds_arg
 from harness.database import fresh_database
 from harness.entry import run_main
 from harness.machine import loadavg_1m, machine_info
@@ -285,12 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle", type=positive_float, default=2.0, help="seconds before sampling (default 2)")
     parser.add_argument("--channels", type=positive_int, default=4, help="client connections (default 4)")
     parser.add_argument("--rounds", type=rounds_arg, default=3, help="alternating rounds, at least 3 (default 3)")
-    parser.add_argument(
-        "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pin the servers to the first CPU and this client to the rest (default on; needs >= 2 CPUs)",
-    )
+    add_pin_option(parser, "pin the servers to the first CPU and this client to the rest (default on; needs >= 2 CPUs)")
     return parser.parse_args(argv)
 
 

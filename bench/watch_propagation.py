@@ -79,7 +79,7 @@ from typing import Any
 import grpc
 from harness.auth import Tokens, auth_metadata
 from harness.children import HOST, ChildServer, start_fanout_floor, start_prefd
-from harness.cli import positive_float, positive_int, rounds_arg
+from harness.cli import add_pin_option, positive_float, positive_int, rounds_arg
 from harness.database import BenchDatabase, fresh_database
 from harness.entry import run_main
 from harness.machine import loadavg_1m, machine_info
@@ -661,12 +661,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also run the N-watch phase against bench/fanout_floor_server.py, a bare grpc.aio floor (default on)",
     )
-    parser.add_argument(
-        "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pin prefd to the first CPU and this client to the rest (default on; needs >= 2 CPUs)",
-    )
+    add_pin_option(parser, "pin prefd to the first CPU and this client to the rest (default on; needs >= 2 CPUs)")
     args = parser.parse_args(argv)
     if not 0 <= args.org_fraction <= 1:
         parser.error("--org-fraction must be between 0 and 1")

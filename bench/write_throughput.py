@@ -56,7 +56,7 @@ import asyncpg
 import grpc
 from harness.auth import Tokens, auth_metadata
 from harness.children import HOST, ChildServer, start_prefd
-from harness.cli import positive_float, positive_int, rounds_arg
+from harness.cli import add_pin_option, positive_float, positive_int, rounds_arg
 from harness.database import fresh_database
 from harness.entry import run_main
 from harness.machine import loadavg_1m, machine_info
@@ -291,12 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="unreported seconds of load first (default 1)")
     parser.add_argument("--rounds", type=rounds_arg, default=5, help="rounds of on+off, at least 3 (default 5)")
     parser.add_argument("--seed", type=int, default=1, help="random seed for the values (default 1)")
-    parser.add_argument(
-        "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pin prefd to the first CPU and this client to the rest (default on; needs >= 2 CPUs)",
-    )
+    add_pin_option(parser, "pin prefd to the first CPU and this client to the rest (default on; needs >= 2 CPUs)")
     return parser.parse_args(argv)
 
 

@@ -27,3 +27,8 @@ def rounds_arg(text: str) -> int:
     if value < 3:
         raise argparse.ArgumentTypeError("at least 3 rounds, so the medians mean something")
     return value
+
+
+def add_pin_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--pin / --no-pin (default on): whether the benchmark pins its processes to CPUs as `help_text` says."""
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help=help_text)

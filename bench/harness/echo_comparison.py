@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from harness.auth import Tokens, auth_metadata
 from harness.children import HOST, ChildServer, spawn_echo, start_prefd
-from harness.cli import positive_float, positive_int, rounds_arg
+from harness.cli import add_pin_option, positive_float, positive_int, rounds_arg
 from harness.database import fresh_database
 from harness.entry import run_main
 from harness.h2load import H2loadParams, check_h2load_exact, grpc_frame, run_h2load
@@ -231,12 +231,7 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
     parser.add_argument("--serial", type=positive_int, default=500, help="sequential calls per round (default 500)")
     parser.add_argument("--serial-warmup", type=int, default=50, help="unmeasured calls first (default 50)")
     parser.add_argument("--rounds", type=rounds_arg, default=3, help="alternating rounds, at least 3 (default 3)")
-    parser.add_argument(
-        "--pin",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="pin servers to the first CPU and load generators to the rest (default on; needs >= 2 CPUs)",
-    )
+    add_pin_option(parser, "pin servers to the first CPU and load generators to the rest (default on; needs >= 2 CPUs)")
     return parser.parse_args(argv)
 
 
