@@ -4,6 +4,8 @@ value), and the pieces the feed and hosts tests share to record what their watch
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -13,6 +15,8 @@ from typing import Any
 import asyncpg
 
 from prefd.v1 import common_pb2
+from prefd_server.kernel.cursor import FeedCursor
+from prefd_server.kernel.tokens import TokenKey
 from tests.helpers.requests import py
 
 KIND_NAMES = {
@@ -52,6 +56,34 @@ class Applied:
         """Record this version in `latest` (the newest version seen per scope and key)."""
         name = (*self.scope, self.key)
         latest[name] = max(latest.get(name, 0), self.version)
+
+
+class FeedWatch(abc.ABC):
+    """A test's watch of the feed, run until it fails: the failure is kept in `stopped` and announced on
+    `changed`, so a test waiting on the watch's progress sees it at once. Subclasses (dataclasses) hold
+    these three attributes and follow the feed in _follow()."""
+
+    tokens: TokenKey
+    changed: asyncio.Condition
+    stopped: BaseException | None
+
+    def position(self, token: str) -> tuple[int, int]:
+        """A cursor token's position in the feed: (xid, change id)."""
+        cursor = FeedCursor.decode(token, self.tokens)
+        return cursor.xid, cursor.change_id
+
+    async def run(self) -> None:
+        try:
+            await self._follow()
+        except BaseException as exc:
+            self.stopped = exc
+            async with self.changed:
+                self.changed.notify_all()
+            raise
+
+    @abc.abstractmethod
+    async def _follow(self) -> None:
+        """Watch the feed until cancelled."""
 
 
 def check_history(

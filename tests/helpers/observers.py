@@ -15,10 +15,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prefd.v1 import common_pb2, preferences_pb2, preferences_pb2_grpc
-from prefd_server.kernel.cursor import FeedCursor
 from prefd_server.kernel.tokens import TokenKey
 from tests.helpers.auth import auth
-from tests.helpers.history import Applied, scope_of
+from tests.helpers.history import Applied, FeedWatch, scope_of
 from tests.helpers.requests import set_request
 
 ADMIN = auth("admin")
@@ -28,7 +27,7 @@ KeyName = tuple[str, str, str]  # (scope kind, scope id, key)
 
 
 @dataclass(eq=False)
-class ResumingWatcher:
+class ResumingWatcher(FeedWatch):
     """A subject watch that records every preference change it receives (as the history checker takes them)
     and, when its stream ends or is refused with UNAVAILABLE, or drop() is called, opens a new one from the
     last cursor it holds, as prefd's client library does."""
@@ -51,19 +50,9 @@ class ResumingWatcher:
     _call: Any = None
     _dropping: bool = False
 
-    def _position(self, token: str) -> tuple[int, int]:
-        cursor = FeedCursor.decode(token, self.tokens)
-        return cursor.xid, cursor.change_id
-
-    async def run(self) -> None:
-        try:
-            while True:
-                await self._one_stream()
-        except BaseException as exc:
-            self.stopped = exc
-            async with self.changed:
-                self.changed.notify_all()
-            raise
+    async def _follow(self) -> None:
+        while True:
+            await self._one_stream()
 
     def drop(self) -> None:
         """End the current stream from the client side; the watcher resumes from its cursor."""
@@ -109,13 +98,13 @@ class ResumingWatcher:
             self.streams += 1
             if resume_from:
                 # The stream resumes exactly where the previous one left off.
-                assert self._position(message.started.cursor.token) == self._position(resume_from), self.name
+                assert self.position(message.started.cursor.token) == self.position(resume_from), self.name
             else:
                 self.cursor = message.started.cursor.token
         elif which == "change":
             change = message.change
             assert change.kind == common_pb2.CHANGE_KIND_PREFERENCE, (self.name, change)
-            applied = Applied.received(change, self._position(change.cursor.token))
+            applied = Applied.received(change, self.position(change.cursor.token))
             self.events.append(applied)
             applied.raise_latest(self.latest)
             self.cursor = change.cursor.token

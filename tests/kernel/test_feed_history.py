@@ -27,7 +27,7 @@ from prefd_server.kernel.parts import CACHE_FIGURES
 from prefd_server.kernel.tokens import TokenKey
 from prefd_server.preferences import store as preference_sql
 from tests.helpers.auth import auth, unique
-from tests.helpers.history import Applied, check_history, dump_values, same, scope_of
+from tests.helpers.history import Applied, FeedWatch, check_history, dump_values, same, scope_of
 from tests.helpers.processes import prefd_process
 from tests.helpers.requests import GLOBAL, org, py, set_request, token_key, user
 from tests.helpers.settings import make_settings, process_env
@@ -83,7 +83,7 @@ def stub_for(channel: grpc.aio.Channel) -> preferences_pb2_grpc.PreferencesServi
 
 
 @dataclass(eq=False)
-class Watcher:
+class Watcher(FeedWatch):
     """A subject watch that records every event; optionally cancels itself and resumes from its cursor."""
 
     name: str
@@ -100,19 +100,6 @@ class Watcher:
     other_kinds: int = 0
     last_cursor: str = ""
     stopped: BaseException | None = None
-
-    def position(self, token: str) -> tuple[int, int]:
-        cursor = FeedCursor.decode(token, self.tokens)
-        return cursor.xid, cursor.change_id
-
-    async def run(self) -> None:
-        try:
-            await self._follow()
-        except BaseException as exc:
-            self.stopped = exc
-            async with self.changed:
-                self.changed.notify_all()
-            raise
 
     async def _follow(self) -> None:
         rng = random.Random(self.name)
